@@ -1,0 +1,377 @@
+"""The one config schema: dataclasses -> OmegaConf structured config.
+
+Resolution order (later wins): schema defaults -> `model.preset` shapes -> YAML files (each may
+list parts under `defaults:`, paths relative to that file) -> CLI dotlist overrides.
+
+Every error names the key, the source it came from (file or `override`) and the closest
+valid key, and the CLIs exit with code 2 on it (see `ConfigError`, `cli_config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import math
+import sys
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+ATTENTION_KINDS = ("softmax", "linear-affine", "linear-elu", "linear-relu")
+DENOMINATORS = ("count", "kernel")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+PRECISIONS = ("bf16", "fp16", "fp32")
+DATA_MODES = ("epoch", "resampled")
+RESUME_MODES_HINT = "auto | none | PATH"
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    # softmax | linear-affine | linear-elu | linear-relu
+    attention: str = "softmax"
+    # linear-affine only: `count` divides by the token count (the paper), `kernel` by sum_j(1 + q.k)
+    denominator: str = "count"
+
+
+@dataclass
+class TextConfig:
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    attention: str = "softmax"
+    denominator: str = "count"
+
+
+@dataclass
+class ModelConfig:
+    # vit_s16 | vit_b16 | vit_l16 | tiny; fills the shapes below unless a file/override sets them
+    preset: Optional[str] = None
+    embed_dim: int = 512
+    image: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    # where linear attention runs: auto (CUDA -> Triton, else PyTorch) | torch | triton
+    attention_backend: str = "auto"
+    init_logit_scale: float = math.log(1 / 0.07)
+    # optional weights to start from: an open_clip state dict (.pt/.bin/.safetensors) or ours
+    pretrained: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    # webdataset shard spec: brace ranges, globs, lists, `::`-joined sources, `pipe:` commands
+    train_shards: Optional[str] = None
+    # samples per epoch over all ranks; None -> read sizes.json beside the shards
+    train_num_samples: Optional[int] = None
+    # epoch: deterministic shuffled pass per epoch | resampled: infinite seeded stream
+    mode: str = "epoch"
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    image_keys: str = "jpg;jpeg;png;webp"
+    caption_keys: str = "txt;json"
+    # json field to read the caption from when the caption key is json
+    caption_json_field: str = "caption"
+    # random resized crop scale range for training
+    crop_scale_min: float = 0.9
+    crop_scale_max: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs"
+    run_name: str = "linclip"
+    seed: int = 0
+    micro_batch_size: int = 64
+    grad_accum_steps: int = 1
+    steps: int = 1000
+    lr: float = 5.0e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 100
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    adam_eps: float = 1.0e-6
+    grad_clip: float = 1.0
+    # bf16 | fp16 | fp32
+    precision: str = "bf16"
+    zero_stage: int = 1
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    # activation checkpointing: 0 = off, k = every k-th block
+    grad_checkpointing: int = 0
+    local_loss: bool = True
+    gather_with_grad: bool = True
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    # auto (resume from latest if any) | none | a checkpoint dir
+    resume: str = "auto"
+    # this many non-finite losses in a row stop the run
+    max_nonfinite_steps: int = 5
+    # submit an eval job (ds_linclip.eval.submit) after each checkpoint
+    eval_after_checkpoint: bool = False
+
+
+@dataclass
+class EvalConfig:
+    # labelled shards (`cls` key) or an ImageFolder for zero-shot classification
+    zeroshot_data: Optional[str] = None
+    # class names: `imagenet1k` (built in, from open_clip), `fashion_mnist`, or a file (one per line)
+    classnames: str = "imagenet1k"
+    # openai | simple | a file with one template per line, `{}` for the class name
+    templates: str = "openai"
+    # captioned shards for image<->text retrieval
+    retrieval_data: Optional[str] = None
+    batch_size: int = 256
+    workers: int = 2
+    # rows of the similarity matrix computed at once (retrieval)
+    chunk_size: int = 1024
+    # stop after this many samples (None = all)
+    max_samples: Optional[int] = None
+    # submitit / Slurm settings for `python -m ds_linclip.eval.submit`
+    partition: Optional[str] = None
+    gpus: int = 1
+    cpus: int = 8
+    time_minutes: int = 60
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # passed through to DeepSpeed's config as is, on top of what we generate
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+
+# keys whose values must be one of a fixed set: (dotted key pattern, choices)
+_CHOICES: dict[str, Sequence[str]] = {
+    "model.image.attention": ATTENTION_KINDS,
+    "model.text.attention": ATTENTION_KINDS,
+    "model.image.denominator": DENOMINATORS,
+    "model.text.denominator": DENOMINATORS,
+    "model.attention_backend": ATTENTION_BACKENDS,
+    "data.mode": DATA_MODES,
+    "train.precision": PRECISIONS,
+}
+
+
+class ConfigError(ValueError):
+    """A config problem tied to one key; `str()` is the message a user sees."""
+
+    def __init__(self, message: str, key: str | None = None, source: str | None = None):
+        self.key, self.source = key, source
+        where = f" (from {source})" if source else ""
+        prefix = f"config key '{key}'{where}: " if key else f"config{where}: "
+        super().__init__(prefix + message)
+
+
+def all_keys(node: Any = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (leaves and sections)."""
+    keys: list[str] = []
+    for f in fields(node):
+        dotted = f"{prefix}{f.name}"
+        keys.append(dotted)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if is_dataclass(default):
+            keys.extend(all_keys(type(default), dotted + "."))
+    return keys
+
+
+def closest_key(key: str) -> str | None:
+    """The schema key nearest to a misspelt one, for 'did you mean' hints."""
+    candidates = all_keys()
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if not match:  # compare the last component too: `train.micro_batch` -> `train.micro_batch_size`
+        leaf = key.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in candidates}
+        leaf_match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        match = [by_leaf[leaf_match[0]]] if leaf_match else []
+    return match[0] if match else None
+
+
+def _error_from_omegaconf(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0]
+    if isinstance(err, ConfigKeyError):
+        hint = closest_key(key)
+        return ConfigError(
+            "unknown key" + (f"; did you mean '{hint}'?" if hint else ""), key=key, source=source
+        )
+    return ConfigError(msg, key=key, source=source)
+
+
+def _load_yaml_with_parts(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[DictConfig, str]]:
+    """A YAML file and the parts it lists under `defaults:`, in merge order, with their sources."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"circular `defaults:` through {path}", source=str(path))
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}", source=str(seen[-1]) if seen else "--config")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as err:  # yaml syntax errors and the like
+        raise ConfigError(f"cannot parse YAML: {err}", source=str(path)) from err
+    if not isinstance(node, DictConfig):
+        raise ConfigError("top level must be a mapping", source=str(path))
+    parts: list[tuple[DictConfig, str]] = []
+    defaults = node.pop("defaults", None) if "defaults" in node else None
+    for part in defaults or []:
+        part_path = Path(str(part))
+        if not part_path.suffix:
+            part_path = part_path.with_suffix(".yaml")
+        parts.extend(_load_yaml_with_parts(path.parent / part_path, seen + (path,)))
+    parts.append((node, str(path)))
+    return parts
+
+
+def _check_choices(cfg: DictConfig, sources: dict[str, str]) -> None:
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.3)
+            raise ConfigError(
+                f"'{value}' is not one of {', '.join(choices)}"
+                + (f"; did you mean '{hint[0]}'?" if hint else ""),
+                key=key,
+                source=sources.get(key, "default"),
+            )
+    stage = cfg.train.zero_stage
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{stage} is not a ZeRO stage (0-3)", "train.zero_stage", sources.get("train.zero_stage"))
+    for tower in ("image", "text"):
+        t = cfg.model[tower]
+        if t.width % t.heads:
+            raise ConfigError(
+                f"width {t.width} is not divisible by heads {t.heads}", f"model.{tower}.heads",
+                sources.get(f"model.{tower}.heads", "preset"),
+            )
+    if cfg.model.image.image_size % cfg.model.image.patch_size:
+        raise ConfigError(
+            f"image_size {cfg.model.image.image_size} is not a multiple of patch_size {cfg.model.image.patch_size}",
+            "model.image.image_size", sources.get("model.image.image_size", "preset"),
+        )
+
+
+def _leaf_sources(node: DictConfig, source: str, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key in node.keys():
+        dotted = f"{prefix}{key}"
+        value = node._get_node(key)
+        if isinstance(value, DictConfig) and not dotted.startswith("deepspeed"):
+            out.update(_leaf_sources(value, source, dotted + "."))
+        else:
+            out[dotted] = source
+    return out
+
+
+def load_config(
+    config_files: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    required: Sequence[str] = (),
+) -> DictConfig:
+    """Resolve files + dotlist overrides against the schema; raise ConfigError naming the key.
+
+    `required` lists dotted keys that must end up set (not None / MISSING) for the caller.
+    """
+    layers: list[tuple[DictConfig, str]] = []
+    for path in config_files:
+        layers.extend(_load_yaml_with_parts(Path(path)))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value", source="override")
+        key = item.split("=", 1)[0].lstrip("+")
+        try:
+            layers.append((OmegaConf.from_dotlist([item]), f"override '{item}'"))
+        except OmegaConfBaseException as err:
+            raise ConfigError(str(err).splitlines()[0], key=key, source=f"override '{item}'") from err
+
+    # The preset is decided first (the last layer that names one wins), then applied under the layers.
+    preset = None
+    for node, _ in layers:
+        value = OmegaConf.select(node, "model.preset", default=None)
+        if value is not None:
+            preset = value
+    cfg = OmegaConf.structured(Config)
+    sources: dict[str, str] = {}
+    if preset is not None:
+        from ds_linclip.models.presets import PRESETS
+
+        if preset not in PRESETS:
+            hint = difflib.get_close_matches(str(preset), list(PRESETS), n=1, cutoff=0.3)
+            src = next(s for n, s in reversed(layers) if OmegaConf.select(n, "model.preset", default=None) == preset)
+            raise ConfigError(
+                f"unknown preset '{preset}' (known: {', '.join(PRESETS)})"
+                + (f"; did you mean '{hint[0]}'?" if hint else ""),
+                key="model.preset", source=src,
+            )
+        cfg = OmegaConf.merge(cfg, {"model": PRESETS[preset]})
+    for node, source in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, node)
+        except OmegaConfBaseException as err:
+            raise _error_from_omegaconf(err, source) from err
+        sources.update(_leaf_sources(node, source))
+    try:
+        missing = OmegaConf.missing_keys(cfg)
+    except OmegaConfBaseException:
+        missing = set()
+    for key in list(missing) + list(required):
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if key in missing or value is None:
+            raise ConfigError(
+                "a value is required (set it in a config file or as an override, e.g. "
+                f"{key}=...)",
+                key=key, source=sources.get(key, "nowhere: not set"),
+            )
+    _check_choices(cfg, sources)
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short stable hash of the resolved config (for result records)."""
+    return hashlib.sha256(OmegaConf.to_yaml(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", action="append", default=[], metavar="YAML",
+        help="config file (repeatable; later files win). Files may list parts under `defaults:`.",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="dotted overrides on top of the files, e.g. train.micro_batch_size=64 model.image.attention=linear-affine",
+    )
+
+
+def cli_config(args: argparse.Namespace, required: Sequence[str] = ()) -> DictConfig:
+    """Load the config for a CLI: exit 2 with the message on a config error; honour --print-config."""
+    try:
+        cfg = load_config(args.config, args.overrides, required=() if args.print_config else required)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        raise SystemExit(0)
+    return cfg

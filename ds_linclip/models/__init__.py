@@ -1,0 +1,1 @@
+"""CLIP models with a per-tower attention kind (softmax or linear)."""

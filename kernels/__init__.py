@@ -1,0 +1,38 @@
+"""Linear attention kernels: one entry point, `linear_attention`, that picks a backend.
+
+`backend="auto"`: CUDA tensors -> Triton, anything else -> the PyTorch path.
+`backend="torch"` / `backend="triton"` force one (Triton on CPU needs TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.reference import DENOMINATORS, LINEAR_KINDS, linear_attention_reference
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kind: str = "linear-affine",
+    causal: bool = False,
+    denominator: str = "count",
+    backend: str = "auto",
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Linear attention over `(batch, heads, tokens, head_dim)` tensors; returns v's shape."""
+    if kind not in LINEAR_KINDS:
+        raise ValueError(f"unknown linear attention kind '{kind}' (known: {', '.join(LINEAR_KINDS)})")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        from kernels.linear_attention import linear_attention_triton
+
+        return linear_attention_triton(q, k, v, kind=kind, causal=causal, denominator=denominator, eps=eps)
+    return linear_attention_reference(q, k, v, kind=kind, causal=causal, denominator=denominator, eps=eps)
+
+
+__all__ = ["linear_attention", "linear_attention_reference", "LINEAR_KINDS", "DENOMINATORS", "BACKENDS"]
