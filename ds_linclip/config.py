@@ -141,11 +141,19 @@ class EvalConfig:
     chunk_size: int = 1024
     # stop after this many samples (None = all)
     max_samples: Optional[int] = None
+    # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    device: str = "auto"
+    # autocast dtype while encoding: fp32 (none) | bf16 | fp16; metrics are always computed in fp32
+    precision: str = "fp32"
     # submitit / Slurm settings for `python -m ds_linclip.eval.submit`
     partition: Optional[str] = None
     gpus: int = 1
     cpus: int = 8
     time_minutes: int = 60
+    # auto (Slurm when `srun` exists, else local processes) | slurm | local | debug (in-process)
+    cluster: str = "auto"
+    # submitit's job folder (logs, pickles); None -> R/eval/submitit for checkpoints in a run folder
+    submitit_folder: Optional[str] = None
 
 
 @dataclass
