@@ -75,7 +75,7 @@ def load_classnames(spec: str) -> list[str]:
 
 
 def load_templates(spec: str) -> list[Template]:
-    """Prompt templates: `openai` (80), `simple` (18) from open_clip, or a file, one per line, `{}` = class."""
+    """Prompt templates: `openai` (80), `simple` (7) from open_clip, or a file, one per line, `{}` = class."""
     if spec == "openai":
         from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
