@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ds_linclip.config import config_hash, load_config
 from ds_linclip.eval.errors import EvalError
@@ -264,8 +264,7 @@ def load_checkpoint(
         step, samples = _export_progress(ref, metadata)
     from ds_linclip.models import build_model
 
-    model_cfg = OmegaConf.merge(cfg.model, {"pretrained": None})  # the checkpoint's weights replace them
-    model = build_model(model_cfg)
+    model = build_model(cfg.model, load_pretrained_weights=False)  # the checkpoint's weights replace them
     load_weights(model, state_dict, str(ref.path), cfg)
     model.eval()
     return LoadedCheckpoint(model, cfg, ref, step, samples, train_hash)

@@ -108,6 +108,15 @@ def _num_samples(loader) -> int | None:
 
 def score_task(task: str, loaded: LoadedCheckpoint, device: torch.device, progress: bool = True) -> dict[str, Any]:
     """Run one task on a loaded checkpoint -> {metrics, num_samples, and task-specific fields}."""
+    from ds_linclip.data.pipeline import DataError
+
+    try:
+        return _score_task(task, loaded, device, progress)
+    except DataError as err:  # unreadable or empty data: the data pipeline's message names the spec
+        raise EvalError(f"{task} data: {err}") from err
+
+
+def _score_task(task: str, loaded: LoadedCheckpoint, device: torch.device, progress: bool) -> dict[str, Any]:
     from ds_linclip.eval.retrieval import encode_pairs, retrieval_recall
     from ds_linclip.eval.zeroshot import build_classifier, load_classnames, load_templates, run_zeroshot
 

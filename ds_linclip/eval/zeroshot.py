@@ -19,14 +19,6 @@ from ds_linclip.eval.errors import EvalError
 Template = Union[str, Callable[[str], str]]
 Tokenizer = Callable[[Sequence[str]], torch.Tensor]
 
-# Fashion-MNIST's ten classes in label order (0..9), as the dataset documents them. The shard
-# writer (`ds_linclip.data.writer fashion-mnist`) also writes `classnames.txt` beside the shards;
-# pass that file as `eval.classnames` to use exactly the names the training captions used.
-FASHION_MNIST_CLASSNAMES = (
-    "t-shirt/top", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle boot",
-)
-
 BUILTIN_CLASSNAMES = ("imagenet1k", "fashion_mnist")
 BUILTIN_TEMPLATES = ("openai", "simple")
 
@@ -56,6 +48,9 @@ def load_classnames(spec: str) -> list[str]:
 
         return list(IMAGENET_CLASSNAMES)
     if spec == "fashion_mnist":
+        # the names the shard writer put into the training captions (and into DIR/classnames.txt)
+        from ds_linclip.data.writer import FASHION_MNIST_CLASSNAMES
+
         return list(FASHION_MNIST_CLASSNAMES)
     path = Path(spec).expanduser()
     lines = _read_lines(path, "class names", "eval.classnames")
