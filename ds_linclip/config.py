@@ -129,7 +129,8 @@ class TrainConfig:
 class EvalConfig:
     # labelled shards (`cls` key) or an ImageFolder for zero-shot classification
     zeroshot_data: Optional[str] = None
-    # class names: `imagenet1k` (built in, from open_clip), `fashion_mnist`, or a file (one per line)
+    # class names in label order: `imagenet1k` (open_clip's), `fashion_mnist`, a file (one per line;
+    # e.g. ImageNet-21K's names, not shipped), or `folders` (an ImageFolder's folder names)
     classnames: str = "imagenet1k"
     # openai | simple | a file with one template per line, `{}` for the class name
     templates: str = "openai"

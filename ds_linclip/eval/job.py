@@ -86,6 +86,10 @@ def _tokenizer(cfg: DictConfig):
 
 def _loader(cfg: DictConfig, spec: str, kind: str):
     from ds_linclip.data.pipeline import build_eval_loader
+    from ds_linclip.eval.imagefolder import ImageFolderLoader, is_image_folder
+
+    if kind == "classification" and is_image_folder(spec):
+        return ImageFolderLoader(spec, cfg.model.image.image_size, cfg.eval.batch_size, cfg.eval.workers)
 
     try:
         return build_eval_loader(
@@ -125,13 +129,24 @@ def _score_task(task: str, loaded: LoadedCheckpoint, device: torch.device, progr
     tokenizer = _tokenizer(cfg)
     with torch.inference_mode(), _autocast(cfg, device):
         if task == "zeroshot":
-            classnames = load_classnames(cfg.eval.classnames)
+            loader = _loader(cfg, cfg.eval.zeroshot_data, "classification")
+            folder_classes = getattr(loader, "classes", None)  # an ImageFolder's sorted class folders
+            if cfg.eval.classnames == "folders":
+                if folder_classes is None:
+                    raise EvalError("eval.classnames=folders needs eval.zeroshot_data to be an ImageFolder")
+                classnames = [name.replace("_", " ") for name in folder_classes]
+            else:
+                classnames = load_classnames(cfg.eval.classnames)
+            if folder_classes is not None and len(folder_classes) != len(classnames):
+                raise EvalError(
+                    f"ImageFolder {cfg.eval.zeroshot_data} has {len(folder_classes)} class folders but "
+                    f"eval.classnames={cfg.eval.classnames} gives {len(classnames)} names"
+                )
             templates = load_templates(cfg.eval.templates)
             classifier = build_classifier(
                 model.encode_text, tokenizer, classnames, templates,
                 texts_per_batch=cfg.eval.batch_size, device=device, progress=progress,
             )
-            loader = _loader(cfg, cfg.eval.zeroshot_data, "classification")
             metrics, predictions = run_zeroshot(
                 model.encode_image, classifier, loader, device=device, max_samples=cfg.eval.max_samples,
                 total=_num_samples(loader), progress=progress,
