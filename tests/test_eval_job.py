@@ -179,6 +179,10 @@ _DEEPSPEED_RUN = textwrap.dedent(
     torch.manual_seed(0)
     model = build_model(cfg.model, load_pretrained_weights=False)
     deepspeed.init_distributed(dist_backend="gloo")
+    # DeepSpeed 0.19's start-up broadcast views each parameter as bytes, which fails for the 0-dim
+    # logit_scale; one rank has nothing to broadcast (the trainer works around it the same way)
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    DeepSpeedEngine._broadcast_model = lambda self: None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
         "train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 1},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
@@ -192,7 +196,11 @@ _DEEPSPEED_RUN = textwrap.dedent(
         engine.backward((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2)
         engine.step()
         tag = f"step_{step:08d}"
-        engine.save_checkpoint(str(run / "checkpoints"), tag=tag, client_state={"step": step})
+        # the trainer's layout: its client state under `ds_linclip`, per-rank copies, config.yaml
+        client = {"step": step, "samples_seen": 8 * step}
+        engine.save_checkpoint(str(run / "checkpoints"), tag=tag, client_state={"ds_linclip": client})
+        (run / "checkpoints" / tag / "client_state").mkdir()
+        torch.save({**client, "rank": 0, "world_size": 1}, run / "checkpoints" / tag / "client_state" / "rank_00000.pt")
         (run / "checkpoints" / tag / "config.yaml").write_text(to_yaml(cfg))
         torch.save(engine.module.state_dict(), run / f"weights_{tag}.pt")
     """
@@ -345,3 +353,23 @@ def test_submitit_local_executor_runs_the_eval_job(export_run, deepspeed_run, ev
     record = json.loads((target / "eval" / "step_00000002_zeroshot.json").read_text())
     assert record["step"] == 2 and record["num_samples"] == 96
     assert (target / "eval" / "submitit" / "eval_step_00000002.yaml").is_file()
+
+
+def test_image_folder_zero_shot(export_run, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for name in ("ankle_boot", "bag", "coat"):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (28, 40, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    common = ["--checkpoint", str(export_run / "final"), "--results-dir", str(tmp_path / "results"),
+              f"eval.zeroshot_data={root}", "eval.templates=simple", "eval.batch_size=5", "eval.workers=0"]
+    assert job.main([*common, "eval.classnames=folders", "--no-progress"]) == 0
+    record = json.loads((tmp_path / "results" / "final_zeroshot.json").read_text())
+    assert record["num_samples"] == 12 and record["num_classes"] == 3
+    assert record["metrics"]["top5"] == 1.0  # three classes: every label is in the top 5
+    code, err = _main_error([*common, "eval.classnames=fashion_mnist"], capsys)
+    assert code == 1 and "has 3 class folders but eval.classnames=fashion_mnist gives 10 names" in err

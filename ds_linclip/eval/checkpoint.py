@@ -200,35 +200,56 @@ class LoadedCheckpoint:
     train_config_hash: str  # hash of the checkpoint's own config (identifies the training run)
 
 
+def _samples_from_client_states(tag_dir: Path) -> int | None:
+    """Samples seen by all ranks: the sum of the trainer's per-rank `client_state/rank_*.pt` counts."""
+    files = sorted((tag_dir / "client_state").glob("rank_*.pt"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        try:
+            value = _int_or_none(torch.load(path, map_location="cpu", weights_only=False).get("samples_seen"))
+        except Exception:  # a label only: an unreadable count must not fail the scoring
+            return None
+        if value is None:
+            return None
+        total += value
+    return total
+
+
 def _training_progress(ref: CheckpointRef, engine_state: dict) -> tuple[int | None, int | None]:
-    """(step, samples seen) from the trainer's client state, DeepSpeed's counters or the tag name."""
-    step = _int_or_none(engine_state.get("step"))
-    if step is None:
-        step = _int_or_none(engine_state.get("global_steps"))
-    if step is None:
-        step = tag_step(ref.tag)
-    samples = _int_or_none(engine_state.get("samples_seen"))
-    if samples is None:
+    """(step, samples seen) from our trainer's client state, else DeepSpeed's counters, else the tag."""
+    client = engine_state.get("ds_linclip") if isinstance(engine_state.get("ds_linclip"), dict) else {}
+    step = next((s for s in (_int_or_none(client.get("step")), _int_or_none(engine_state.get("step")),
+                             _int_or_none(engine_state.get("global_steps")), tag_step(ref.tag)) if s is not None), None)
+    samples = _samples_from_client_states(ref.path)
+    if samples is None:  # DeepSpeed counts train_batch_size (all ranks) per optimizer step
         samples = _int_or_none(engine_state.get("global_samples"))
     return step, samples
 
 
 def _export_progress(ref: CheckpointRef, metadata: dict[str, str]) -> tuple[int | None, int | None]:
+    """(step, samples seen) of an export: its metadata, R/DONE, and the DeepSpeed tag it came from."""
     step = _int_or_none(metadata.get("step"))
-    samples = _int_or_none(metadata.get("samples_seen"))
+    source_tag: Path | None = Path(metadata["source"]) if metadata.get("source") else None
     done_file = ref.run_dir / "DONE" if ref.run_dir else None
     if done_file is not None and done_file.is_file():
         try:
-            done = json.loads(done_file.read_text())
+            done = json.loads(done_file.read_text() or "{}")
         except (OSError, ValueError):
             done = {}
-        step = step if step is not None else _int_or_none(done.get("step"))
-        final_tag = done.get("final_tag")
-        final_dir = ref.run_dir / "checkpoints" / str(final_tag) if final_tag else None
-        if samples is None and final_dir is not None and _model_states_files(final_dir):
+        if step is None:
+            step = _int_or_none(done.get("step"))
+        if source_tag is None and done.get("final_tag"):
+            source_tag = ref.run_dir / "checkpoints" / str(done["final_tag"])
+    samples = None
+    if source_tag is not None and source_tag.is_dir():
+        samples = _samples_from_client_states(source_tag)
+        if samples is None and _model_states_files(source_tag):
             try:
-                states = torch.load(_model_states_files(final_dir)[0], map_location="cpu", weights_only=False, mmap=True)
-                samples = _int_or_none(states.get("samples_seen", states.get("global_samples")))
+                states = torch.load(_model_states_files(source_tag)[0], map_location="cpu", weights_only=False,
+                                    mmap=True)
+                samples = _int_or_none(states.get("global_samples"))
             except Exception:  # the export is what we score; the count is only a label
                 pass
     return step, samples
