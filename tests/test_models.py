@@ -64,6 +64,10 @@ def test_towers_choose_attention_independently():
     assert model.attention_kinds() == {"image": "linear-affine", "text": "softmax"}
     assert all(b.attn.denominator == "kernel" and not b.attn.causal for b in model.visual.blocks)
     assert all(b.attn.causal for b in model.text.blocks)
+    model.set_attention(text="linear-relu")
+    assert model.attention_kinds() == {"image": "linear-affine", "text": "linear-relu"}
+    with pytest.raises(ValueError, match="linear-foo"):
+        model.set_attention(image="linear-foo")
 
 
 @pytest.mark.parametrize("attention", ["softmax", "linear-affine"])
