@@ -114,10 +114,11 @@ def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
     if min_size and image.format == "JPEG":
         image.draft("RGB", (min_size, min_size))
     image.load()  # decode now so truncated/corrupt data raises here
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # a broken EXIF block should not cost the image
-        pass
+    if image.format in ("JPEG", "MPO", "WEBP", "TIFF") or "exif" in image.info:  # others carry no EXIF
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # a broken EXIF block should not cost the image
+            pass
     return to_rgb(image)
 
 
@@ -636,12 +637,29 @@ def build_train_loader(cfg, rank: int, world_size: int, start_state: dict | None
 
 # ------------------------------------------------------------------------------------- eval stream
 class EvalStream(IterableDataset):
-    """Every sample once, in spec order. Each DataLoader worker reads the whole tar stream (cheap)
-    but decodes only the batches b with b % workers == its id, so the DataLoader's round robin
-    returns batches in order."""
+    """Every sample once. DataLoader worker w decodes shards w, w+K, ...; each item is tagged with
+    (shard index, part index, last part of the shard?) so the EvalLoader can put them back in
+    spec order whatever order the workers finish in."""
 
     def __init__(self, urls, image_size, batch_size, fmt: SampleFormat, kind: str):
         self.urls, self.image_size, self.batch_size, self.fmt, self.kind = urls, image_size, batch_size, fmt, kind
+
+    def _part(self, shard, part, items, counts, last):
+        images, targets = [], []
+        for key, data, caption, label in items:
+            try:
+                image = decode_image(data, min_size=self.image_size)
+                images.append(crop_resize(image, center_crop_box(*image.size), self.image_size))
+            except Exception:  # noqa: BLE001 - undecodable: skip and count
+                counts["decode_error"] += 1
+                continue
+            targets.append(label if self.kind == "classification" else caption)
+        out = {
+            "shard": shard, "part": part, "last": last, "targets": targets, "counts": dict(counts),
+            "images": normalise(torch.from_numpy(np.stack(images))) if images else None,
+        }
+        counts.clear()
+        return out
 
     def __iter__(self):
         info = get_worker_info()
@@ -649,46 +667,21 @@ class EvalStream(IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         counts: Counter = Counter()
-        # every worker reads every shard: only worker 0 counts the read-level skips
-        read_counts = counts if worker == 0 else Counter()
-        pending: list = []
-        batch_index = 0
-
-        def emit(items):
-            images, targets = [], []
-            if batch_index % workers == worker:
-                for key, data, caption, label in items:
-                    try:
-                        image = decode_image(data, min_size=self.image_size)
-                        images.append(crop_resize(image, center_crop_box(*image.size), self.image_size))
-                    except Exception:  # noqa: BLE001
-                        counts["decode_error"] += 1
-                        continue
-                    targets.append(label if self.kind == "classification" else caption)
-            out = {
-                "images": normalise(torch.from_numpy(np.stack(images))) if images else None,
-                "targets": targets, "counts": dict(counts),
-            }
-            counts.clear()
-            return out
-
-        for url in self.urls:
-            for sample in read_shard(url, read_counts):
-                checked = self.fmt.check(sample, read_counts)
+        for shard in range(worker, len(self.urls), workers):
+            pending, part = [], 0
+            for sample in read_shard(self.urls[shard], counts):
+                checked = self.fmt.check(sample, counts)
                 if checked is not None:
                     pending.append(checked)
                 if len(pending) == self.batch_size:
-                    yield emit(pending)
-                    pending, batch_index = [], batch_index + 1
-        if pending:
-            yield emit(pending)
-            batch_index += 1
-        if counts:  # skips after the last batch
-            yield {"images": None, "targets": [], "counts": dict(counts)}
+                    yield self._part(shard, part, pending, counts, last=False)
+                    pending, part = [], part + 1
+            yield self._part(shard, part, pending, counts, last=True)
 
 
 class EvalLoader:
-    """Iterate (images (B,3,S,S) float32, labels (B,) int64 | captions list[str]), in order."""
+    """Iterate (images (B,3,S,S) float32, labels (B,) int64 | captions list[str]) in spec order,
+    every usable sample once, B = batch_size (the last batch smaller)."""
 
     def __init__(self, stream: EvalStream, workers: int, spec: str):
         self.stream, self.workers, self.spec = stream, workers, spec
@@ -699,19 +692,48 @@ class EvalLoader:
     def skipped(self) -> dict[str, int]:
         return {k: int(v) for k, v in sorted(self.counters.items())}
 
-    def __iter__(self):
-        self.counters = Counter()
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers, persistent_workers=False)
-        seen = 0
+    def _in_order(self):
+        workers = min(self.workers, len(self.stream.urls))
+        loader = DataLoader(self.stream, batch_size=None, num_workers=workers, persistent_workers=False,
+                            prefetch_factor=4 if workers else None)
+        waiting: dict[tuple[int, int], dict] = {}
+        shard, part = 0, 0
         for item in loader:
             self.counters.update(item["counts"])
+            waiting[(item["shard"], item["part"])] = item
+            while (shard, part) in waiting:
+                ready = waiting.pop((shard, part))
+                yield ready
+                shard, part = (shard + 1, 0) if ready["last"] else (shard, part + 1)
+
+    def __iter__(self):
+        self.counters = Counter()
+        size, kind = self.stream.batch_size, self.stream.kind
+        images: list[torch.Tensor] = []
+        targets: list = []
+        held, seen = 0, 0
+
+        def take(n):
+            nonlocal images, targets, held
+            stacked = torch.cat(images) if len(images) > 1 else images[0]
+            out_images, out_targets = stacked[:n], targets[:n]
+            images = [stacked[n:]] if n < len(stacked) else []
+            targets, held = targets[n:], held - n
+            if kind == "classification":
+                return out_images, torch.tensor(out_targets, dtype=torch.long)
+            return out_images, list(out_targets)
+
+        for item in self._in_order():
             if item["images"] is None:
                 continue
+            images.append(item["images"])
+            targets.extend(item["targets"])
+            held += len(item["targets"])
             seen += len(item["targets"])
-            if self.stream.kind == "classification":
-                yield item["images"], torch.tensor(item["targets"], dtype=torch.long)
-            else:
-                yield item["images"], list(item["targets"])
+            while held >= size:
+                yield take(size)
+        if held:
+            yield take(held)
         if not seen:
             raise DataError(f"eval data {self.spec!r} gave no usable sample (skipped: {self.skipped})")
 
