@@ -177,27 +177,43 @@ def _split_keys(keys: str | Sequence[str]) -> tuple[str, ...]:
 def read_shard(url: str, counts: Counter) -> Iterator[dict]:
     """Samples ({"__key__", "__url__", ext: bytes}) of one tar shard, in tar order.
 
-    An unopenable shard counts `unreadable_shard`; a tar that breaks off counts `truncated_shard`
-    (the complete samples before the break are yielded, the partial one is dropped).
+    Opened with webdataset's gopen (local paths, file:, pipe:, URLs). An unopenable shard counts
+    `unreadable_shard`; a tar that breaks off counts `truncated_shard`: the complete samples before
+    the break are yielded, only the one being read is lost.
     """
+    import tarfile
+
     from webdataset.gopen import gopen
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+    from webdataset.tariterators import base_plus_ext
 
     members_read = 0
     current: dict | None = None
     stream = None
     try:
         stream = gopen(url, "rb")
-        for member in tar_file_iterator(stream):
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        for info in tar:
             members_read += 1
-            prefix, suffix = base_plus_ext(member["fname"])
+            name = info.name
+            if not info.isreg() or name.startswith("__") or "/__" in name:  # dirs, webdataset metadata
+                continue
+            prefix, suffix = base_plus_ext(name)
             if prefix is None:
                 continue
+            try:
+                data = tar.extractfile(info).read()
+            except Exception as err:  # noqa: BLE001 - cut off inside this member
+                counts["truncated_shard"] += 1  # counted before the last good sample goes out
+                log.warning("shard %s: truncated in %s (%s: %s)", url, name, type(err).__name__, err)
+                if current is not None and current["__key__"] != prefix:
+                    yield current  # complete: the cut is in the next sample
+                return
             if current is None or current["__key__"] != prefix:
                 if current is not None:
                     yield current
                 current = {"__key__": prefix, "__url__": url}
-            current[suffix.lower()] = member["data"]
+            current[suffix.lower()] = data
+            tar.members = []  # stream mode keeps every TarInfo otherwise
         if current is not None:
             yield current
         current = None
