@@ -177,3 +177,15 @@ def test_eval_loader_skips_and_counts(tmp_path):
     labels = torch.cat([lab for _, lab in batches]).tolist()
     assert labels == [i % 3 for i in range(10)]  # in order, the bad ones left out
     assert loader.skipped == {"decode_error": 1, "missing_label": 1}
+
+
+def test_a_worker_whose_shards_are_all_unreadable_borrows_instead_of_stopping(tmp_path):
+    good = [{"__key__": f"g{i}", "png": png_bytes(np.full((8, 8), i, np.uint8)), "txt": f"g {i}"} for i in range(16)]
+    write_tar(tmp_path / "s-0.tar", good)
+    (tmp_path / "s-1.tar").write_bytes(b"\0" * 100)  # not a tar: one of the two workers gets only this
+    cfg = data_config(tmp_path / "s-{0..1}.tar", "train.micro_batch_size=4", "data.train_num_samples=16")
+    loader = build_train_loader(cfg, 0, 1, with_keys=True)
+    keys = [k for _, _, batch_keys in loader for k in batch_keys]
+    assert len(keys) == 16 and set(keys) <= {s["__key__"] for s in good}
+    assert loader.skipped["unreadable_shard"] >= 1
+    assert loader.counters["repeated_to_fill"] == 8  # the borrowing worker's samples are repeats

@@ -358,8 +358,9 @@ class TrainStream(IterableDataset):
             return
 
         my_shards = shardlib.worker_shards(self.urls, c.seed, self.epoch, c.rank, c.world_size, worker, c.workers)
+        borrowing = False  # own shards gave nothing (all unreadable/bad): refill from every shard
         for repeat in range(1 << 30):
-            order = list(my_shards)
+            order = list(self.urls if borrowing else my_shards)
             if repeat:
                 random.Random(f"refill/{c.seed}/{self.epoch}/{c.rank}/{worker}/{repeat}").shuffle(order)
             rng = random.Random(f"buffer/{c.seed}/{self.epoch}/{c.rank}/{worker}/{repeat}")
@@ -378,6 +379,11 @@ class TrainStream(IterableDataset):
                 if repeat:
                     counts[REPEATED] += 1
                 yield item
+            if not found and not borrowing and len(my_shards) < len(self.urls):
+                log.warning("rank %d worker %d: no usable sample in its shards %s; filling from all shards",
+                            c.rank, worker, my_shards)
+                borrowing = True
+                continue
             if not found:
                 raise DataError(
                     f"rank {c.rank} worker {worker}: its shards of {c.spec!r} gave no usable sample "
@@ -557,6 +563,11 @@ class TrainLoader:
             self._resume_exact = {"samples": {}}
 
     # ----------------------------------------------------------------------------- iteration
+    def forever(self):
+        """Epoch after epoch without end (for step-based training loops)."""
+        while True:
+            yield from self
+
     def __iter__(self):
         s, K = self.stream, self.stream.cfg.workers
         if self.batches_done >= self.batches_per_epoch:
@@ -573,7 +584,7 @@ class TrainLoader:
             s.skip_samples = dict(enumerate(self.worker_samples))
         loader = DataLoader(
             s, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
-            prefetch_factor=4 if self.num_workers else None,
+            prefetch_factor=4 if self.num_workers else None, pin_memory=torch.cuda.is_available(),
         )
         for item in loader:
             w = int(item["worker"])
