@@ -481,7 +481,6 @@ class TrainLoader:
         self.worker_samples = [0] * K
         self.worker_batch_counts = [0] * K
         self.counters: Counter = Counter()
-        self._resume_exact: dict | None = None
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -506,7 +505,6 @@ class TrainLoader:
         self.batches_done = 0
         self.worker_samples = [0] * K
         self.worker_batch_counts = [0] * K
-        self._resume_exact = None
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -558,9 +556,8 @@ class TrainLoader:
         if int(state.get("rank", -1)) == c.rank:
             self.worker_samples = list(state["worker_samples"])
             self.counters = Counter(state.get("counters", {}))
-            self._resume_exact = {"samples": dict(enumerate(self.worker_samples))}
-        else:
-            self._resume_exact = {"samples": {}}
+        else:  # another rank's positions mean nothing here: each worker replays its batches
+            self.worker_samples = [None] * K
 
     # ----------------------------------------------------------------------------- iteration
     def forever(self):
@@ -576,12 +573,9 @@ class TrainLoader:
         s.epoch = self.epoch
         s.rotation = self.batches_done % K
         s.skip_batches = {w: n for w, n in enumerate(self.worker_batch_counts)}
-        if self.batches_done == 0:
-            s.skip_samples = {}
-        elif self._resume_exact is not None:
-            s.skip_samples = dict(self._resume_exact["samples"])
-        else:  # stopped mid-epoch in this process: we know every worker's raw position
-            s.skip_samples = dict(enumerate(self.worker_samples))
+        # raw positions known (this rank's state, or a break in this process) -> drop raw samples;
+        # unknown (None: resumed from another rank's state, no batch from that worker since) -> replay
+        s.skip_samples = {w: n for w, n in enumerate(self.worker_samples) if n is not None and self.batches_done}
         loader = DataLoader(
             s, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
             prefetch_factor=4 if self.num_workers else None, pin_memory=torch.cuda.is_available(),
@@ -592,7 +586,6 @@ class TrainLoader:
             self.worker_batch_counts[w] += 1
             self.batches_done += 1
             self.counters.update(item["counts"])
-            self._resume_exact = None
             if self.with_keys:
                 yield item["images"], item["tokens"], item["keys"]
             else:
