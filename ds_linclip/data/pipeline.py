@@ -456,10 +456,6 @@ class TrainStream(IterableDataset):
         return self.worker_batches(worker)
 
 
-def _sizes_note(urls: Sequence[str]) -> str:
-    return "no sizes.json beside the shards" if shardlib.read_sizes(urls) is None else ""
-
-
 class TrainLoader:
     """Iterate for one epoch of `batches_per_epoch` batches of (images (B,3,S,S) float32, tokens
     (B,ctx) int64); the next `iter()` starts the next epoch. Resumes exactly from `state_dict()`.
@@ -508,6 +504,9 @@ class TrainLoader:
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
+        """This rank's position: epoch, batches delivered in it, raw samples each worker consumed,
+        skip counters. Any rank's state resumes every rank exactly (all ranks are in lockstep);
+        this rank's own state, or `merge_rank_states` of all of them, resumes without re-decoding."""
         c = self.stream.cfg
         return {
             "version": 1,
@@ -599,9 +598,10 @@ class TrainLoader:
         self._reset_position()
 
 
-def _data_field(cfg, key: str, default=None):
-    data = cfg.data
-    return data[key] if key in data and data[key] is not None else default
+def merge_rank_states(states: Sequence[dict]) -> dict:
+    """All ranks' `state_dict()`s (e.g. from torch.distributed.all_gather_object) as one state that
+    `build_train_loader(..., start_state=...)` accepts on every rank: {"ranks": {rank: state}}."""
+    return {"ranks": {int(state["rank"]): state for state in states}}
 
 
 def build_train_loader(cfg, rank: int, world_size: int, start_state: dict | None = None,
@@ -627,8 +627,8 @@ def build_train_loader(cfg, rank: int, world_size: int, start_state: dict | None
         samples_per_epoch = shardlib.num_samples(urls)
         if samples_per_epoch is None:
             raise DataError(
-                f"samples per epoch unknown for {spec_text!r}: {_sizes_note(urls) or 'sizes.json lacks some shards'}; "
-                "set data.train_num_samples"
+                f"samples per epoch unknown for {spec_text!r}: no sizes.json listing every shard beside "
+                "the shards (remote/pipe: shards never have one); set data.train_num_samples"
             )
     worker_batches = int(samples_per_epoch) // (world_size * logical_workers * batch_size)
     if worker_batches < 1:
