@@ -328,10 +328,17 @@ def test_watcher_scores_each_checkpoint_once_across_a_restart(deepspeed_run, eva
 
 
 @pytest.mark.slow
-def test_submitit_local_executor_runs_the_eval_job(export_run, deepspeed_run, eval_overrides, tmp_path):
+def test_submitit_local_executor_runs_the_eval_job(deepspeed_run, eval_overrides, tmp_path):
     from ds_linclip.eval import submit
 
-    # 1) the CLI path: submit, wait, print the job's table
+    # the trainer hook on a DeepSpeed checkpoint, with the run's eval settings (runs meanwhile)
+    cfg = load_config([deepspeed_run / "config.yaml"], eval_overrides)
+    target = tmp_path / "hook"
+    shutil.copytree(deepspeed_run / "checkpoints" / "step_00000002", target / "checkpoints" / "step_00000002")
+    shutil.copy(deepspeed_run / "config.yaml", target / "config.yaml")
+    hook_job = submit.submit_eval(cfg, target / "checkpoints" / "step_00000002", cluster="local")
+
+    # the CLI: submit, wait, print the job's table
     run = _export_run(tmp_path / "cli", seed=1)
     cli = subprocess.run(
         [sys.executable, "-m", "ds_linclip.eval.submit", "--checkpoint", str(run / "final"), "--cluster", "local",
@@ -342,18 +349,11 @@ def test_submitit_local_executor_runs_the_eval_job(export_run, deepspeed_run, ev
     assert "submitted eval job" in cli.stdout and "top-1" in cli.stdout
     assert (run / "eval" / "final_zeroshot.json").is_file() and (run / "eval" / "submitit").is_dir()
 
-    # 2) the trainer hook on a DeepSpeed checkpoint, with the run's eval settings
-    cfg = load_config([deepspeed_run / "config.yaml"], eval_overrides)
-    target = tmp_path / "hook"
-    shutil.copytree(deepspeed_run / "checkpoints" / "step_00000002", target / "checkpoints" / "step_00000002")
-    shutil.copy(deepspeed_run / "config.yaml", target / "config.yaml")
-    hook_job = submit.submit_eval(cfg, target / "checkpoints" / "step_00000002", cluster="local")
     output = hook_job.result()
-    assert "zeroshot" in output
+    assert "zeroshot" in output and "top-1" in output
     record = json.loads((target / "eval" / "step_00000002_zeroshot.json").read_text())
-    assert record["step"] == 2 and record["num_samples"] == 96
+    assert record["step"] == 2 and record["num_samples"] == 96 and record["samples_seen"] == 16
     assert (target / "eval" / "submitit" / "eval_step_00000002.yaml").is_file()
-
 
 def test_image_folder_zero_shot(export_run, tmp_path, capsys):
     import numpy as np

@@ -3,6 +3,7 @@ the same zero-shot classifier and the same predictions, sample for sample."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
@@ -44,11 +45,11 @@ def test_zero_shot_predictions_equal_open_clip(fmnist_shards):
     ours = build_model(cfg.model, load_pretrained_weights=False).eval()
     ours.load_state_dict(from_open_clip_state_dict(reference.state_dict()), strict=True)
 
-    classnames = load_classnames("imagenet1k")[:100]
+    classnames = load_classnames("imagenet1k")[:40]
     templates = load_templates("simple")
-    images = torch.cat([im for im, _ in build_eval_loader(
-        str(fmnist_shards / "test" / "shard-000000.tar"), image_size=32, batch_size=50, workers=0,
-    )])[:200]
+    loader = build_eval_loader(str(fmnist_shards / "test" / "shard-000000.tar"), image_size=32, batch_size=60,
+                               workers=0)
+    images = torch.cat([batch for batch, _ in itertools.islice(loader, 2)])  # (120, 3, 32, 32)
 
     with torch.no_grad():
         ref_classifier = open_clip.build_zero_shot_classifier(
@@ -63,12 +64,12 @@ def test_zero_shot_predictions_equal_open_clip(fmnist_shards):
         texts_per_batch=64, progress=False,  # a different batching than open_clip's 10 classes
     )
     labels = torch.zeros(len(images), dtype=torch.long)  # labels do not affect predictions
-    _, our_predictions = run_zeroshot(ours.encode_image, our_classifier, [(images[:128], labels[:128]),
-                                                                           (images[128:], labels[128:])],
+    _, our_predictions = run_zeroshot(ours.encode_image, our_classifier, [(images[:64], labels[:64]),
+                                                                           (images[64:], labels[64:])],
                                       progress=False)
 
     torch.testing.assert_close(our_classifier, ref_classifier, rtol=0, atol=2e-5)
-    # the 200 images spread over many classes: the comparison is not trivial
-    assert len(ref_predictions.unique()) >= 10
+    # the 120 images spread over many classes: the comparison is not trivial
+    assert len(ref_predictions.unique()) >= 8
     mismatches = (our_predictions != ref_predictions).nonzero().flatten().tolist()
     assert mismatches == [], f"samples {mismatches} differ from open_clip"

@@ -429,6 +429,12 @@ def watch(
                     failures.append((tag, str(err)))
                     state.record(tag, step, "failed", error=str(err))
                     return
+                except Exception as err:  # noqa: BLE001 - one bad checkpoint must not stop the watcher
+                    log.exception("checkpoint %s failed unexpectedly", tag)
+                    message = f"{type(err).__name__}: {err}"
+                    failures.append((tag, message))
+                    state.record(tag, step, "failed", error=message)
+                    return
                 records.extend(new)
                 state.record(tag, step, "ok", results=[f"{r['tag']}_{r['task']}.json" for r in new])
 
