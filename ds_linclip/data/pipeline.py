@@ -476,7 +476,9 @@ class TrainStream(IterableDataset):
 
     def _decode(self, raw: tuple, box_rng: np.random.Generator | None) -> np.ndarray:
         c = self.cfg
-        image = decode_image(raw[1], min_size=c.image_size)
+        # JPEG draft size: the smallest random crop (area scale_min, aspect 3/4) still >= image_size px
+        draft = int(math.ceil(c.image_size / math.sqrt(c.crop_scale[0] * 3 / 4)))
+        image = decode_image(raw[1], min_size=draft)
         if box_rng is None:
             box = center_crop_box(*image.size)
         else:
