@@ -2,8 +2,9 @@
 
 Per DataLoader worker the training stream is
 
-    shards (epoch order or resampled) -> tar members (webdataset's tar reader, gopen: local/pipe:/URLs)
-      -> samples grouped by key -> cheap checks (image/caption present, caption non-empty)
+    shards (epoch order or resampled) -> tar members (webdataset's gopen: local/pipe:/URLs; our
+      header-block reader, tar_members) -> samples grouped by key (webdataset's base_plus_ext)
+      -> cheap checks (image/caption present, caption non-empty)
       -> seeded shuffle buffer -> [skip what a resumed run already consumed]
       -> decode + crop + resize (PIL, one resize per image) -> batch: normalise, tokenize (batched)
 
@@ -11,6 +12,9 @@ Everything random is derived from (seed, epoch, rank, worker, pass, batch index)
 pure function of the config and the data. That is what makes mid-epoch resume exact: a worker
 replays its raw sample stream and drops the first `worker_samples[w]` entries without decoding
 them (raw tar reads only), then continues exactly where the checkpointed run stopped.
+
+Epoch mode splits shards by rank then worker (shards.worker_shards); every worker yields the same
+number of batches, so every rank does. Resampled mode draws shards with replacement, seeded.
 
 Bad input never stops training: each skipped sample is counted by reason (see REASONS) in the
 worker, the counts travel with the next batch it yields, and the loader in the main process
