@@ -164,12 +164,15 @@ def crop_resize(image: Image.Image, box, size: int) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.BICUBIC, box=box))
 
 
+_MEAN_255 = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0
+_INV_STD_255 = 1.0 / (torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0)
+
+
 def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
-    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 with CLIP mean/std."""
-    images = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return images.sub_(mean).div_(std)
+    """(B, S, S, 3) uint8 -> contiguous (B, 3, S, S) float32, (x/255 - mean) / std with CLIP's mean/std."""
+    # transpose the 1-byte pixels, not the floats; then one subtract and one multiply in place
+    images = images_uint8.permute(0, 3, 1, 2).contiguous().float()
+    return images.sub_(_MEAN_255).mul_(_INV_STD_255)
 
 
 # ---------------------------------------------------------------------------------------- samples
