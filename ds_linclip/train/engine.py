@@ -7,6 +7,7 @@ DeepSpeed key can still be set. The dict is written to `R/ds_config.json` for th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -229,6 +230,38 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: It
     ]
 
 
+def broadcast_from_rank0(model: torch.nn.Module) -> None:
+    """Make every rank's parameters and buffers equal to rank 0's (a no-op for one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+@contextlib.contextmanager
+def _scalar_safe_initial_broadcast(model: torch.nn.Module):
+    """DeepSpeed 0.19's engine start-up broadcasts each parameter as `p.data.view(torch.uint8)`,
+    which raises for 0-dim parameters ("self.dim() cannot be 0 to view Float as Byte") -- and
+    CLIP's logit_scale is one (as in open_clip). When the model has such parameters we do that
+    initial broadcast ourselves (`broadcast_from_rank0`, plain dist.broadcast handles 0-dim) and
+    skip DeepSpeed's for the duration of `deepspeed.initialize`; nothing else is changed."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if not any(p.dim() == 0 for p in model.parameters()):
+        yield
+        return
+    broadcast_from_rank0(model)
+    original = DeepSpeedEngine._broadcast_model
+    DeepSpeedEngine._broadcast_model = lambda self: None
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._broadcast_model = original
+
+
 def build_engine(cfg: DictConfig, model: torch.nn.Module, ds_config: dict):
     """deepspeed.initialize with our param groups; returns the engine (optimizer and scheduler inside)."""
     import deepspeed
@@ -236,5 +269,6 @@ def build_engine(cfg: DictConfig, model: torch.nn.Module, ds_config: dict):
     groups = [g for g in param_groups(model, cfg.train.weight_decay) if g["params"]]
     for g in groups:
         g.pop("name")
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    with _scalar_safe_initial_broadcast(model):
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     return engine
