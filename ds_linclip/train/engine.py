@@ -7,7 +7,6 @@ DeepSpeed key can still be set. The dict is written to `R/ds_config.json` for th
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -230,45 +229,33 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: It
     ]
 
 
-def broadcast_from_rank0(model: torch.nn.Module) -> None:
-    """Make every rank's parameters and buffers equal to rank 0's (a no-op for one process)."""
-    import torch.distributed as dist
+def promote_scalar_parameters(model: torch.nn.Module) -> list[str]:
+    """Replace each 0-dim parameter by a 1-element one with the same value and name; returns the names.
 
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(tensor.data, src=0)
-
-
-@contextlib.contextmanager
-def _scalar_safe_initial_broadcast(model: torch.nn.Module):
-    """DeepSpeed 0.19's engine start-up broadcasts each parameter as `p.data.view(torch.uint8)`,
-    which raises for 0-dim parameters ("self.dim() cannot be 0 to view Float as Byte") -- and
-    CLIP's logit_scale is one (as in open_clip). When the model has such parameters we do that
-    initial broadcast ourselves (`broadcast_from_rank0`, plain dist.broadcast handles 0-dim) and
-    skip DeepSpeed's for the duration of `deepspeed.initialize`; nothing else is changed."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    if not any(p.dim() == 0 for p in model.parameters()):
-        yield
-        return
-    broadcast_from_rank0(model)
-    original = DeepSpeedEngine._broadcast_model
-    DeepSpeedEngine._broadcast_model = lambda self: None
-    try:
-        yield
-    finally:
-        DeepSpeedEngine._broadcast_model = original
+    DeepSpeed 0.19 reinterprets every parameter as bytes (`p.data.view(torch.uint8)`) to broadcast it
+    (engine start-up, ZeRO-3 `zero.Init`, `GatheredParameters`), which raises for 0-dim tensors
+    ("self.dim() cannot be 0 to view Float as Byte") -- and CLIP's logit_scale is one, as in
+    open_clip. A (1,)-shaped logit_scale broadcasts the same in the loss; `export` gives the
+    plain model's shapes back.
+    """
+    promoted = []
+    for name, param in list(model.named_parameters()):
+        if param.dim() == 0:
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            setattr(owner, attr, torch.nn.Parameter(param.detach().reshape(1).clone(), requires_grad=param.requires_grad))
+            promoted.append(name)
+    return promoted
 
 
 def build_engine(cfg: DictConfig, model: torch.nn.Module, ds_config: dict):
-    """deepspeed.initialize with our param groups; returns the engine (optimizer and scheduler inside)."""
+    """deepspeed.initialize with our param groups; returns the engine (optimizer and scheduler inside).
+    0-dim parameters become 1-element ones first (see `promote_scalar_parameters`)."""
     import deepspeed
 
+    promote_scalar_parameters(model)
     groups = [g for g in param_groups(model, cfg.train.weight_decay) if g["params"]]
     for g in groups:
         g.pop("name")
-    with _scalar_safe_initial_broadcast(model):
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     return engine

@@ -13,6 +13,7 @@ full fp32 module. The result loads into `build_model(cfg.model)` without DeepSpe
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -54,6 +55,30 @@ def fp32_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().float().contiguous().clone() for name, tensor in state.items()}
 
 
+def to_model_shapes(state: dict[str, torch.Tensor], config_yaml: str | Path) -> dict[str, torch.Tensor]:
+    """Check `state` against the plain model of `config_yaml` (same names) and give each tensor
+    the model's shape (the trainer holds 0-dim parameters as 1-element ones, see
+    engine.promote_scalar_parameters)."""
+
+    from ds_linclip.config import load_config
+    from ds_linclip.models import build_model
+
+    cfg = load_config([config_yaml])
+    cfg.model.pretrained = None  # the skeleton only: its names and shapes
+    expected = {k: v.shape for k, v in build_model(cfg.model, load_pretrained_weights=False).state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model of {config_yaml}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    out = {}
+    for name, tensor in state.items():
+        if tensor.shape != expected[name]:
+            if tensor.numel() != math.prod(expected[name]):
+                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} vs model {tuple(expected[name])}")
+            tensor = tensor.reshape(expected[name]).clone()
+        out[name] = tensor
+    return out
+
+
 def export(tag_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write `model.safetensors` + `config.yaml` into out_dir (default TAG_DIR/fp32); returns out_dir.
     The files appear atomically (written to a temp dir, then renamed)."""
@@ -62,7 +87,7 @@ def export(tag_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     config = tag_dir / CONFIG
     if not config.is_file():
         raise FileNotFoundError(f"{config} is missing: the checkpoint was not written by ds_linclip.train")
-    state = fp32_state_dict(tag_dir)
+    state = to_model_shapes(fp32_state_dict(tag_dir), config)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
