@@ -1,7 +1,9 @@
 """Linear attention kernels: one entry point, `linear_attention`, that picks a backend.
 
-`backend="auto"`: CUDA tensors -> Triton, anything else -> the PyTorch path.
-`backend="torch"` / `backend="triton"` force one (Triton on CPU needs TRITON_INTERPRET=1).
+`backend="auto"`: CUDA tensors -> Triton, anything else -> the fast PyTorch path
+(kernels/torch_path.py). `backend="torch"` / `backend="triton"` force one; Triton on CPU
+tensors runs through Triton's interpreter (slow; for tests), whatever TRITON_INTERPRET says.
+`kernels.reference.linear_attention_reference` stays the plain, readable oracle.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from kernels.reference import DENOMINATORS, LINEAR_KINDS, linear_attention_reference
+from kernels.torch_path import linear_attention_torch
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -32,7 +35,7 @@ def linear_attention(
         from kernels.linear_attention import linear_attention_triton
 
         return linear_attention_triton(q, k, v, kind=kind, causal=causal, denominator=denominator, eps=eps)
-    return linear_attention_reference(q, k, v, kind=kind, causal=causal, denominator=denominator, eps=eps)
+    return linear_attention_torch(q, k, v, kind=kind, causal=causal, denominator=denominator, eps=eps)
 
 
-__all__ = ["linear_attention", "linear_attention_reference", "LINEAR_KINDS", "DENOMINATORS", "BACKENDS"]
+__all__ = ["linear_attention", "linear_attention_reference", "linear_attention_torch", "LINEAR_KINDS", "DENOMINATORS", "BACKENDS"]
