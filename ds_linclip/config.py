@@ -294,9 +294,11 @@ def load_config(
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value", source="override")
-        key = item.split("=", 1)[0].lstrip("+")
+        # a leading `+` (Hydra's "add a key") is accepted and means the same as without it
+        key, value = item.split("=", 1)
+        key = key.lstrip("+")
         try:
-            layers.append((OmegaConf.from_dotlist([item]), f"override '{item}'"))
+            layers.append((OmegaConf.from_dotlist([f"{key}={value}"]), f"override '{item}'"))
         except OmegaConfBaseException as err:
             raise ConfigError(str(err).splitlines()[0], key=key, source=f"override '{item}'") from err
 
