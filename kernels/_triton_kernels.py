@@ -18,20 +18,27 @@ All arithmetic is in ACC (fp32, or fp64 for fp64 inputs); loads are cast up, sto
 
 import triton
 import triton.language as tl
+from triton import knobs
 from triton.language.standard import _sum_combine
+
+# Device helpers are @triton.jit when compiled. Interpreted, they are plain Python functions run
+# inside the calling kernel's already patched triton.language scope: the interpreter re-patches
+# the language on *every* call of a jit'd helper (~1 ms each), which made the interpreted tests
+# spend most of their time patching. The kernels themselves stay @triton.jit in both modes.
+_device = (lambda fn: fn) if knobs.runtime.interpret else triton.jit
 
 # Only builtins of triton.language are used (no tl.sum/tl.zeros/tl.cdiv): those are @triton.jit
 # functions decorated once, when triton was imported, in whatever mode TRITON_INTERPRET had then,
 # and an interpreted kernel cannot call a compiled helper (nor the reverse).
 
 
-@triton.jit
+@_device
 def _sum(x, axis: tl.constexpr):
     """tl.sum for floats; the interpreter recognises _sum_combine and reduces with numpy."""
     return tl.reduce(x, axis, _sum_combine)
 
 
-@triton.jit
+@_device
 def _feature(x, valid, KIND: tl.constexpr, NORM_EPS: tl.constexpr):
     """φ(x) for a (rows, cols) block; zero where `valid` is false (elu+1 would make padding 1)."""
     if KIND == 0:
@@ -44,7 +51,7 @@ def _feature(x, valid, KIND: tl.constexpr, NORM_EPS: tl.constexpr):
     return tl.where(valid, phi, 0.0)
 
 
-@triton.jit
+@_device
 def _feature_grad(x, dphi, valid, KIND: tl.constexpr, NORM_EPS: tl.constexpr):
     """Vector-Jacobian product of φ at x: dφ -> dx (recomputes φ from x; nothing saved)."""
     if KIND == 0:
@@ -61,20 +68,20 @@ def _feature_grad(x, dphi, valid, KIND: tl.constexpr, NORM_EPS: tl.constexpr):
     return tl.where(valid, dx, 0.0)
 
 
-@triton.jit
+@_device
 def _load_rows(base, rows, stride_n, offs_col, n_cols, N, ACC: tl.constexpr):
     mask = (rows < N)[:, None] & (offs_col < n_cols)[None, :]
     block = tl.load(base + rows[:, None] * stride_n + offs_col[None, :], mask=mask, other=0.0)
     return block.to(ACC), mask
 
 
-@triton.jit
+@_device
 def _store_rows(base, rows, stride_n, offs_col, n_cols, N, block):
     mask = (rows < N)[:, None] & (offs_col < n_cols)[None, :]
     tl.store(base + rows[:, None] * stride_n + offs_col[None, :], block.to(base.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@_device
 def _denominator(rowsum, count, row_valid, eps, KIND: tl.constexpr, DENOM_KERNEL: tl.constexpr):
     if KIND == 0:
         if DENOM_KERNEL:
@@ -253,7 +260,7 @@ def _bidir_bwd_key_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@_device
 def _causal_chunk(
     q_base, k_base, v_base, rows, offs_n, offs_d, offs_e, n0, N, sqn, skn, svn, state, key_sum, value_sum, eps,
     D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, DENOM_KERNEL: tl.constexpr,
