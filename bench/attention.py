@@ -9,9 +9,8 @@ Timing: methods are interleaved rep by rep (so load from other processes hits al
 table reports the fastest rep on CPU (least disturbed) and the median on CUDA (events, synced).
 Peak memory is the extra memory one fwd+bwd needs above its inputs (q, k, v, grad_out):
   CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus the memory allocated before.
-  CPU:  resident-set high-water mark (resource.getrusage ru_maxrss) of a fresh child process,
-        after the inputs exist and a tiny warm-up ran, minus the mark before the measured fwd+bwd.
-        Page-granular and includes allocator slack, so small values (< a few MB) are noisy.
+  CPU:  torch.profiler with profile_memory=True: the maximum of the allocator's running
+        "Total Allocated" over one fwd+bwd (torch tensors only; no allocator slack, no Python objects).
 Cells whose estimated time per rep exceeds --max-seconds are skipped (marked "skip").
 
 Example:  python bench/attention.py --quick
@@ -22,11 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -101,31 +96,25 @@ def cuda_peak_bytes(fn, inputs, device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def cpu_peak_bytes_in_child(args, method: str, tokens: int) -> int | None:
-    """Run `--memory-probe` in a fresh interpreter (ru_maxrss is a process-lifetime high-water mark)."""
-    probe = dict(method=method, tokens=tokens, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
-                 dtype=args.dtype, kind=args.kind, causal=args.causal, threads=torch.get_num_threads())
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, __file__, "--memory-probe", json.dumps(probe)],
-                            capture_output=True, text=True, env=env, timeout=max(600, 20 * args.max_seconds))
-    if result.returncode != 0:
-        print(f"memory probe {method} N={tokens} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return int(result.stdout.strip().splitlines()[-1])
+def cpu_peak_bytes(fn, inputs) -> int:
+    """Peak of the torch CPU allocator's running total during one fwd+bwd, from the profiler.
 
+    With profile_memory=True every allocation/free is a "[memory]" trace event carrying
+    "Total Allocated": bytes allocated since profiling began, so its maximum is the extra peak.
+    """
+    import tempfile
 
-def memory_probe(spec: str) -> None:
-    """Child side of the CPU memory measurement; prints the extra peak RSS in bytes."""
-    probe = json.loads(spec)
-    torch.set_num_threads(probe["threads"])
-    args = argparse.Namespace(**probe)
-    fn = attention_fn(probe["method"], probe["kind"], probe["causal"])
-    fwd_bwd(fn, *make_inputs(args, 8, torch.device("cpu")))  # thread pools, kernels' first-use buffers
-    inputs = make_inputs(args, probe["tokens"], torch.device("cpu"))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fwd_bwd(fn, *inputs)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) * 1024)  # Linux reports KiB
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fwd_bwd(fn, *inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace_path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace_path))
+        events = json.loads(trace_path.read_text())["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})]
+    return max([0, *totals])
 
 
 def run(args) -> list[dict]:
@@ -173,8 +162,7 @@ def run(args) -> list[dict]:
                 if device.type == "cuda":
                     row[f"{method}_mem_mb"] = cuda_peak_bytes(fns[method], inputs, device) / 2**20
                 else:
-                    peak = cpu_peak_bytes_in_child(args, method, tokens)
-                    row[f"{method}_mem_mb"] = None if peak is None else peak / 2**20
+                    row[f"{method}_mem_mb"] = cpu_peak_bytes(fns[method], inputs) / 2**20
         del inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -259,7 +247,6 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help=f"small run: N in {QUICK_TOKENS}, 5 reps max, 1 s per cell")
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -274,9 +261,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.memory_probe:
-        memory_probe(args.memory_probe)
-        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -11,7 +11,8 @@ Notation (all per (batch, head); rows are tokens, padded to BLOCK_N, columns pad
   num_i = Σ_j A_ij v_j ,  rowsum_i = Σ_j A_ij  (j over all tokens, or j ≤ i when causal)
   den_i = count_i (affine, denominator=count) | rowsum_i (affine, kernel) | rowsum_i + eps (elu/relu)
   out_i = num_i / den_i
-Backward (g_i = do_i/den_i, r_i = do_i·out_i/den_i, ROWSUM_DEN = den depends on rowsum):
+Backward (g_i = do_i/den_i, r_i = do_i·out_i/den_i; ROWSUM_DEN: den depends on rowsum, i.e. every
+case but linear-affine with denominator=count; decided on the host):
   dA_ij = g_i·v_j - ROWSUM_DEN·r_i ;  dφq_i = Σ_j dA_ij φk_j ;  dφk_j = Σ_i dA_ij φq_i ;  dv_j = Σ_i A_ij g_i
 All arithmetic is in ACC (fp32, or fp64 for fp64 inputs); loads are cast up, stores cast down.
 """
@@ -82,14 +83,14 @@ def _store_rows(base, rows, stride_n, offs_col, n_cols, N, block):
 
 
 @_device
-def _denominator(rowsum, count, row_valid, eps, KIND: tl.constexpr, DENOM_KERNEL: tl.constexpr):
-    if KIND == 0:
-        if DENOM_KERNEL:
+def _denominator(rowsum, count, row_valid, eps, KIND: tl.constexpr, ROWSUM_DEN: tl.constexpr):
+    if ROWSUM_DEN:
+        if KIND == 0:
             den = rowsum
         else:
-            den = count
+            den = rowsum + eps
     else:
-        den = rowsum + eps
+        den = count
     # padded rows are never stored; keep them finite so 0 * nan cannot leak into sums
     return tl.where(row_valid, den, 1.0)
 
@@ -143,7 +144,7 @@ def _bidir_out_kernel(
     Q, S, Z, SV, O,
     H, N, eps,
     sqb, sqh, sqn, sob, soh, son,
-    D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, DENOM_KERNEL: tl.constexpr,
+    D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, ROWSUM_DEN: tl.constexpr,
     NORM_EPS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -164,7 +165,7 @@ def _bidir_out_kernel(
     if KIND == 0:
         num += value_sum[None, :]
         rowsum += N
-    den = _denominator(rowsum, N * 1.0, rows < N, eps, KIND, DENOM_KERNEL)
+    den = _denominator(rowsum, N * 1.0, rows < N, eps, KIND, ROWSUM_DEN)
     _store_rows(O + b * sob + h * soh, rows, son, offs_e, E, N, num / den[:, None])
 
 
@@ -173,12 +174,11 @@ def _bidir_bwd_query_kernel(
     Q, DO, S, Z, SV, DQ, DS_part, DZ_part, DSV_part,
     H, N, tokens_per_split, eps,
     sqb, sqh, sqn, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
-    D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, DENOM_KERNEL: tl.constexpr,
+    D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, ROWSUM_DEN: tl.constexpr,
     NORM_EPS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """dq for a token range, and partial dS = Σ φq gᵀ, dZ = -Σ r φq, dSV = C Σ g. Grid (B*H, splits)."""
-    ROWSUM_DEN: tl.constexpr = (KIND != 0) or DENOM_KERNEL
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -208,7 +208,7 @@ def _bidir_bwd_query_kernel(
         if KIND == 0:
             num += value_sum[None, :]
             rowsum += N
-        den = _denominator(rowsum, N * 1.0, rows < end, eps, KIND, DENOM_KERNEL)
+        den = _denominator(rowsum, N * 1.0, rows < end, eps, KIND, ROWSUM_DEN)
         g = do / den[:, None]
         d_phi_q = tl.dot(g, tl.trans(state), input_precision=PRECISION)
         if ROWSUM_DEN:
@@ -263,7 +263,7 @@ def _bidir_bwd_key_kernel(
 @_device
 def _causal_chunk(
     q_base, k_base, v_base, rows, offs_n, offs_d, offs_e, n0, N, sqn, skn, svn, state, key_sum, value_sum, eps,
-    D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, DENOM_KERNEL: tl.constexpr,
+    D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, ROWSUM_DEN: tl.constexpr,
     NORM_EPS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Recompute one chunk of the forward: returns q, its mask, φq, φk, v, masked A, num, den."""
@@ -282,7 +282,7 @@ def _causal_chunk(
     if KIND == 0:
         num += value_sum[None, :]
         rowsum += n0
-    den = _denominator(rowsum, (rows + 1).to(ACC), rows < N, eps, KIND, DENOM_KERNEL)
+    den = _denominator(rowsum, (rows + 1).to(ACC), rows < N, eps, KIND, ROWSUM_DEN)
     return q, q_mask, phi_q, phi_k, v, scores, num, den
 
 
@@ -291,7 +291,7 @@ def _causal_fwd_kernel(
     Q, K, V, O,
     H, N, eps,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-    D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, DENOM_KERNEL: tl.constexpr,
+    D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, ROWSUM_DEN: tl.constexpr,
     NORM_EPS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -313,7 +313,7 @@ def _causal_fwd_kernel(
         rows = n0 + offs_n
         q, q_mask, phi_q, phi_k, v, scores, num, den = _causal_chunk(
             q_base, k_base, v_base, rows, offs_n, offs_d, offs_e, n0, N, sqn, skn, svn,
-            state, key_sum, value_sum, eps, D, E, KIND, DENOM_KERNEL, NORM_EPS, ACC, PRECISION)
+            state, key_sum, value_sum, eps, D, E, KIND, ROWSUM_DEN, NORM_EPS, ACC, PRECISION)
         _store_rows(o_base, rows, son, offs_e, E, N, num / den[:, None])
         state = tl.dot(tl.trans(phi_k), v, state, input_precision=PRECISION)
         key_sum += _sum(phi_k, axis=0)
@@ -325,12 +325,11 @@ def _causal_bwd_query_kernel(
     Q, K, V, DO, DQ, DEN, R,
     H, N, eps,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
-    D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, DENOM_KERNEL: tl.constexpr,
+    D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, ROWSUM_DEN: tl.constexpr,
     NORM_EPS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """dq by a forward sweep (recomputing the forward); writes the O(N) stats den and r. Grid (B*H,)."""
-    ROWSUM_DEN: tl.constexpr = (KIND != 0) or DENOM_KERNEL
     pid_bh = tl.program_id(0)
     b = pid_bh // H
     h = pid_bh % H
@@ -349,7 +348,7 @@ def _causal_bwd_query_kernel(
         rows = n0 + offs_n
         q, q_mask, phi_q, phi_k, v, scores, num, den = _causal_chunk(
             q_base, k_base, v_base, rows, offs_n, offs_d, offs_e, n0, N, sqn, skn, svn,
-            state, key_sum, value_sum, eps, D, E, KIND, DENOM_KERNEL, NORM_EPS, ACC, PRECISION)
+            state, key_sum, value_sum, eps, D, E, KIND, ROWSUM_DEN, NORM_EPS, ACC, PRECISION)
         do, _ = _load_rows(do_base, rows, sdon, offs_e, E, N, ACC)
         g = do / den[:, None]
         d_scores = tl.dot(g, tl.trans(v), input_precision=PRECISION)
@@ -377,12 +376,11 @@ def _causal_bwd_key_kernel(
     Q, K, V, DO, DEN, R, DK, DV,
     H, N,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-    D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, DENOM_KERNEL: tl.constexpr,
+    D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, ROWSUM_DEN: tl.constexpr,
     NORM_EPS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """dk, dv by a reverse sweep carrying Σ_{later} φq gᵀ, Σ_{later} r φq, Σ_{later} g. Grid (B*H,)."""
-    ROWSUM_DEN: tl.constexpr = (KIND != 0) or DENOM_KERNEL
     pid_bh = tl.program_id(0)
     b = pid_bh // H
     h = pid_bh % H

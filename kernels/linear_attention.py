@@ -117,7 +117,8 @@ class _Launch:
             BLOCK_D=_block(self.dim),
             BLOCK_E=_block(self.value_dim),
         )
-        self.denom_kernel = denominator == "kernel"
+        # the denominator depends on the keys unless it is the plain token count (affine, count)
+        self.rowsum_den = not (kind == "linear-affine" and denominator == "count")
         # every kernel but the state passes needs an even split of work; splits fill the GPU
         blocks = -(-self.tokens // self.meta["BLOCK_N"])
         if self.interpret:
@@ -161,7 +162,7 @@ def _forward(q, k, v, launch: _Launch, causal: bool):
         m._causal_fwd_kernel[(launch.bh,)](
             q, k, v, out, launch.heads, launch.tokens, launch.eps,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            DENOM_KERNEL=launch.denom_kernel, **launch.meta)
+            ROWSUM_DEN=launch.rowsum_den, **launch.meta)
         return out, ()
     s_part, z_part, sv_part = launch.state_buffers(q.device, launch.splits)
     m._bidir_state_kernel[(launch.bh, launch.splits)](
@@ -170,7 +171,7 @@ def _forward(q, k, v, launch: _Launch, causal: bool):
     state, key_sum, value_sum = (t.sum(1) if launch.splits > 1 else t[:, 0].contiguous() for t in (s_part, z_part, sv_part))
     m._bidir_out_kernel[(launch.bh, launch.blocks)](
         q, state, key_sum, value_sum, out, launch.heads, launch.tokens, launch.eps,
-        *_strides(q), *_strides(out), DENOM_KERNEL=launch.denom_kernel, **launch.meta)
+        *_strides(q), *_strides(out), ROWSUM_DEN=launch.rowsum_den, **launch.meta)
     return out, (state, key_sum, value_sum)
 
 
@@ -183,11 +184,11 @@ def _backward(q, k, v, grad_out, saved_state, launch: _Launch, causal: bool):
         m._causal_bwd_query_kernel[(launch.bh,)](
             q, k, v, grad_out, dq, den, r, launch.heads, launch.tokens, launch.eps,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-            DENOM_KERNEL=launch.denom_kernel, **launch.meta)
+            ROWSUM_DEN=launch.rowsum_den, **launch.meta)
         m._causal_bwd_key_kernel[(launch.bh,)](
             q, k, v, grad_out, den, r, dk, dv, launch.heads, launch.tokens,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-            DENOM_KERNEL=launch.denom_kernel, **launch.meta)
+            ROWSUM_DEN=launch.rowsum_den, **launch.meta)
         return dq, dk, dv
     state, key_sum, value_sum = saved_state
     ds_part, dz_part, dsv_part = launch.state_buffers(q.device, launch.splits)
@@ -195,7 +196,7 @@ def _backward(q, k, v, grad_out, saved_state, launch: _Launch, causal: bool):
         q, grad_out, state, key_sum, value_sum, dq, ds_part, dz_part, dsv_part,
         launch.heads, launch.tokens, launch.tokens_per_split, launch.eps,
         *_strides(q), *_strides(grad_out), *_strides(dq),
-        DENOM_KERNEL=launch.denom_kernel, **launch.meta)
+        ROWSUM_DEN=launch.rowsum_den, **launch.meta)
     d_state, d_key_sum, d_value_sum = (
         t.sum(1) if launch.splits > 1 else t[:, 0].contiguous() for t in (ds_part, dz_part, dsv_part))
     m._bidir_bwd_key_kernel[(launch.bh, launch.blocks)](
