@@ -13,6 +13,7 @@ TRITON_INTERPRET=1 is set. See `_kernel_module` for why the env var need not be 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import sys
@@ -124,14 +125,18 @@ class _Launch:
         if self.interpret:
             splits = 1  # interpreter: fewer programs is faster
         else:
-            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+            sms = _multiprocessors(q.device.index if q.device.index is not None else torch.cuda.current_device())
             splits = max(1, min(blocks, -(-4 * sms // self.bh)))
         blocks_per_split = -(-blocks // splits)
         self.tokens_per_split = blocks_per_split * self.meta["BLOCK_N"]
         self.splits = -(-self.tokens // self.tokens_per_split)
         self.blocks = blocks
-        if not self.interpret:
-            self.meta["num_warps"] = 4 if self.meta["BLOCK_D"] <= 64 else 8
+        # GPU only (the interpreter ignores them): the streaming kernels hold ~3 tiles, the causal
+        # and backward ones ~10 (BLOCK_N x BLOCK_D fp32 each); more warps keep those in registers.
+        # Untuned guesses for H100/H200 (no GPU was available while writing this).
+        wide = self.meta["BLOCK_D"] > 64 or self.meta["BLOCK_E"] > 64
+        self.light = {} if self.interpret else {"num_warps": 8 if wide else 4}
+        self.heavy = {} if self.interpret else {"num_warps": 8}
 
     def state_buffers(self, device: torch.device, splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         bd, be = self.meta["BLOCK_D"], self.meta["BLOCK_E"]
@@ -140,6 +145,11 @@ class _Launch:
             torch.empty(self.bh, splits, bd, device=device, dtype=self.acc_dtype),
             torch.empty(self.bh, splits, be, device=device, dtype=self.acc_dtype),
         )
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _launch_env(launch: _Launch):
@@ -162,16 +172,16 @@ def _forward(q, k, v, launch: _Launch, causal: bool):
         m._causal_fwd_kernel[(launch.bh,)](
             q, k, v, out, launch.heads, launch.tokens, launch.eps,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            ROWSUM_DEN=launch.rowsum_den, **launch.meta)
+            ROWSUM_DEN=launch.rowsum_den, **launch.meta, **launch.heavy)
         return out, ()
     s_part, z_part, sv_part = launch.state_buffers(q.device, launch.splits)
     m._bidir_state_kernel[(launch.bh, launch.splits)](
         k, v, s_part, z_part, sv_part, launch.heads, launch.tokens, launch.tokens_per_split,
-        *_strides(k), *_strides(v), **launch.meta)
+        *_strides(k), *_strides(v), **launch.meta, **launch.light)
     state, key_sum, value_sum = (t.sum(1) if launch.splits > 1 else t[:, 0].contiguous() for t in (s_part, z_part, sv_part))
     m._bidir_out_kernel[(launch.bh, launch.blocks)](
         q, state, key_sum, value_sum, out, launch.heads, launch.tokens, launch.eps,
-        *_strides(q), *_strides(out), ROWSUM_DEN=launch.rowsum_den, **launch.meta)
+        *_strides(q), *_strides(out), ROWSUM_DEN=launch.rowsum_den, **launch.meta, **launch.light)
     return out, (state, key_sum, value_sum)
 
 
@@ -184,11 +194,11 @@ def _backward(q, k, v, grad_out, saved_state, launch: _Launch, causal: bool):
         m._causal_bwd_query_kernel[(launch.bh,)](
             q, k, v, grad_out, dq, den, r, launch.heads, launch.tokens, launch.eps,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-            ROWSUM_DEN=launch.rowsum_den, **launch.meta)
+            ROWSUM_DEN=launch.rowsum_den, **launch.meta, **launch.heavy)
         m._causal_bwd_key_kernel[(launch.bh,)](
             q, k, v, grad_out, den, r, dk, dv, launch.heads, launch.tokens,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-            ROWSUM_DEN=launch.rowsum_den, **launch.meta)
+            ROWSUM_DEN=launch.rowsum_den, **launch.meta, **launch.heavy)
         return dq, dk, dv
     state, key_sum, value_sum = saved_state
     ds_part, dz_part, dsv_part = launch.state_buffers(q.device, launch.splits)
@@ -196,12 +206,12 @@ def _backward(q, k, v, grad_out, saved_state, launch: _Launch, causal: bool):
         q, grad_out, state, key_sum, value_sum, dq, ds_part, dz_part, dsv_part,
         launch.heads, launch.tokens, launch.tokens_per_split, launch.eps,
         *_strides(q), *_strides(grad_out), *_strides(dq),
-        ROWSUM_DEN=launch.rowsum_den, **launch.meta)
+        ROWSUM_DEN=launch.rowsum_den, **launch.meta, **launch.heavy)
     d_state, d_key_sum, d_value_sum = (
         t.sum(1) if launch.splits > 1 else t[:, 0].contiguous() for t in (ds_part, dz_part, dsv_part))
     m._bidir_bwd_key_kernel[(launch.bh, launch.blocks)](
         k, v, d_state, d_key_sum, d_value_sum, dk, dv, launch.heads, launch.tokens,
-        *_strides(k), *_strides(v), *_strides(dk), *_strides(dv), **launch.meta)
+        *_strides(k), *_strides(v), *_strides(dk), *_strides(dv), **launch.meta, **launch.heavy)
     return dq, dk, dv
 
 
