@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add_config_arguments(parser)
+    # The `deepspeed` launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
