@@ -179,10 +179,9 @@ _DEEPSPEED_RUN = textwrap.dedent(
     torch.manual_seed(0)
     model = build_model(cfg.model, load_pretrained_weights=False)
     deepspeed.init_distributed(dist_backend="gloo")
-    # DeepSpeed 0.19's start-up broadcast views each parameter as bytes, which fails for the 0-dim
-    # logit_scale; one rank has nothing to broadcast (the trainer works around it the same way)
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    DeepSpeedEngine._broadcast_model = lambda self: None
+    # as the trainer does: DeepSpeed cannot broadcast the 0-dim logit_scale, so it trains a (1,) one
+    from ds_linclip.train.engine import promote_scalar_parameters
+    assert promote_scalar_parameters(model) == ["logit_scale"]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
         "train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 1},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
@@ -233,7 +232,8 @@ def test_deepspeed_checkpoint_loads_through_zero_to_fp32(deepspeed_run):
         expected = torch.load(deepspeed_run / f"weights_{tag}.pt")
         assert loaded.ref.kind == "deepspeed" and loaded.step == step and loaded.samples_seen == 8 * step
         for key, value in loaded.model.state_dict().items():
-            assert torch.equal(value, expected[key]), key
+            assert torch.equal(value, expected[key].reshape(value.shape)), key
+        assert expected["logit_scale"].shape == (1,) and loaded.model.logit_scale.shape == ()
     # the save folder means its `latest` tag
     assert load_checkpoint(deepspeed_run / "checkpoints").ref.tag == "step_00000003"
 

@@ -169,6 +169,13 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
     if state_dict and all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     expected = model.state_dict()
+    # the trainer holds 0-dim parameters (logit_scale) as 1-element ones under DeepSpeed
+    # (`ds_linclip.train.engine.promote_scalar_parameters`): give those the model's shape back
+    state_dict = {
+        k: v.reshape(expected[k].shape)
+        if k in expected and v.shape != expected[k].shape and v.numel() == 1 == expected[k].numel() else v
+        for k, v in state_dict.items()
+    }
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [
