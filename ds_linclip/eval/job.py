@@ -395,9 +395,9 @@ def watch(
     """Score each complete checkpoint of `run_dir` once, in step order, until the run is DONE.
 
     Stops after the final scan once `R/DONE` exists, after one scan with `once`, when
-    `R/eval/STOP` appears, or on SIGTERM/SIGINT (after the checkpoint in progress). Returns the
-    records and the (tag, error) failures of this session; failures are recorded in the state
-    file like successes, so they are not retried.
+    `R/eval/STOP` appears (removed when honoured), or on SIGTERM/SIGINT (after the checkpoint in
+    progress). Returns the records and the (tag, error) failures of this session; failures are
+    recorded in the state file like successes, so they are not retried.
     """
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
@@ -450,6 +450,8 @@ def watch(
                     if tag not in state:
                         score(tag, step, run_dir / "checkpoints" / tag)
                 if stopping():
+                    if stop_file.exists():  # honoured: the next watcher must not stop at once
+                        stop_file.unlink(missing_ok=True)
                     log.info("stop requested; scored so far is recorded in %s", state.path)
                     break
                 if done is not None:
