@@ -373,3 +373,16 @@ def test_image_folder_zero_shot(export_run, tmp_path, capsys):
     assert record["metrics"]["top5"] == 1.0  # three classes: every label is in the top 5
     code, err = _main_error([*common, "eval.classnames=fashion_mnist"], capsys)
     assert code == 1 and "has 3 class folders but eval.classnames=fashion_mnist gives 10 names" in err
+
+
+def test_watcher_stop_flag_and_config_errors(export_run, eval_overrides, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    shutil.copy(export_run / "config.yaml", run / "config.yaml")
+    (run / "eval" / "STOP").touch()  # no checkpoint yet and no DONE: only the flag ends this watcher
+    records, failures = job.watch(run, overrides=eval_overrides, poll_seconds=0.1, progress=False)
+    assert records == [] and failures == [] and not (run / "eval" / "STOP").exists()
+    # nothing to evaluate is refused up front (exit 2), not recorded against every checkpoint
+    assert job.main(["--watch", str(run), "--once"]) == 2
+    assert "eval.zeroshot_data" in capsys.readouterr().err
+    assert not (run / "eval" / "watch_state.json").exists()
