@@ -238,7 +238,9 @@ def _training_progress(ref: CheckpointRef, engine_state: dict) -> tuple[int | No
 def _export_progress(ref: CheckpointRef, metadata: dict[str, str]) -> tuple[int | None, int | None]:
     """(step, samples seen) of an export: its metadata, R/DONE, and the DeepSpeed tag it came from."""
     step = _int_or_none(metadata.get("step"))
-    source_tag: Path | None = Path(metadata["source"]) if metadata.get("source") else None
+    # the tag folder the export was made from: named in its metadata (a path that may be relative
+    # to where training ran), else the final tag that R/DONE names
+    candidates = [Path(metadata["source"])] if metadata.get("source") else []
     done_file = ref.run_dir / "DONE" if ref.run_dir else None
     if done_file is not None and done_file.is_file():
         try:
@@ -247,10 +249,11 @@ def _export_progress(ref: CheckpointRef, metadata: dict[str, str]) -> tuple[int 
             done = {}
         if step is None:
             step = _int_or_none(done.get("step"))
-        if source_tag is None and done.get("final_tag"):
-            source_tag = ref.run_dir / "checkpoints" / str(done["final_tag"])
+        if done.get("final_tag"):
+            candidates.append(ref.run_dir / "checkpoints" / str(done["final_tag"]))
+    source_tag = next((c for c in candidates if c.is_dir()), None)
     samples = None
-    if source_tag is not None and source_tag.is_dir():
+    if source_tag is not None:
         samples = _samples_from_client_states(source_tag)
         if samples is None and _model_states_files(source_tag):
             try:
