@@ -1,0 +1,733 @@
+"""webdataset shards -> batches of (images, tokens) for training, (images, labels|captions) for eval.
+
+Per DataLoader worker the training stream is
+
+    shards (epoch order or resampled) -> tar members (webdataset's tar reader, gopen: local/pipe:/URLs)
+      -> samples grouped by key -> cheap checks (image/caption present, caption non-empty)
+      -> seeded shuffle buffer -> [skip what a resumed run already consumed]
+      -> decode + crop + resize (PIL, one resize per image) -> batch: normalise, tokenize (batched)
+
+Everything random is derived from (seed, epoch, rank, worker, pass, batch index), so a stream is a
+pure function of the config and the data. That is what makes mid-epoch resume exact: a worker
+replays its raw sample stream and drops the first `worker_samples[w]` entries without decoding
+them (raw tar reads only), then continues exactly where the checkpointed run stopped.
+
+Bad input never stops training: each skipped sample is counted by reason (see REASONS) in the
+worker, the counts travel with the next batch it yields, and the loader in the main process
+sums them (`TrainLoader.skipped`), so they are exact across DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ds_linclip.data import shards as shardlib
+from ds_linclip.data.shards import ShardSpecError
+
+log = logging.getLogger(__name__)
+
+# open_clip's OPENAI_DATASET_MEAN / STD
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+REASONS = (
+    "unreadable_shard",  # the shard could not be opened / read at all
+    "truncated_shard",  # the tar ended in the middle (the samples before it are used)
+    "missing_image",
+    "missing_caption",
+    "empty_caption",
+    "bad_caption",  # caption not UTF-8 / json without the caption field
+    "missing_label",  # eval classification: no (valid) `cls`
+    "decode_error",  # image bytes PIL cannot decode
+)
+# a worker whose shards ran out before its quota wraps around; each re-used sample is counted
+REPEATED = "repeated_to_fill"
+# consecutive undecodable images after which a worker gives up (the data is not images)
+MAX_CONSECUTIVE_DECODE_ERRORS = 1000
+
+
+class DataError(RuntimeError):
+    """The data cannot produce batches at all (nothing usable), with the spec in the message."""
+
+
+# ----------------------------------------------------------------------------------------- tokens
+_TOKENIZERS: dict[int, Any] = {}
+
+
+def _tokenizer(context_length: int):
+    if context_length not in _TOKENIZERS:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        _TOKENIZERS[context_length] = SimpleTokenizer(context_length=context_length)
+    return _TOKENIZERS[context_length]
+
+
+def tokenize(texts: Sequence[str] | str, context_length: int = 77) -> torch.Tensor:
+    """open_clip's BPE tokens, (len(texts), context_length) int64; SOT first, EOT (= 49407, the
+    largest id, so argmax pools at EOT) last, truncated captions end in EOT too."""
+    if isinstance(texts, str):
+        texts = [texts]
+    return _tokenizer(context_length)(list(texts), context_length=context_length)
+
+
+# ----------------------------------------------------------------------------------------- images
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16/32-bit grey scaled down (not clipped), transparency over
+    white, palette/CMYK/YCbCr/LAB converted."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image).astype(np.float64)
+        top = values.max() if values.size else 0
+        if top > 255:
+            values = values * (255.0 / (65535.0 if top <= 65535 else top))
+        return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
+    """Bytes -> RGB PIL image, EXIF orientation applied. Raises on undecodable bytes.
+
+    `min_size`: lets the JPEG decoder downscale by DCT (draft) while keeping both sides >= it.
+    """
+    image = Image.open(io.BytesIO(data))
+    if min_size and image.format == "JPEG":
+        image.draft("RGB", (min_size, min_size))
+    image.load()  # decode now so truncated/corrupt data raises here
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block should not cost the image
+        pass
+    return to_rgb(image)
+
+
+def random_crop_box(width: int, height: int, rng: np.random.Generator, scale=(0.9, 1.0),
+                    ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop.get_params, on a numpy Generator; returns (left, top, right, bottom)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """The square centre crop that open_clip's eval transform (resize short side, centre crop) keeps."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def crop_resize(image: Image.Image, box, size: int) -> np.ndarray:
+    """Crop `box` and resize to (size, size) bicubic in one PIL call -> (size, size, 3) uint8."""
+    return np.asarray(image.resize((size, size), Image.BICUBIC, box=box))
+
+
+def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 with CLIP mean/std."""
+    images = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return images.sub_(mean).div_(std)
+
+
+# ---------------------------------------------------------------------------------------- samples
+def _split_keys(keys: str | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(keys, str):
+        keys = keys.split(";")
+    return tuple(k.strip().lower() for k in keys if k.strip())
+
+
+def read_shard(url: str, counts: Counter) -> Iterator[dict]:
+    """Samples ({"__key__", "__url__", ext: bytes}) of one tar shard, in tar order.
+
+    An unopenable shard counts `unreadable_shard`; a tar that breaks off counts `truncated_shard`
+    (the complete samples before the break are yielded, the partial one is dropped).
+    """
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+    members_read = 0
+    current: dict | None = None
+    stream = None
+    try:
+        stream = gopen(url, "rb")
+        for member in tar_file_iterator(stream):
+            members_read += 1
+            prefix, suffix = base_plus_ext(member["fname"])
+            if prefix is None:
+                continue
+            if current is None or current["__key__"] != prefix:
+                if current is not None:
+                    yield current
+                current = {"__key__": prefix, "__url__": url}
+            current[suffix.lower()] = member["data"]
+        if current is not None:
+            yield current
+        current = None
+        stream.close()  # pipe: checks the command's exit status here
+        stream = None
+    except Exception as err:  # noqa: BLE001 - any failure of one shard is a counted skip
+        reason = "truncated_shard" if members_read else "unreadable_shard"
+        counts[reason] += 1
+        log.warning("shard %s: %s (%s: %s)", url, reason, type(err).__name__, err)
+    finally:
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+@dataclass
+class SampleFormat:
+    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    caption_keys: tuple[str, ...] = ("txt", "json")
+    caption_json_field: str = "caption"
+    need_caption: bool = True
+    need_label: bool = False
+
+    def check(self, sample: dict, counts: Counter) -> tuple | None:
+        """Cheap checks before the shuffle buffer: -> (key, image bytes, caption|None, label|None)."""
+        image = next((sample[k] for k in self.image_keys if k in sample), None)
+        if image is None:
+            counts["missing_image"] += 1
+            return None
+        caption = None
+        if self.need_caption:
+            caption_key = next((k for k in self.caption_keys if k in sample), None)
+            if caption_key is None:
+                counts["missing_caption"] += 1
+                return None
+            try:
+                if caption_key == "json":
+                    caption = json.loads(sample["json"]).get(self.caption_json_field)
+                    if not isinstance(caption, str):
+                        raise ValueError(f"no string field {self.caption_json_field!r}")
+                else:
+                    caption = sample[caption_key].decode("utf-8")
+            except (ValueError, AttributeError):
+                counts["bad_caption"] += 1
+                return None
+            caption = caption.strip()
+            if not caption:
+                counts["empty_caption"] += 1
+                return None
+        label = None
+        if self.need_label:
+            try:
+                label = int(sample["cls"].decode("utf-8").strip())
+            except (KeyError, ValueError, AttributeError):
+                counts["missing_label"] += 1
+                return None
+        return sample["__key__"], image, caption, label
+
+
+def _shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
+    """Seeded shuffle buffer (webdataset's algorithm, but with our own RNG so it can be replayed)."""
+    if bufsize <= 1:
+        yield from items
+        return
+    buffer: list = []
+    for item in items:
+        if len(buffer) < bufsize:
+            buffer.append(item)
+            continue
+        index = rng.randrange(bufsize)
+        yield buffer[index]
+        buffer[index] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+# ------------------------------------------------------------------------------------ train stream
+@dataclass
+class StreamConfig:
+    sources: list  # list[shards.Source]
+    mode: str
+    seed: int
+    rank: int
+    world_size: int
+    workers: int  # logical workers (>= 1)
+    batch_size: int
+    worker_batches: int  # quota per worker per epoch
+    image_size: int
+    context_length: int
+    shuffle_buffer: int
+    crop_scale: tuple[float, float]
+    fmt: SampleFormat
+    spec: str
+
+
+class TrainStream(IterableDataset):
+    """One rank's training batches for one epoch; DataLoader workers each run one logical worker.
+
+    Yields dicts: images (B,3,S,S) float, tokens (B,ctx) long, worker, batch (index within the
+    worker's epoch), samples (raw samples the worker consumed so far), counts (skips since its
+    previous batch), keys (sample keys).
+    """
+
+    def __init__(self, cfg: StreamConfig):
+        self.cfg = cfg
+        self.epoch = 0
+        self.rotation = 0  # physical DataLoader worker p plays logical worker (p + rotation) % K
+        self.skip_samples: dict[int, int] = {}  # logical worker -> raw samples to drop (fast resume)
+        self.skip_batches: dict[int, int] = {}  # logical worker -> batches already delivered
+
+    @property
+    def urls(self) -> list[str]:
+        return [u for s in self.cfg.sources for u in s.urls]
+
+    def _raw_stream(self, worker: int, counts: Counter) -> Iterator[tuple]:
+        """Checked samples of this (rank, worker) for the epoch, shuffled; endless (wraps/resamples)."""
+        c, fmt = self.cfg, self.cfg.fmt
+        if c.mode == "resampled":
+            rng = random.Random(f"buffer/{c.seed}/{self.epoch}/{c.rank}/{worker}")
+            shard_stream = shardlib.resampled_shards(c.sources, c.seed, self.epoch, c.rank, worker)
+            patience = max(10, 2 * len(self.urls))
+
+            def samples():
+                barren = 0  # consecutive shards without one usable sample
+                for url in shard_stream:
+                    found = False
+                    for sample in read_shard(url, counts):
+                        checked = fmt.check(sample, counts)
+                        if checked is not None:
+                            found = True
+                            yield checked
+                    barren = 0 if found else barren + 1
+                    if barren >= patience:
+                        raise DataError(
+                            f"{barren} shards in a row of {c.spec!r} gave no usable sample "
+                            f"(skipped so far: {dict(counts)})"
+                        )
+
+            yield from _shuffled(samples(), c.shuffle_buffer, rng)
+            return
+
+        my_shards = shardlib.worker_shards(self.urls, c.seed, self.epoch, c.rank, c.world_size, worker, c.workers)
+        for repeat in range(1 << 30):
+            order = list(my_shards)
+            if repeat:
+                random.Random(f"refill/{c.seed}/{self.epoch}/{c.rank}/{worker}/{repeat}").shuffle(order)
+            rng = random.Random(f"buffer/{c.seed}/{self.epoch}/{c.rank}/{worker}/{repeat}")
+            found = 0
+
+            def samples():
+                nonlocal found
+                for url in order:
+                    for sample in read_shard(url, counts):
+                        checked = fmt.check(sample, counts)
+                        if checked is not None:
+                            found += 1
+                            yield checked
+
+            for item in _shuffled(samples(), c.shuffle_buffer, rng):
+                if repeat:
+                    counts[REPEATED] += 1
+                yield item
+            if not found:
+                raise DataError(
+                    f"rank {c.rank} worker {worker}: its shards of {c.spec!r} gave no usable sample "
+                    f"(shards: {order[:4]}{'...' if len(order) > 4 else ''}; skipped: {dict(counts)})"
+                )
+
+    def _decode(self, raw: tuple, box_rng: np.random.Generator | None) -> np.ndarray:
+        c = self.cfg
+        image = decode_image(raw[1], min_size=c.image_size)
+        if box_rng is None:
+            box = center_crop_box(*image.size)
+        else:
+            box = random_crop_box(*image.size, box_rng, scale=c.crop_scale)
+        return crop_resize(image, box, c.image_size)
+
+    def worker_batches(self, worker: int) -> Iterator[dict]:
+        """The batches of one logical worker for the current epoch, from its resume point on."""
+        c = self.cfg
+        counts: Counter = Counter()
+        raw = self._raw_stream(worker, counts)
+        consumed = 0
+        first_batch = self.skip_batches.get(worker, 0)
+        fast_skip = self.skip_samples.get(worker)
+        if fast_skip is not None:  # exact position known: drop raw samples, no decoding
+            for _ in range(fast_skip):
+                next(raw)
+            consumed = fast_skip
+            counts.clear()  # these were counted before the checkpoint (restored from the state)
+        bad_in_a_row = 0
+        for batch_index in range(first_batch if fast_skip is not None else 0, c.worker_batches):
+            box_rng = np.random.default_rng([c.seed, self.epoch, c.rank, worker, batch_index])
+            images, captions, keys = [], [], []
+            while len(images) < c.batch_size:
+                item = next(raw)
+                consumed += 1
+                try:
+                    images.append(self._decode(item, box_rng))
+                except Exception as err:  # noqa: BLE001 - undecodable image: skip and count
+                    counts["decode_error"] += 1
+                    bad_in_a_row += 1
+                    if bad_in_a_row >= MAX_CONSECUTIVE_DECODE_ERRORS:
+                        raise DataError(
+                            f"{bad_in_a_row} images in a row from {c.spec!r} failed to decode "
+                            f"(last: {item[0]} in {err}); is this image data?"
+                        ) from err
+                    continue
+                bad_in_a_row = 0
+                captions.append(item[2])
+                keys.append(item[0])
+            if batch_index < first_batch:  # slow resume: replayed to learn the raw position
+                continue
+            batch = {
+                "images": normalise(torch.from_numpy(np.stack(images))),
+                "tokens": tokenize(captions, c.context_length),
+                "worker": worker,
+                "batch": batch_index,
+                "samples": consumed,
+                "counts": dict(counts),
+                "keys": keys,
+            }
+            counts.clear()
+            yield batch
+
+    def __iter__(self):
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        worker = (physical + self.rotation) % self.cfg.workers
+        if info is not None:
+            torch.set_num_threads(1)
+        return self.worker_batches(worker)
+
+
+def _sizes_note(urls: Sequence[str]) -> str:
+    return "no sizes.json beside the shards" if shardlib.read_sizes(urls) is None else ""
+
+
+class TrainLoader:
+    """Iterate for one epoch of `batches_per_epoch` batches of (images (B,3,S,S) float32, tokens
+    (B,ctx) int64); the next `iter()` starts the next epoch. Resumes exactly from `state_dict()`.
+
+    The same number of batches on every rank: each of the `world_size * workers` workers yields
+    `samples_per_epoch // (world_size * workers * batch_size)` batches; a worker with more data
+    drops its tail for the epoch (drop_last), one with less wraps around its shards (counted as
+    `repeated_to_fill`).
+    """
+
+    def __init__(self, stream: TrainStream, num_workers: int, samples_per_epoch: int, with_keys: bool = False):
+        self.stream = stream
+        self.num_workers = num_workers
+        self.samples_per_epoch = samples_per_epoch
+        self.with_keys = with_keys
+        self.epoch = 0
+        self.batches_done = 0  # in the current epoch, on this rank
+        K = stream.cfg.workers
+        self.worker_samples = [0] * K
+        self.worker_batch_counts = [0] * K
+        self.counters: Counter = Counter()
+        self._resume_exact: dict | None = None
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.stream.cfg.worker_batches * self.stream.cfg.workers
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Skipped samples/shards by reason on this rank (all workers), since the run started."""
+        return {k: int(v) for k, v in sorted(self.counters.items()) if k != REPEATED}
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._reset_position()
+
+    def _reset_position(self):
+        K = self.stream.cfg.workers
+        self.batches_done = 0
+        self.worker_samples = [0] * K
+        self.worker_batch_counts = [0] * K
+        self._resume_exact = None
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        c = self.stream.cfg
+        return {
+            "version": 1,
+            "mode": c.mode,
+            "seed": c.seed,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "rank": c.rank,
+            "world_size": c.world_size,
+            "workers": c.workers,
+            "batch_size": c.batch_size,
+            "worker_batches": c.worker_batches,
+            "worker_samples": list(self.worker_samples),
+            "counters": dict(self.counters),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state: this rank's own (fast, exact raw positions), any other rank's
+        (same epoch/batches; positions found by replaying the decode), or {"ranks": {r: state}}."""
+        c = self.stream.cfg
+        if "ranks" in state:
+            ranks = {int(k): v for k, v in state["ranks"].items()}
+            state = ranks.get(c.rank) or next(iter(ranks.values()))
+        geometry = ("mode", "seed", "world_size", "workers", "batch_size", "worker_batches")
+        now = {"mode": c.mode, "seed": c.seed, "world_size": c.world_size, "workers": c.workers,
+               "batch_size": c.batch_size, "worker_batches": c.worker_batches}
+        changed = {k: (state.get(k), now[k]) for k in geometry if state.get(k) != now[k]}
+        self.epoch = int(state["epoch"])
+        self._reset_position()
+        if changed:
+            # positions inside an epoch mean nothing under another split: start the next epoch
+            warnings.warn(
+                f"data loader state was saved with different {changed} (saved, now); resuming at the "
+                f"start of epoch {self.epoch + (1 if state['batches_done'] else 0)} instead of mid-epoch"
+            )
+            if state["batches_done"]:
+                self.epoch += 1
+            return
+        K = c.workers
+        b = int(state["batches_done"])
+        if b >= self.batches_per_epoch:
+            self.epoch += 1
+            return
+        self.batches_done = b
+        self.worker_batch_counts = [b // K + (1 if w < b % K else 0) for w in range(K)]
+        if int(state.get("rank", -1)) == c.rank:
+            self.worker_samples = list(state["worker_samples"])
+            self.counters = Counter(state.get("counters", {}))
+            self._resume_exact = {"samples": dict(enumerate(self.worker_samples))}
+        else:
+            self._resume_exact = {"samples": {}}
+
+    # ----------------------------------------------------------------------------- iteration
+    def __iter__(self):
+        s, K = self.stream, self.stream.cfg.workers
+        if self.batches_done >= self.batches_per_epoch:
+            self.epoch += 1
+            self._reset_position()
+        s.epoch = self.epoch
+        s.rotation = self.batches_done % K
+        s.skip_batches = {w: n for w, n in enumerate(self.worker_batch_counts)}
+        if self.batches_done == 0:
+            s.skip_samples = {}
+        elif self._resume_exact is not None:
+            s.skip_samples = dict(self._resume_exact["samples"])
+        else:  # stopped mid-epoch in this process: we know every worker's raw position
+            s.skip_samples = dict(enumerate(self.worker_samples))
+        loader = DataLoader(
+            s, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
+            prefetch_factor=4 if self.num_workers else None,
+        )
+        for item in loader:
+            w = int(item["worker"])
+            self.worker_samples[w] = int(item["samples"])
+            self.worker_batch_counts[w] += 1
+            self.batches_done += 1
+            self.counters.update(item["counts"])
+            self._resume_exact = None
+            if self.with_keys:
+                yield item["images"], item["tokens"], item["keys"]
+            else:
+                yield item["images"], item["tokens"]
+        if self.batches_done != self.batches_per_epoch:
+            raise DataError(
+                f"rank {s.cfg.rank} got {self.batches_done} of {self.batches_per_epoch} batches in epoch "
+                f"{self.epoch}; a dataloader worker stopped early"
+            )
+        self.epoch += 1
+        self._reset_position()
+
+
+def _data_field(cfg, key: str, default=None):
+    data = cfg.data
+    return data[key] if key in data and data[key] is not None else default
+
+
+def build_train_loader(cfg, rank: int, world_size: int, start_state: dict | None = None,
+                       with_keys: bool = False) -> TrainLoader:
+    """The training loader of one rank (see TrainLoader). Raises ShardSpecError/DataError early
+    for a spec that matches nothing, too few shards for the workers, or an unknown epoch size."""
+    spec = cfg.data.train_shards
+    sources = shardlib.parse_spec(spec)
+    urls = [u for s in sources for u in s.urls]
+    mode = cfg.data.mode
+    workers = int(cfg.data.workers)
+    logical_workers = max(1, workers)
+    batch_size = int(cfg.train.micro_batch_size)
+    spec_text = spec if isinstance(spec, str) else "::".join(map(str, spec))
+    if mode == "epoch":
+        if any(s.weighted for s in sources):
+            raise ShardSpecError(
+                f"shard spec {spec_text!r}: source weights (`@w`) need data.mode=resampled; an epoch reads each shard once"
+            )
+        shardlib.check_enough_shards(len(urls), world_size, logical_workers, spec_text)
+    samples_per_epoch = cfg.data.train_num_samples
+    if samples_per_epoch is None:
+        samples_per_epoch = shardlib.num_samples(urls)
+        if samples_per_epoch is None:
+            raise DataError(
+                f"samples per epoch unknown for {spec_text!r}: {_sizes_note(urls) or 'sizes.json lacks some shards'}; "
+                "set data.train_num_samples"
+            )
+    worker_batches = int(samples_per_epoch) // (world_size * logical_workers * batch_size)
+    if worker_batches < 1:
+        raise DataError(
+            f"{samples_per_epoch} samples per epoch of {spec_text!r} do not fill one batch per worker: "
+            f"{world_size} rank(s) x {logical_workers} worker(s) x micro_batch_size {batch_size}"
+        )
+    fmt = SampleFormat(
+        image_keys=_split_keys(cfg.data.image_keys),
+        caption_keys=_split_keys(cfg.data.caption_keys),
+        caption_json_field=cfg.data.caption_json_field,
+    )
+    stream = TrainStream(StreamConfig(
+        sources=sources, mode=mode, seed=int(cfg.train.seed), rank=rank, world_size=world_size,
+        workers=logical_workers, batch_size=batch_size, worker_batches=worker_batches,
+        image_size=int(cfg.model.image.image_size), context_length=int(cfg.model.text.context_length),
+        shuffle_buffer=int(cfg.data.shuffle_buffer),
+        crop_scale=(float(cfg.data.crop_scale_min), float(cfg.data.crop_scale_max)), fmt=fmt, spec=spec_text,
+    ))
+    _tokenizer(int(cfg.model.text.context_length))  # load the BPE once; forked workers inherit it
+    loader = TrainLoader(stream, workers, int(samples_per_epoch), with_keys=with_keys)
+    if start_state:
+        loader.load_state_dict(start_state)
+    return loader
+
+
+# ------------------------------------------------------------------------------------- eval stream
+class EvalStream(IterableDataset):
+    """Every sample once, in spec order. Each DataLoader worker reads the whole tar stream (cheap)
+    but decodes only the batches b with b % workers == its id, so the DataLoader's round robin
+    returns batches in order."""
+
+    def __init__(self, urls, image_size, batch_size, fmt: SampleFormat, kind: str):
+        self.urls, self.image_size, self.batch_size, self.fmt, self.kind = urls, image_size, batch_size, fmt, kind
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)
+        counts: Counter = Counter()
+        # every worker reads every shard: only worker 0 counts the read-level skips
+        read_counts = counts if worker == 0 else Counter()
+        pending: list = []
+        batch_index = 0
+
+        def emit(items):
+            images, targets = [], []
+            if batch_index % workers == worker:
+                for key, data, caption, label in items:
+                    try:
+                        image = decode_image(data, min_size=self.image_size)
+                        images.append(crop_resize(image, center_crop_box(*image.size), self.image_size))
+                    except Exception:  # noqa: BLE001
+                        counts["decode_error"] += 1
+                        continue
+                    targets.append(label if self.kind == "classification" else caption)
+            out = {
+                "images": normalise(torch.from_numpy(np.stack(images))) if images else None,
+                "targets": targets, "counts": dict(counts),
+            }
+            counts.clear()
+            return out
+
+        for url in self.urls:
+            for sample in read_shard(url, read_counts):
+                checked = self.fmt.check(sample, read_counts)
+                if checked is not None:
+                    pending.append(checked)
+                if len(pending) == self.batch_size:
+                    yield emit(pending)
+                    pending, batch_index = [], batch_index + 1
+        if pending:
+            yield emit(pending)
+            batch_index += 1
+        if counts:  # skips after the last batch
+            yield {"images": None, "targets": [], "counts": dict(counts)}
+
+
+class EvalLoader:
+    """Iterate (images (B,3,S,S) float32, labels (B,) int64 | captions list[str]), in order."""
+
+    def __init__(self, stream: EvalStream, workers: int, spec: str):
+        self.stream, self.workers, self.spec = stream, workers, spec
+        self.counters: Counter = Counter()
+        self.num_samples = shardlib.num_samples(stream.urls)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return {k: int(v) for k, v in sorted(self.counters.items())}
+
+    def __iter__(self):
+        self.counters = Counter()
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers, persistent_workers=False)
+        seen = 0
+        for item in loader:
+            self.counters.update(item["counts"])
+            if item["images"] is None:
+                continue
+            seen += len(item["targets"])
+            if self.stream.kind == "classification":
+                yield item["images"], torch.tensor(item["targets"], dtype=torch.long)
+            else:
+                yield item["images"], list(item["targets"])
+        if not seen:
+            raise DataError(f"eval data {self.spec!r} gave no usable sample (skipped: {self.skipped})")
+
+
+def build_eval_loader(spec, image_size: int, batch_size: int, workers: int, kind: str = "classification",
+                      image_keys: str = "jpg;jpeg;png;webp", caption_keys: str = "txt;json",
+                      caption_json_field: str = "caption") -> EvalLoader:
+    """Eval batches, every sample once, in shard order: `kind="classification"` needs a `cls` key
+    (int label) per sample, `kind="retrieval"` a caption. Resize short side + centre crop."""
+    if kind not in ("classification", "retrieval"):
+        raise ValueError(f"kind must be 'classification' or 'retrieval', got {kind!r}")
+    urls = shardlib.expand_urls(spec)
+    fmt = SampleFormat(
+        image_keys=_split_keys(image_keys), caption_keys=_split_keys(caption_keys),
+        caption_json_field=caption_json_field, need_caption=kind == "retrieval",
+        need_label=kind == "classification",
+    )
+    spec_text = spec if isinstance(spec, str) else "::".join(map(str, spec))
+    return EvalLoader(EvalStream(urls, int(image_size), int(batch_size), fmt, kind), int(workers), spec_text)

@@ -1,0 +1,334 @@
+"""Write webdataset tar shards (+ sizes.json) from Fashion-MNIST, an image folder, or img2dataset output.
+
+    python -m ds_linclip.data.writer fashion-mnist --out data/fmnist
+    python -m ds_linclip.data.writer imagefolder --images DIR [--captions captions.csv] --out DIR
+    python -m ds_linclip.data.writer img2dataset --input 'laion/{00000..00099}.tar' --out DIR --shard-size 10000
+
+Every shard is written under a hidden temporary name and renamed when complete, so a crash never
+leaves a half-written tar under a name a shard spec matches. `sizes.json` (open_clip's format,
+shard file name -> samples) and `manifest.json` (the arguments) are written last; a re-run with
+the same arguments finds the manifest and reuses the output (idempotent), with other arguments
+it rewrites the split. A file lock makes concurrent writers (parallel test sessions) safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fcntl
+import gzip
+import io
+import json
+import os
+import sys
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# Zalando's class names, written the way a caption says them (index = label)
+FASHION_MNIST_CLASSNAMES = (
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)
+SHARD_PATTERN = "shard-{:06d}.tar"
+IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp",
+                    ".gif": "gif", ".tif": "tiff", ".tiff": "tiff"}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _locked(directory: Path):
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".writer.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def is_complete(out: Path, manifest: dict) -> bool:
+    """True when `out` holds a finished split written with exactly these arguments."""
+    try:
+        saved = json.loads((out / "manifest.json").read_text())
+        sizes = json.loads((out / "sizes.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return saved.get("args") == manifest and all((out / name).is_file() for name in sizes)
+
+
+def write_shards(samples: Iterable[dict], out: Path, shard_size: int, manifest: dict,
+                 total: int | None = None, desc: str = "shards") -> dict[str, int]:
+    """Write samples ({"__key__": str, ext: bytes|str}) into out/shard-NNNNNN.tar, `shard_size` each.
+
+    Returns sizes {shard file name: samples}. Reuses a complete earlier output (same manifest).
+    """
+    import webdataset as wds
+    from tqdm import tqdm
+
+    out = Path(out)
+    with _locked(out):
+        if is_complete(out, manifest):
+            print(f"{out}: up to date ({manifest})", file=sys.stderr)
+            return json.loads((out / "sizes.json").read_text())
+        for stale in list(out.glob("shard-*.tar")) + [out / "manifest.json", out / "sizes.json"]:
+            stale.unlink(missing_ok=True)
+        sizes: dict[str, int] = {}
+        writer = handle = tmp = None
+        name = ""
+
+        def close():
+            nonlocal writer, handle, tmp
+            if writer is not None:
+                writer.close()
+                handle.close()
+                os.replace(tmp, out / name)  # complete: now under its final name
+                writer = handle = tmp = None
+
+        try:
+            for sample in tqdm(samples, total=total, desc=f"{desc} -> {out}", unit="img", mininterval=1.0):
+                if writer is None or sizes[name] >= shard_size:
+                    close()
+                    name = SHARD_PATTERN.format(len(sizes))
+                    tmp = out / f".{name}.tmp-{os.getpid()}"
+                    handle = open(tmp, "wb")
+                    writer = wds.TarWriter(handle)
+                    sizes[name] = 0
+                writer.write(sample)
+                sizes[name] += 1
+            close()
+        finally:
+            if tmp is not None and tmp.exists():  # an exception mid-shard: drop the partial tar
+                if writer is not None:
+                    handle.close()
+                tmp.unlink()
+        if not sizes:
+            raise ValueError(f"no samples to write into {out}")
+        _atomic_write_text(out / "sizes.json", json.dumps(sizes, indent=1))
+        _atomic_write_text(out / "manifest.json", json.dumps({"args": manifest, "samples": sum(sizes.values())}, indent=1))
+        print(f"{out}: {sum(sizes.values())} samples in {len(sizes)} shards", file=sys.stderr)
+        return sizes
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------- Fashion-MNIST
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (MNIST format, optionally gzipped) as a numpy array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def caption_templates():
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return OPENAI_IMAGENET_TEMPLATES
+
+
+def fashion_mnist_samples(images: np.ndarray, labels: np.ndarray, split: str, seed: int) -> Iterator[dict]:
+    templates = caption_templates()
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    choice = rng.integers(0, len(templates), size=len(labels))
+    for index, (pixels, label) in enumerate(zip(images, labels)):
+        name = FASHION_MNIST_CLASSNAMES[int(label)]
+        sample = {"__key__": f"{split}{index:06d}", "png": encode_png(pixels)}
+        if split == "train":
+            sample["txt"] = templates[int(choice[index])](name)
+        else:
+            sample["txt"] = f"a photo of a {name}."
+            sample["cls"] = str(int(label))
+        yield sample
+
+
+def write_fashion_mnist(out: str | Path, source: str | Path = FASHION_MNIST_DIR, train_samples: int | None = None,
+                        test_samples: int | None = None, shard_size: int = 5000, test_shard_size: int = 1000,
+                        seed: int = 0) -> Path:
+    """out/train (captions from open_clip's OpenAI templates around the class name), out/test
+    (`cls` label + "a photo of a {name}."), out/classnames.txt. The first N samples of each split."""
+    out, source = Path(out), Path(source)
+    for split, prefix, count, size in (
+        ("train", "train", train_samples, shard_size),
+        ("test", "t10k", test_samples, test_shard_size),
+    ):
+        images_file = source / f"{prefix}-images-idx3-ubyte.gz"
+        labels_file = source / f"{prefix}-labels-idx1-ubyte.gz"
+        for f in (images_file, labels_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} not found (Debian: apt-get install dataset-fashion-mnist, or --source DIR)")
+        manifest = {"dataset": "fashion-mnist", "split": split, "samples": count, "shard_size": size,
+                    "seed": seed, "format": 1}
+        if is_complete(out / split, manifest):
+            print(f"{out / split}: up to date", file=sys.stderr)
+            continue
+        images, labels = read_idx(images_file), read_idx(labels_file)
+        if count is not None:
+            images, labels = images[:count], labels[:count]
+        write_shards(fashion_mnist_samples(images, labels, split, seed), out / split, size, manifest,
+                     total=len(labels), desc=f"fashion-mnist {split}")
+    _atomic_write_text(out / "classnames.txt", "\n".join(FASHION_MNIST_CLASSNAMES) + "\n")
+    return out
+
+
+# ------------------------------------------------------------------------------------ image folder
+def _read_table(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8-sig")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" or ("\t" in text.splitlines()[0] and "," not in text.splitlines()[0]) else ","
+    return list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
+
+
+def imagefolder_samples(images: Path, captions: Path | None, path_column: str, caption_column: str,
+                        label_column: str | None, skipped: Counter) -> tuple[list[dict], list[str] | None]:
+    """Sample descriptions (not yet read) and class names (folder mode) for an image folder."""
+    rows: list[dict] = []
+    classnames = None
+    if captions is not None:
+        table = _read_table(captions)
+        if not table:
+            raise ValueError(f"{captions}: no rows")
+        for column in [path_column, caption_column] + ([label_column] if label_column else []):
+            if column not in table[0]:
+                raise ValueError(f"{captions}: no column {column!r} (columns: {list(table[0])})")
+        for row in table:
+            rows.append({"path": images / row[path_column], "caption": row[caption_column],
+                         "label": row.get(label_column) if label_column else None})
+    else:  # ImageFolder layout: images/<class>/<file>; caption from the class name
+        classnames = sorted(d.name for d in images.iterdir() if d.is_dir())
+        if not classnames:
+            raise ValueError(f"{images}: no class sub-folders and no --captions file")
+        for label, name in enumerate(classnames):
+            for f in sorted((images / name).rglob("*")):
+                if f.suffix.lower() in IMAGE_EXTENSIONS:
+                    rows.append({"path": f, "caption": f"a photo of a {name.replace('_', ' ')}.", "label": label})
+    return rows, classnames
+
+
+def _folder_stream(rows: list[dict], skipped: Counter) -> Iterator[dict]:
+    for index, row in enumerate(rows):
+        path: Path = row["path"]
+        ext = IMAGE_EXTENSIONS.get(path.suffix.lower())
+        caption = (row["caption"] or "").strip()
+        if ext is None:
+            skipped["not_an_image_file"] += 1
+            continue
+        if not caption:
+            skipped["empty_caption"] += 1
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:
+            skipped["missing_image"] += 1
+            continue
+        if ext not in ("jpg", "png", "webp"):  # keep readers to the common keys: re-encode as PNG
+            try:
+                data = encode_png(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+            except Exception:  # noqa: BLE001
+                skipped["decode_error"] += 1
+                continue
+            ext = "png"
+        sample = {"__key__": f"{index:09d}", ext: data, "txt": caption}
+        if row.get("label") not in (None, ""):
+            sample["cls"] = str(int(row["label"]))
+        yield sample
+
+
+# ----------------------------------------------------------------------------------- img2dataset
+def reshard_samples(spec: str, skipped: Counter) -> Iterator[dict]:
+    """img2dataset (or any webdataset) shards -> samples with an image, all their files kept."""
+    from ds_linclip.data.pipeline import read_shard
+    from ds_linclip.data.shards import expand_urls
+
+    image_keys = ("jpg", "jpeg", "png", "webp")
+    index = 0
+    for url in expand_urls(spec):
+        for sample in read_shard(url, skipped):
+            if not any(k in sample for k in image_keys):
+                skipped["missing_image"] += 1
+                continue
+            record = {k: v for k, v in sample.items() if not k.startswith("__")}
+            record["__key__"] = f"{index:09d}"
+            index += 1
+            yield record
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ds_linclip.data.writer",
+        description="Write webdataset tar shards + sizes.json (atomic, idempotent).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fm = sub.add_parser("fashion-mnist", help="Debian's dataset-fashion-mnist -> captioned train + labelled test shards")
+    fm.add_argument("--out", required=True, help="output dir: OUT/train, OUT/test, OUT/classnames.txt")
+    fm.add_argument("--source", default=FASHION_MNIST_DIR, help="dir with the *-idx?-ubyte.gz files (default: %(default)s)")
+    fm.add_argument("--train-samples", type=int, default=None, help="first N of the 60000 train images (default all)")
+    fm.add_argument("--test-samples", type=int, default=None, help="first N of the 10000 test images (default all)")
+    fm.add_argument("--shard-size", type=int, default=5000, help="samples per train shard (default %(default)s)")
+    fm.add_argument("--test-shard-size", type=int, default=1000, help="samples per test shard (default %(default)s)")
+    fm.add_argument("--seed", type=int, default=0, help="seed for the caption template choice")
+
+    folder = sub.add_parser("imagefolder", help="an image folder (+ captions CSV/TSV, or class sub-folders) -> shards")
+    folder.add_argument("--images", required=True, help="root folder of the images")
+    folder.add_argument("--captions", default=None,
+                        help="CSV/TSV with a path column (relative to --images) and a caption column; "
+                             "without it, sub-folders are classes (cls label + 'a photo of a {class}.')")
+    folder.add_argument("--path-column", default="filepath")
+    folder.add_argument("--caption-column", default="caption")
+    folder.add_argument("--label-column", default=None, help="optional integer label column -> `cls`")
+    folder.add_argument("--out", required=True)
+    folder.add_argument("--shard-size", type=int, default=10000)
+
+    re_shard = sub.add_parser("img2dataset", help="re-shard img2dataset webdataset output (drops samples without image)")
+    re_shard.add_argument("--input", required=True, help="shard spec of the img2dataset tars, e.g. 'laion/{00000..00099}.tar'")
+    re_shard.add_argument("--out", required=True)
+    re_shard.add_argument("--shard-size", type=int, default=10000)
+
+    args = parser.parse_args(argv)
+    skipped: Counter = Counter()
+    if args.command == "fashion-mnist":
+        write_fashion_mnist(args.out, args.source, args.train_samples, args.test_samples, args.shard_size,
+                            args.test_shard_size, args.seed)
+    elif args.command == "imagefolder":
+        images = Path(args.images)
+        if not images.is_dir():
+            parser.error(f"--images {images}: not a directory")
+        captions = Path(args.captions) if args.captions else None
+        rows, classnames = imagefolder_samples(images, captions, args.path_column, args.caption_column,
+                                               args.label_column, skipped)
+        manifest = {"dataset": "imagefolder", "images": str(images.resolve()),
+                    "captions": str(captions.resolve()) if captions else None, "rows": len(rows),
+                    "shard_size": args.shard_size, "format": 1}
+        write_shards(_folder_stream(rows, skipped), Path(args.out), args.shard_size, manifest, total=len(rows),
+                     desc="imagefolder")
+        if classnames:
+            _atomic_write_text(Path(args.out) / "classnames.txt", "\n".join(classnames) + "\n")
+    else:
+        manifest = {"dataset": "img2dataset", "input": args.input, "shard_size": args.shard_size, "format": 1}
+        write_shards(reshard_samples(args.input, skipped), Path(args.out), args.shard_size, manifest,
+                     desc="img2dataset")
+    if skipped:
+        print(f"skipped: {dict(skipped)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
