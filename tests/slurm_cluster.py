@@ -77,13 +77,24 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def _node_name() -> str:
+    """This machine's short host name, the Slurm node name; `localhost` if the name does not
+    resolve (jobs use the node name as MASTER_ADDR, so it must resolve)."""
+    name = socket.gethostname().split(".")[0]
+    try:
+        socket.gethostbyname(name)
+    except OSError:
+        return "localhost"
+    return name
+
+
 class LocalSlurm:
     def __init__(self, root: Path | str = DEFAULT_DIR):
         self.root = Path(root).resolve()
         self.conf = self.root / "slurm.conf"
         self.munge_dir = self.root / "munge"
         self.munge_socket = self.munge_dir / "munge.socket"
-        self.hostname = socket.gethostname().split(".")[0]
+        self.hostname = _node_name()
 
     # ---- paths --------------------------------------------------------------------------------
     def pid_file(self, daemon: str) -> Path:
