@@ -17,6 +17,18 @@ LINCLIP_REQUEUE_EXIT_CODE=75
 
 linclip_log() { echo "[linclip-slurm $(date '+%F %T')] $*" >&2; }
 
+# `bash slurm/<script>.sh --help`: the script's header comment (usage and #SBATCH defaults)
+linclip_help_or_check() {
+  if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    awk 'NR > 1 && !/^#/ {exit} NR > 1 && !/^#SBATCH/ {sub(/^# ?/, "")} NR > 1 {print}' "$0"
+    exit 0
+  fi
+  if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+    linclip_log "not inside a Slurm job: submit it, e.g. \`mkdir -p logs && sbatch $0 key=value ...\` (--help for more)"
+    exit 2
+  fi
+}
+
 # ---- where the code is ------------------------------------------------------------------------
 # The job script sourced this file by its real path (see the top of train_*.sh), so it knows the
 # repository; LINCLIP_ROOT wins when set.
@@ -124,10 +136,21 @@ linclip_requeue() {
 linclip_train() {
   local config=$1
   shift
+  linclip_help_or_check "$@"
   [[ $config == /* || -f $config ]] || config="$LINCLIP_ROOT/$config"
+  # the trainer's CLI wants options before the key=value overrides: move a user's `--config FILE`
+  # (layered on top of the script's config) in front
+  local -a configs=(--config "$config") overrides=()
+  while (($#)); do
+    case $1 in
+      --config) configs+=(--config "$2"); shift 2 ;;
+      --config=*) configs+=(--config "${1#--config=}"); shift ;;
+      *) overrides+=("$1"); shift ;;
+    esac
+  done
   linclip_setup_env
   linclip_log "job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-}) restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NTASKS} tasks on ${SLURM_JOB_NUM_NODES} node(s) [${SLURM_JOB_NODELIST}], master ${MASTER_ADDR}:${MASTER_PORT}, device ${LINCLIP_DEVICE:-gpu}"
-  linclip_log "config $config, overrides: $*"
+  linclip_log "config: ${configs[*]}; overrides: ${overrides[*]}"
   if [[ $LINCLIP_GOT_TERM == 1 ]]; then
     linclip_log "SIGTERM before the trainer started: nothing to do"
     exit 143
@@ -136,7 +159,7 @@ linclip_train() {
     linclip_requeue
   fi
   linclip_srun bash -c "$LINCLIP_TASK_WRAPPER" linclip-task \
-    "$LINCLIP_PYTHON" -m ds_linclip.train --config "$config" train.resume=auto "$@"
+    "$LINCLIP_PYTHON" -m ds_linclip.train "${configs[@]}" train.resume=auto "${overrides[@]}"
   local rc=$?
   if [[ $rc == "$LINCLIP_REQUEUE_EXIT_CODE" && $LINCLIP_GOT_TERM == 1 ]]; then
     linclip_log "trainer checkpointed after SIGTERM (scancel, preemption or time limit): not requeueing; a preempted job is requeued by Slurm, otherwise resubmit to continue from the checkpoint"
@@ -152,6 +175,7 @@ linclip_train() {
 }
 
 linclip_eval() {
+  linclip_help_or_check "$@"
   linclip_setup_env
   linclip_log "job ${SLURM_JOB_ID}: eval $*"
   linclip_srun --ntasks=1 "$LINCLIP_PYTHON" -m ds_linclip.eval "$@"

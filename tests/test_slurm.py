@@ -258,27 +258,62 @@ def test_no_sample_repeated_across_the_requeue(preempted_run):
 
 
 # ------------------------------------------------------------------- eval through submitit, same cluster
-@pytest.mark.slow
-def test_eval_job_through_submitit_scores_the_checkpoint(preempted_run, slurm, fmnist_shards, tmp_path):
-    run = preempted_run
-    assert run.returncode == 0, "the training job failed; nothing to score"
-    checkpoint = run.run_dir / "final" / "model.safetensors"
+EVAL_SAMPLES = 500
+
+
+def eval_overrides(shards: Path) -> list[str]:
+    return [
+        f"eval.zeroshot_data={shards}/test/shard-{{000000..000009}}.tar", "eval.classnames=fashion_mnist",
+        "eval.templates=simple", f"eval.max_samples={EVAL_SAMPLES}", "eval.batch_size=100", "eval.workers=1",
+        "eval.device=cpu",
+    ]
+
+
+@pytest.fixture(scope="module")
+def submitit_eval(preempted_run, slurm, fmnist_shards, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`python -m ds_linclip.eval.submit --cluster slurm --wait` on the exported final weights."""
+    assert preempted_run.returncode == 0, "the training job failed; nothing to score"
+    checkpoint = preempted_run.run_dir / "final" / "model.safetensors"
     result = subprocess.run(
         [sys.executable, "-m", "ds_linclip.eval.submit", "--checkpoint", str(checkpoint), "--cluster", "slurm",
-         "--wait", f"eval.zeroshot_data={fmnist_shards}/test/shard-{{000000..000009}}.tar",
-         "eval.classnames=fashion_mnist", "eval.templates=simple", "eval.max_samples=500", "eval.batch_size=100",
-         "eval.workers=1", "eval.gpus=0", "eval.cpus=1", "eval.time_minutes=10", "eval.device=cpu"],
-        cwd=tmp_path, env={**slurm.env(), "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+         "--wait", *eval_overrides(fmnist_shards), "eval.gpus=0", "eval.cpus=1", "eval.time_minutes=10"],
+        cwd=tmp_path_factory.mktemp("submitit_eval"), env={**slurm.env(), "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=600,
     )
+    return result, preempted_run.run_dir / "eval" / "final_zeroshot.json"
+
+
+@pytest.mark.slow
+def test_eval_job_through_submitit_scores_the_checkpoint(submitit_eval, slurm):
+    result, record_path = submitit_eval
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = re.search(r"submitted eval job (\d+)", result.stdout).group(1)
     job = job_fields(slurm, job_id)  # a Slurm job of this cluster, not a local process
     assert job["JobName"] == "linclip-eval" and job["JobState"] == "COMPLETED", job
-    records = sorted((run.run_dir / "eval").glob("*_zeroshot.json"))
-    assert records, f"no result JSON in {run.run_dir / 'eval'}:\n{result.stdout}"
-    record = json.loads(records[0].read_text())
-    assert record["step"] == STEPS and record["num_samples"] == 500, record
+    assert record_path.exists(), f"no {record_path}:\n{result.stdout}"
+    record = json.loads(record_path.read_text())
+    assert record["step"] == STEPS and record["num_samples"] == EVAL_SAMPLES, record
     assert 0.0 <= record["metrics"]["top1"] <= record["metrics"]["top5"] <= 1.0, record
+
+
+@pytest.mark.slow
+def test_eval_sh_scores_the_deepspeed_checkpoint_like_the_export(submitit_eval, preempted_run, slurm, fmnist_shards):
+    """`sbatch slurm/eval.sh` on the last DeepSpeed checkpoint: the same weights as the fp32 export
+    that the submitit job scored, so the same numbers."""
+    run = preempted_run
+    result = subprocess.run(
+        ["sbatch", "--wait", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+         str(SCRIPTS / "eval.sh"), "--checkpoint", str(run.run_dir / "checkpoints" / f"step_{STEPS:08d}"),
+         *eval_overrides(fmnist_shards)],
+        cwd=run.submit_dir, env=cpu_env(slurm), capture_output=True, text=True, timeout=600,
+    )
+    job_id = result.stdout.strip().split(";")[0]
+    log = run.submit_dir / "logs" / f"linclip-eval-{job_id}.out"
+    assert result.returncode == 0, result.stderr + (log.read_text() if log.exists() else f"(no {log})")
+    record = json.loads((run.run_dir / "eval" / f"step_{STEPS:08d}_zeroshot.json").read_text())
+    exported = json.loads(submitit_eval[1].read_text())
+    assert record["step"] == exported["step"] == STEPS
+    assert record["metrics"] == pytest.approx(exported["metrics"], abs=1e-6), (record, exported)
 
 
 # ------------------------------------------------------------------- scancel is not a preemption
