@@ -107,10 +107,13 @@ def write_shards(samples: Iterable[dict], out: Path, shard_size: int, manifest: 
                 sizes[name] += 1
             close()
         finally:
-            if tmp is not None and tmp.exists():  # an exception mid-shard: drop the partial tar
+            if tmp is not None:  # an exception mid-shard: drop the partial tar
                 if writer is not None:
-                    handle.close()
-                tmp.unlink()
+                    try:
+                        writer.close()
+                    finally:
+                        handle.close()
+                tmp.unlink(missing_ok=True)
         if not sizes:
             raise ValueError(f"no samples to write into {out}")
         _atomic_write_text(out / "sizes.json", json.dumps(sizes, indent=1))
