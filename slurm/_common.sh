@@ -37,9 +37,9 @@ export LINCLIP_ROOT
 
 # ---- environment for every task ---------------------------------------------------------------
 linclip_setup_env() {
-  # the job keeps its working directory (where sbatch ran, or --chdir): relative paths in
-  # overrides and the logs/ directory are relative to it, as a user expects.
-  # the repository's package first (works with and without `pip install -e .`)
+  # No `cd`: the job keeps its working directory (where sbatch ran, or --chdir), so relative
+  # paths in overrides mean what they meant to the user. The repository's package comes first on
+  # the path (works with and without `pip install -e .`).
   export PYTHONPATH="$LINCLIP_ROOT${PYTHONPATH:+:$PYTHONPATH}"
   LINCLIP_PYTHON=${LINCLIP_PYTHON:-python3}
 
@@ -59,19 +59,18 @@ linclip_setup_env() {
     export CUDA_VISIBLE_DEVICES=""
   fi
 
-  # ---- NCCL / network: settings users usually need; uncomment what your cluster wants -----------
-  # export NCCL_DEBUG=WARN                      # INFO to see which transport/interface NCCL picks
-  # export NCCL_SOCKET_IFNAME=^lo,docker0       # bootstrap interface (or e.g. ib0, eth0, ens)
-  # export GLOO_SOCKET_IFNAME=eth0              # gloo's interface (used on CPU and for some collectives)
-  # export NCCL_IB_HCA=mlx5                     # InfiniBand adapters to use
-  # export NCCL_IB_DISABLE=1                    # no InfiniBand: force sockets
-  # export NCCL_NET_GDR_LEVEL=PHB               # GPUDirect RDMA distance
-  # export NCCL_ASYNC_ERROR_HANDLING=1          # a failed rank aborts the others instead of hanging
-  # export TORCH_NCCL_BLOCKING_WAIT=0
-  # export NCCL_TIMEOUT=1800                    # seconds (also torch.distributed's timeout)
-  # export FI_PROVIDER=efa FI_EFA_USE_DEVICE_RDMA=1   # AWS EFA
-  # export NCCL_CROSS_NIC=1 NCCL_ALGO=Ring      # multi-rail / algorithm overrides
-  # export CUDA_DEVICE_MAX_CONNECTIONS=1
+  # ---- NCCL / network: settings clusters often need; uncomment what yours wants ----------------
+  # export NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,NET   # which interface/transport NCCL picked, and why
+  # export NCCL_SOCKET_IFNAME=ib0              # bootstrap/socket interface (or ^lo,docker0 to exclude)
+  # export GLOO_SOCKET_IFNAME=ib0              # the same for gloo (CPU runs, some object collectives)
+  # export NCCL_IB_HCA=mlx5                    # InfiniBand adapters to use (prefix match)
+  # export NCCL_IB_DISABLE=1                   # no usable InfiniBand: TCP sockets only ...
+  # export NCCL_NSOCKS_PERTHREAD=4 NCCL_SOCKET_NTHREADS=2   # ... and more bandwidth over them
+  # export NCCL_NET_GDR_LEVEL=PHB              # GPUDirect RDMA only up to this PCIe distance
+  # export NCCL_P2P_DISABLE=1                  # GPUs whose peer-to-peer PCIe path is broken
+  # export FI_PROVIDER=efa FI_EFA_USE_DEVICE_RDMA=1   # AWS EFA (with the aws-ofi-nccl plugin)
+  # export TORCH_NCCL_ASYNC_ERROR_HANDLING=1   # a dead rank aborts the others' collectives (default on)
+  # export TORCH_DISTRIBUTED_DEBUG=DETAIL      # mismatched collectives: which rank, which call
 }
 
 # ---- srun with the batch shell's signals forwarded ---------------------------------------------
