@@ -123,6 +123,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     # submit an eval job (ds_linclip.eval.submit) after each checkpoint
     eval_after_checkpoint: bool = False
+    # append each step's sample keys to R/sample_keys/rank_NNNNN.txt: audits exactly-once data
+    # order across restarts (tests, debugging); off by default since it costs a little I/O per step
+    log_sample_keys: bool = False
 
 
 @dataclass
