@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add_config_arguments(parser)
-    # The `deepspeed` launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    # the `deepspeed` launcher appends --local_rank=N; the rank comes from LOCAL_RANK in the environment
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 

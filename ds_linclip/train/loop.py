@@ -287,6 +287,8 @@ def train(cfg: DictConfig) -> int:
         tag = ckpt.save(engine, save_dir, state.step, client_state(), config_yaml, int(tc.keep_last))
         if is_main:
             log.info("checkpoint %s", save_dir / tag)
+            if tc.eval_after_checkpoint:
+                _submit_eval(cfg, save_dir / tag)
         return tag
 
     guard = NonFiniteGuard(int(tc.max_nonfinite_steps))
@@ -375,6 +377,18 @@ def train(cfg: DictConfig) -> int:
             writer.close()
 
 
+def _submit_eval(cfg: DictConfig, tag_dir: Path) -> None:
+    """train.eval_after_checkpoint: hand the checkpoint to the eval job (submitit: Slurm or local).
+    A failed submission is logged, never fatal: training goes on and `--watch` can catch up."""
+    try:
+        from ds_linclip.eval.submit import submit_eval
+
+        job = submit_eval(cfg, tag_dir)
+        log.info("eval job %s submitted for %s", getattr(job, "job_id", job), tag_dir)
+    except Exception as err:  # noqa: BLE001 - any failure here must not stop training
+        log.warning("could not submit the eval job for %s: %s", tag_dir, err)
+
+
 def _log_window(engine, writer, loader, window: Window, state: TrainState, guard: NonFiniteGuard, scale: float,
                 tc, world: int, global_batch: int, run_start: float, run_start_step: int) -> None:
     """Reduce the window over ranks; rank 0 writes TensorBoard and the console line."""
@@ -415,6 +429,8 @@ def _log_window(engine, writer, loader, window: Window, state: TrainState, guard
     loss_scale = _loss_scale(engine)
     if loss_scale is not None:
         scalars["train/loss_scale"] = loss_scale
+        # fp16: steps DeepSpeed's dynamic loss scaler skipped on gradient overflow
+        scalars["train/overflow_skipped_steps"] = float(engine.skipped_steps)
     for reason, count in sorted(skipped.items()):
         scalars[f"data/skipped/{reason}"] = float(count)
     scalars["data/skipped_total"] = float(sum(skipped.values()))
