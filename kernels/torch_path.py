@@ -54,6 +54,18 @@ def _feature_grad_(x: torch.Tensor, d_phi: torch.Tensor, kind: str, inv_norm) ->
     return d_phi.mul_(x > 0)
 
 
+def _matmul_add(row: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (+ row broadcast over the token dim) as one baddbmm: one pass over the output, not two.
+
+    a: (B, H, N, K), b: (B, H, K, M), row: (B, H, 1, M) or None -> (B, H, N, M).
+    """
+    if row is None:
+        return a @ b
+    batch, heads, tokens, _ = a.shape
+    out = torch.baddbmm(row.flatten(0, 1).expand(-1, tokens, -1), a.flatten(0, 1), b.flatten(0, 1))
+    return out.view(batch, heads, tokens, b.shape[-1])
+
+
 class _BidirectionalLinearAttention(torch.autograd.Function):
     """out_i = (φq_i S + C Σv) / den_i, S = Σ_j φk_j v_jᵀ. See kernels/_triton_kernels.py for the notation."""
 
@@ -114,13 +126,9 @@ class _BidirectionalLinearAttention(torch.autograd.Function):
         del phi_q
         d_q = _feature_grad_(q, d_phi_q, kind, inv_q)
         phi_k = _features(k, kind, inv_k)
-        d_v = phi_k @ d_state
+        d_v = _matmul_add(d_value_sum, phi_k, d_state)
         del phi_k
-        if d_value_sum is not None:
-            d_v += d_value_sum
-        d_phi_k = v @ d_state.transpose(-1, -2)
-        if d_key_sum is not None:
-            d_phi_k += d_key_sum.transpose(-1, -2)
+        d_phi_k = _matmul_add(None if d_key_sum is None else d_key_sum.transpose(-1, -2), v, d_state.transpose(-1, -2))
         d_k = _feature_grad_(k, d_phi_k, kind, inv_k)
         return d_q, d_k, d_v, None, None, None
 
