@@ -8,7 +8,7 @@ Same maths and API as `kernels.reference.linear_attention_reference`, arranged f
   inverse norms), so saved memory is the inputs plus O(N) + O(d²) per head, as in the kernels.
   The reference instead lets autograd record ~15 elementwise ops on (B, H, N, d) tensors,
   which is what made it slower than SDPA at N=197.
-- causal: below CAUSAL_DENSE_MAX_TOKENS tokens a masked N×N product (one matmul pair; at N=77
+- causal: up to CAUSAL_DENSE_MAX_TOKENS tokens a masked N×N product (one matmul pair; at N=77
   that is cheaper than chunking, whose padding, cumsum over chunk states and reshapes dominate);
   above it the chunked O(N·d²) form of the reference (its autograd graph is O(N·C) per head).
 """
@@ -20,9 +20,10 @@ import torch
 from kernels.reference import DENOMINATORS, LINEAR_KINDS, causal_product, feature_map
 
 NORM_EPS = 1e-6  # F.normalize's eps in the reference
-# Crossover measured on 2 CPU cores (B=8, H=6, d=64): dense masked wins at 77 and 197 tokens,
-# chunks win from ~512. Dense memory is B*H*N² floats, so keep the bound modest.
-CAUSAL_DENSE_MAX_TOKENS = 256
+# Crossover measured on this CPU (1 thread, B=8, H=8, d=64, causal linear-affine fwd+bwd, ms):
+#   N=77: dense 30 vs chunked 62;  N=197: 107 vs 138;  N=256: 164 vs 125;  N=384: 530 vs 204.
+# Dense memory is B*H*N² floats, so the bound also keeps that small.
+CAUSAL_DENSE_MAX_TOKENS = 224
 
 
 def _inverse_norm(x: torch.Tensor) -> torch.Tensor:
