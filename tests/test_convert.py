@@ -159,7 +159,7 @@ def test_load_pretrained_reads_our_files(tmp_path):
     source = build_model("tiny")
     save_file(source.state_dict(), str(tmp_path / "model.safetensors"))
     torch.save({"module": source.state_dict()}, tmp_path / "model.pt")
-    for name in ("model.safetensors", "model.pt"):
+    for name in ("model.safetensors", "model.pt", "."):  # "." : the directory, model.safetensors in it
         target = build_model("tiny")
         load_pretrained(target, tmp_path / name)
         for key, value in source.state_dict().items():
@@ -207,6 +207,9 @@ def test_load_pretrained_errors_name_the_key_and_file(tmp_path):
         load_pretrained(build_model("tiny"), path)
     with pytest.raises(CheckpointError, match="not found"):
         load_pretrained(build_model("tiny"), tmp_path / "nope.pt")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(CheckpointError, match="empty_dir.*model.safetensors"):
+        load_pretrained(build_model("tiny"), tmp_path / "empty_dir")
     (tmp_path / "garbage.bin").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="garbage.bin"):
         load_pretrained(build_model("tiny"), tmp_path / "garbage.bin")

@@ -11,7 +11,7 @@ import torch
 from conftest import data_config, write_counted_shards
 
 from ds_linclip.data.pipeline import (
-    CLIP_MEAN, CLIP_STD, REPEATED, build_eval_loader, build_train_loader, tokenize,
+    CLIP_MEAN, CLIP_STD, REPEATED, build_eval_loader, build_train_loader, merge_rank_states, tokenize,
 )
 
 
@@ -58,7 +58,7 @@ def test_epoch_every_sample_exactly_once_2_ranks_x_2_workers(eight_shards):
             rank_keys, batches = run_epoch(loader)
             assert len(batches) == 12
             images, tokens = batches[0]
-            assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
+            assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32 and images.is_contiguous()
             assert tokens.shape == (8, 32) and tokens.dtype == torch.long
             keys.extend(rank_keys)
         assert sorted(keys) == all_keys  # every sample once: no repeats, no gaps
@@ -108,7 +108,9 @@ def test_mid_epoch_resume_continues_without_repeats_or_gaps(eight_shards, own_ra
     if not own_rank_state:  # e.g. only rank 0's loader state was checkpointed: replay by decoding
         state = dict(state, rank=0, worker_samples=[999, 999])
     resumed = build_train_loader(cfg, 1, 2, with_keys=True, start_state=state)
-    rest_keys, rest = run_epoch(resumed)
+    first_keys, first = run_epoch(resumed, limit=1)  # and break again right away (worker 1 only)
+    more_keys, more = run_epoch(resumed)
+    rest_keys, rest = first_keys + more_keys, first + more
     assert len(rest) == 7
     assert done_keys + rest_keys == reference_keys  # same order, nothing repeated or skipped
     for (images, tokens), (ref_images, ref_tokens) in zip(rest, reference[5:]):
@@ -135,7 +137,10 @@ def test_resampled_mode_continues_identically(eight_shards):
     assert len(set(reference_keys)) < len(reference_keys)  # sampling with replacement
     interrupted = build_train_loader(cfg, 0, 2, with_keys=True)
     head, _ = run_epoch(interrupted, limit=7)
-    resumed = build_train_loader(cfg, 0, 2, with_keys=True, start_state=interrupted.state_dict())
+    other = build_train_loader(cfg, 1, 2, with_keys=True)
+    run_epoch(other, limit=7)  # what rank 1 would checkpoint next to it
+    gathered = merge_rank_states([other.state_dict(), interrupted.state_dict()])
+    resumed = build_train_loader(cfg, 0, 2, with_keys=True, start_state=gathered)
     tail, rest = run_epoch(resumed)
     assert head + tail == reference_keys
     assert all(torch.equal(a[0], b[0]) for a, b in zip(rest, reference[7:]))

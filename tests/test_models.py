@@ -45,12 +45,29 @@ def test_tiny_forward_shapes_norms_and_scale(attention):
     torch.testing.assert_close(model.encode_text(tokens), text_features)
 
 
+def test_half_precision_model_accepts_float32_pixels():
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny", {"image.attention": "linear-affine"})).to(torch.bfloat16)
+    images, tokens = tiny_inputs()
+    image_features, text_features, scale = model(images, tokens)
+    assert image_features.dtype == text_features.dtype == scale.dtype == torch.bfloat16
+    assert torch.isfinite(image_features.float()).all() and torch.isfinite(text_features.float()).all()
+    reference = build_model(model_config("tiny", {"image.attention": "linear-affine"}))
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        assert (reference.encode_image(images) - image_features.float()).abs().max() < 0.05
+
+
 def test_towers_choose_attention_independently():
     model = build_model(model_config("tiny", {"image.attention": "linear-affine", "text.attention": "softmax",
                                               "image.denominator": "kernel"}))
     assert model.attention_kinds() == {"image": "linear-affine", "text": "softmax"}
     assert all(b.attn.denominator == "kernel" and not b.attn.causal for b in model.visual.blocks)
     assert all(b.attn.causal for b in model.text.blocks)
+    model.set_attention(text="linear-relu")
+    assert model.attention_kinds() == {"image": "linear-affine", "text": "linear-relu"}
+    with pytest.raises(ValueError, match="linear-foo"):
+        model.set_attention(image="linear-foo")
 
 
 @pytest.mark.parametrize("attention", ["softmax", "linear-affine"])
@@ -161,3 +178,120 @@ def test_unknown_attention_kind_fails_at_config_time():
 
     with pytest.raises(ConfigError, match="model.image.attention"):
         model_config("tiny", {"image.attention": "linear-afine"})
+
+
+# ---- parameter / FLOP accounting (ds_linclip.models.flops) and the summary CLI ----
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from ds_linclip.models.flops import (  # noqa: E402
+    attention_flops_per_image,
+    chunked_causal_linear_flops,
+    measure_forward_flops,
+    model_cost,
+)
+from kernels.reference import CAUSAL_CHUNK  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def real_parameter_count(cfg) -> dict[str, int]:
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return {"image": sum(p.numel() for p in model.visual.parameters()),
+            "text": sum(p.numel() for p in model.text.parameters()),
+            "total": sum(p.numel() for p in model.parameters())}
+
+
+@pytest.mark.parametrize("preset,image_size", [("tiny", 32), ("tiny", 48), ("vit_s16", 224), ("vit_b16", 224),
+                                               ("vit_b16", 384), ("vit_l16", 224), ("vit_l16", 320)])
+def test_analytic_params_and_softmax_flops_match_the_model(preset, image_size):
+    cfg = model_config(preset, {"image.image_size": image_size})
+    cost, real = model_cost(cfg), real_parameter_count(cfg)
+    assert (cost.image.params, cost.text.params, cost.params) == (real["image"], real["text"], real["total"])
+    measured = measure_forward_flops(cfg)
+    assert cost.image.flops == measured["image"]
+    assert cost.text.flops == measured["text"]
+
+
+@pytest.mark.parametrize("preset,image_size", [("tiny", 32), ("vit_b16", 224), ("vit_b16", 448)])
+@pytest.mark.parametrize("kind", ["linear-affine", "linear-elu", "linear-relu"])
+def test_linear_attention_flops_match_the_model(preset, image_size, kind):
+    cfg = model_config(preset, {"image.image_size": image_size, "image.attention": kind, "text.attention": kind})
+    cost, measured = model_cost(cfg), measure_forward_flops(cfg)
+    assert cost.image.flops == measured["image"]  # bidirectional: Kᵀ·V then Q·state, exactly as analysed
+    # causal: the reference runs the chunked form; the table counts the recurrent one
+    text = cfg.text
+    chunk_overhead = text.layers * (
+        chunked_causal_linear_flops(text.context_length, text.width, text.heads, CAUSAL_CHUNK)
+        - 4 * text.context_length * (text.width // text.heads) * text.width
+    )
+    assert measured["text"] == cost.text.flops + chunk_overhead
+    # linear attention is O(N) in tokens: doubling the side quadruples tokens-1, and the cost with it
+    softmax_cfg = model_config(preset, {"image.image_size": image_size})
+    assert attention_flops_per_image(cfg) < attention_flops_per_image(softmax_cfg) or preset == "tiny"
+
+
+def test_flops_measured_on_cpu_outside_attention():
+    # a real CPU forward (the meta-device path above could hide a decomposition difference); on CPU the
+    # counter does not see the fused SDPA kernel, so it measures exactly the non-attention FLOPs
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = model_config("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    images, tokens = tiny_inputs(batch=1)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.visual(images)
+    cost = model_cost(cfg)
+    assert counter.get_total_flops() == cost.image.other_flops
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.text(tokens)
+    assert counter.get_total_flops() == cost.text.other_flops
+
+
+def test_attention_flops_scale_quadratically_vs_linearly():
+    softmax, linear = model_config("vit_b16"), model_config("vit_b16", {"image.attention": "linear-affine"})
+    tokens_224, tokens_448 = 1 + 14 * 14, 1 + 28 * 28
+    ratio_softmax = attention_flops_per_image(softmax, 448) / attention_flops_per_image(softmax, 224)
+    ratio_linear = attention_flops_per_image(linear, 448) / attention_flops_per_image(linear, 224)
+    assert ratio_softmax == pytest.approx((tokens_448 / tokens_224) ** 2)
+    assert ratio_linear == pytest.approx(tokens_448 / tokens_224)
+    # ViT-B/16 at 224: 12 layers · 4·197²·768 = 1.431 GFLOPs softmax; 12 · 4·197·64·768 linear
+    assert attention_flops_per_image(softmax) == 12 * 4 * 197 * 197 * 768
+    assert attention_flops_per_image(linear) == 12 * 4 * 197 * 64 * 768
+
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run([sys.executable, "-m", "ds_linclip.models", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_summary_cli_table_and_json(capsys):
+    table = run_cli("--preset", "vit_b16", "--attention", "linear-affine", "--image-size", "224")
+    assert table.returncode == 0, table.stderr
+    cfg = model_config("vit_b16", {"image.attention": "linear-affine", "text.attention": "linear-affine"})
+    cost = model_cost(cfg)
+    image_row = next(line for line in table.stdout.splitlines() if line.startswith("image (per image)"))
+    assert image_row.split()[3:9] == ["linear-affine", "197", "86.19M", f"{cost.image.flops / 1e9:.3f}",
+                                      f"{cost.image.attention_flops / 1e9:.3f}", "1.4"]
+    assert "149.62M" in table.stdout and "text (per caption)" in table.stdout
+
+    from ds_linclip.models.__main__ import main  # the rest in-process: same code, no interpreter start-up
+
+    assert main(["--preset", "vit_b16", "--image-attention", "linear-elu", "--image-size", "384", "--json",
+                 "--measure"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    cfg = model_config("vit_b16", {"image.attention": "linear-elu", "image.image_size": 384})
+    assert report["params"] == real_parameter_count(cfg)["total"]
+    assert report["image"]["attention"] == "linear-elu" and report["text"]["attention"] == "softmax"
+    assert report["image"]["tokens"] == 577
+    assert report["measured_flops"] == {"image": report["image"]["flops"], "text": report["text"]["flops"]}
+
+    assert main(["--preset", "vit_b16", "--image-size", "200"]) == 2
+    assert "model.image.image_size" in capsys.readouterr().err

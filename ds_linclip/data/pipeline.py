@@ -2,8 +2,9 @@
 
 Per DataLoader worker the training stream is
 
-    shards (epoch order or resampled) -> tar members (webdataset's tar reader, gopen: local/pipe:/URLs)
-      -> samples grouped by key -> cheap checks (image/caption present, caption non-empty)
+    shards (epoch order or resampled) -> tar members (webdataset's gopen: local/pipe:/URLs; our
+      tarfile stream reader, tar_members) -> samples grouped by key (webdataset's base_plus_ext)
+      -> cheap checks (image/caption present, caption non-empty)
       -> seeded shuffle buffer -> [skip what a resumed run already consumed]
       -> decode + crop + resize (PIL, one resize per image) -> batch: normalise, tokenize (batched)
 
@@ -11,6 +12,9 @@ Everything random is derived from (seed, epoch, rank, worker, pass, batch index)
 pure function of the config and the data. That is what makes mid-epoch resume exact: a worker
 replays its raw sample stream and drops the first `worker_samples[w]` entries without decoding
 them (raw tar reads only), then continues exactly where the checkpointed run stopped.
+
+Epoch mode splits shards by rank then worker (shards.worker_shards); every worker yields the same
+number of batches, so every rank does. Resampled mode draws shards with replacement, seeded.
 
 Bad input never stops training: each skipped sample is counted by reason (see REASONS) in the
 worker, the counts travel with the next batch it yields, and the loader in the main process
@@ -24,6 +28,7 @@ import json
 import logging
 import math
 import random
+import tarfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -55,8 +60,9 @@ REASONS = (
 )
 # a worker whose shards ran out before its quota wraps around; each re-used sample is counted
 REPEATED = "repeated_to_fill"
-# consecutive undecodable images after which a worker gives up (the data is not images)
-MAX_CONSECUTIVE_DECODE_ERRORS = 1000
+# consecutive undecodable images after which a worker gives up (the data is not images); at a
+# 1% failure rate 200 in a row has probability 1e-400, so this never fires on real data
+MAX_CONSECUTIVE_DECODE_ERRORS = 200
 
 
 class DataError(RuntimeError):
@@ -114,10 +120,11 @@ def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
     if min_size and image.format == "JPEG":
         image.draft("RGB", (min_size, min_size))
     image.load()  # decode now so truncated/corrupt data raises here
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # a broken EXIF block should not cost the image
-        pass
+    if image.format in ("JPEG", "MPO", "WEBP", "TIFF") or "exif" in image.info:  # others carry no EXIF
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # a broken EXIF block should not cost the image
+            pass
     return to_rgb(image)
 
 
@@ -158,12 +165,15 @@ def crop_resize(image: Image.Image, box, size: int) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.BICUBIC, box=box))
 
 
+_MEAN_255 = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0
+_INV_STD_255 = 1.0 / (torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0)
+
+
 def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
-    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 with CLIP mean/std."""
-    images = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return images.sub_(mean).div_(std)
+    """(B, S, S, 3) uint8 -> contiguous (B, 3, S, S) float32, (x/255 - mean) / std with CLIP's mean/std."""
+    # transpose the 1-byte pixels, not the floats; then one subtract and one multiply in place
+    images = images_uint8.permute(0, 3, 1, 2).contiguous().float()
+    return images.sub_(_MEAN_255).mul_(_INV_STD_255)
 
 
 # ---------------------------------------------------------------------------------------- samples
@@ -173,35 +183,98 @@ def _split_keys(keys: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(k.strip().lower() for k in keys if k.strip())
 
 
+class TruncatedTar(EOFError):
+    """The tar stream ends inside a header or member; `member` is the name being read, if known."""
+
+    def __init__(self, message: str, member: str | None):
+        super().__init__(message + (f" ({member})" if member else ""))
+        self.member = member
+
+
+class _CountingReader:
+    """A read-only stream that counts the bytes it hands out (to tell a cut tar from a whole one)."""
+
+    def __init__(self, stream):
+        self.stream, self.total, self.head = stream, 0, b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        if self.total < 2:
+            self.head = (self.head + data)[:2]
+        self.total += len(data)
+        return data
+
+
+def tar_members(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file of a tar stream (ustar, GNU or pax; gzip too), in order.
+
+    Python's `tarfile` in stream mode (`r|*`), so pipes and object-store streams work. Raises
+    TruncatedTar when the archive breaks off inside a member or a header, ValueError when the
+    stream is no tar archive at all.
+    """
+    counted = _CountingReader(stream)
+    try:
+        archive = tarfile.open(fileobj=counted, mode="r|*")
+    except tarfile.ReadError as err:
+        raise ValueError(f"not a tar archive ({err})") from err
+    name = None
+    try:
+        for member in archive:
+            if not member.isreg():
+                continue
+            name = member.name
+            data = archive.extractfile(member).read()
+            if len(data) < member.size:
+                raise TruncatedTar("tar archive truncated inside a member", name)
+            yield name, data
+            name = None
+    except (tarfile.ReadError, EOFError) as err:  # the data of a member (or a gzip stream) ends early
+        raise TruncatedTar(f"tar archive truncated ({err})", name) from err
+    # tarfile ends quietly on a header cut short; every tar writer pads to 512-byte blocks, so a
+    # plain (not gzip) stream whose length is no multiple of 512 was cut inside a header.
+    while counted.read(1 << 16):
+        pass
+    if counted.head != b"\x1f\x8b" and counted.total % 512:
+        raise TruncatedTar("tar archive truncated inside a header", None)
+
+
 def read_shard(url: str, counts: Counter) -> Iterator[dict]:
     """Samples ({"__key__", "__url__", ext: bytes}) of one tar shard, in tar order.
 
-    An unopenable shard counts `unreadable_shard`; a tar that breaks off counts `truncated_shard`
-    (the complete samples before the break are yielded, the partial one is dropped).
+    Opened with webdataset's gopen (local paths, file:, pipe:, URLs). An unopenable shard counts
+    `unreadable_shard`; a tar that breaks off counts `truncated_shard`: the complete samples before
+    the break are yielded, only the one being read is lost.
     """
     from webdataset.gopen import gopen
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+    from webdataset.tariterators import base_plus_ext
 
     members_read = 0
     current: dict | None = None
     stream = None
     try:
         stream = gopen(url, "rb")
-        for member in tar_file_iterator(stream):
+        for name, data in tar_members(stream):
             members_read += 1
-            prefix, suffix = base_plus_ext(member["fname"])
+            if name.startswith("__") or "/__" in name:  # webdataset metadata files
+                continue
+            prefix, suffix = base_plus_ext(name)
             if prefix is None:
                 continue
             if current is None or current["__key__"] != prefix:
                 if current is not None:
                     yield current
                 current = {"__key__": prefix, "__url__": url}
-            current[suffix.lower()] = member["data"]
+            current[suffix.lower()] = data
         if current is not None:
             yield current
         current = None
         stream.close()  # pipe: checks the command's exit status here
         stream = None
+    except TruncatedTar as err:
+        counts["truncated_shard"] += 1  # counted before the last complete sample goes out
+        log.warning("shard %s: truncated_shard (%s)", url, err)
+        if current is not None and (err.member is None or base_plus_ext(err.member)[0] != current["__key__"]):
+            yield current  # complete: the cut is in the next sample (or between headers)
     except Exception as err:  # noqa: BLE001 - any failure of one shard is a counted skip
         reason = "truncated_shard" if members_read else "unreadable_shard"
         counts[reason] += 1
@@ -341,8 +414,9 @@ class TrainStream(IterableDataset):
             return
 
         my_shards = shardlib.worker_shards(self.urls, c.seed, self.epoch, c.rank, c.world_size, worker, c.workers)
+        borrowing = False  # own shards gave nothing (all unreadable/bad): refill from every shard
         for repeat in range(1 << 30):
-            order = list(my_shards)
+            order = list(self.urls if borrowing else my_shards)
             if repeat:
                 random.Random(f"refill/{c.seed}/{self.epoch}/{c.rank}/{worker}/{repeat}").shuffle(order)
             rng = random.Random(f"buffer/{c.seed}/{self.epoch}/{c.rank}/{worker}/{repeat}")
@@ -361,6 +435,11 @@ class TrainStream(IterableDataset):
                 if repeat:
                     counts[REPEATED] += 1
                 yield item
+            if not found and not borrowing and len(my_shards) < len(self.urls):
+                log.warning("rank %d worker %d: no usable sample in its shards %s; filling from all shards",
+                            c.rank, worker, my_shards)
+                borrowing = True
+                continue
             if not found:
                 raise DataError(
                     f"rank {c.rank} worker {worker}: its shards of {c.spec!r} gave no usable sample "
@@ -369,7 +448,9 @@ class TrainStream(IterableDataset):
 
     def _decode(self, raw: tuple, box_rng: np.random.Generator | None) -> np.ndarray:
         c = self.cfg
-        image = decode_image(raw[1], min_size=c.image_size)
+        # JPEG draft size: the smallest random crop (area scale_min, aspect 3/4) still >= image_size px
+        draft = int(math.ceil(c.image_size / math.sqrt(c.crop_scale[0] * 3 / 4)))
+        image = decode_image(raw[1], min_size=draft)
         if box_rng is None:
             box = center_crop_box(*image.size)
         else:
@@ -433,10 +514,6 @@ class TrainStream(IterableDataset):
         return self.worker_batches(worker)
 
 
-def _sizes_note(urls: Sequence[str]) -> str:
-    return "no sizes.json beside the shards" if shardlib.read_sizes(urls) is None else ""
-
-
 class TrainLoader:
     """Iterate for one epoch of `batches_per_epoch` batches of (images (B,3,S,S) float32, tokens
     (B,ctx) int64); the next `iter()` starts the next epoch. Resumes exactly from `state_dict()`.
@@ -458,7 +535,6 @@ class TrainLoader:
         self.worker_samples = [0] * K
         self.worker_batch_counts = [0] * K
         self.counters: Counter = Counter()
-        self._resume_exact: dict | None = None
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -483,10 +559,12 @@ class TrainLoader:
         self.batches_done = 0
         self.worker_samples = [0] * K
         self.worker_batch_counts = [0] * K
-        self._resume_exact = None
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
+        """This rank's position: epoch, batches delivered in it, raw samples each worker consumed,
+        skip counters. Any rank's state resumes every rank exactly (all ranks are in lockstep);
+        this rank's own state, or `merge_rank_states` of all of them, resumes without re-decoding."""
         c = self.stream.cfg
         return {
             "version": 1,
@@ -535,11 +613,15 @@ class TrainLoader:
         if int(state.get("rank", -1)) == c.rank:
             self.worker_samples = list(state["worker_samples"])
             self.counters = Counter(state.get("counters", {}))
-            self._resume_exact = {"samples": dict(enumerate(self.worker_samples))}
-        else:
-            self._resume_exact = {"samples": {}}
+        else:  # another rank's positions mean nothing here: each worker replays its batches
+            self.worker_samples = [None] * K
 
     # ----------------------------------------------------------------------------- iteration
+    def forever(self):
+        """Epoch after epoch without end (for step-based training loops)."""
+        while True:
+            yield from self
+
     def __iter__(self):
         s, K = self.stream, self.stream.cfg.workers
         if self.batches_done >= self.batches_per_epoch:
@@ -548,15 +630,12 @@ class TrainLoader:
         s.epoch = self.epoch
         s.rotation = self.batches_done % K
         s.skip_batches = {w: n for w, n in enumerate(self.worker_batch_counts)}
-        if self.batches_done == 0:
-            s.skip_samples = {}
-        elif self._resume_exact is not None:
-            s.skip_samples = dict(self._resume_exact["samples"])
-        else:  # stopped mid-epoch in this process: we know every worker's raw position
-            s.skip_samples = dict(enumerate(self.worker_samples))
+        # raw positions known (this rank's state, or a break in this process) -> drop raw samples;
+        # unknown (None: resumed from another rank's state, no batch from that worker since) -> replay
+        s.skip_samples = {w: n for w, n in enumerate(self.worker_samples) if n is not None and self.batches_done}
         loader = DataLoader(
             s, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
-            prefetch_factor=4 if self.num_workers else None,
+            prefetch_factor=4 if self.num_workers else None, pin_memory=torch.cuda.is_available(),
         )
         for item in loader:
             w = int(item["worker"])
@@ -564,7 +643,6 @@ class TrainLoader:
             self.worker_batch_counts[w] += 1
             self.batches_done += 1
             self.counters.update(item["counts"])
-            self._resume_exact = None
             if self.with_keys:
                 yield item["images"], item["tokens"], item["keys"]
             else:
@@ -578,9 +656,10 @@ class TrainLoader:
         self._reset_position()
 
 
-def _data_field(cfg, key: str, default=None):
-    data = cfg.data
-    return data[key] if key in data and data[key] is not None else default
+def merge_rank_states(states: Sequence[dict]) -> dict:
+    """All ranks' `state_dict()`s (e.g. from torch.distributed.all_gather_object) as one state that
+    `build_train_loader(..., start_state=...)` accepts on every rank: {"ranks": {rank: state}}."""
+    return {"ranks": {int(state["rank"]): state for state in states}}
 
 
 def build_train_loader(cfg, rank: int, world_size: int, start_state: dict | None = None,
@@ -606,8 +685,8 @@ def build_train_loader(cfg, rank: int, world_size: int, start_state: dict | None
         samples_per_epoch = shardlib.num_samples(urls)
         if samples_per_epoch is None:
             raise DataError(
-                f"samples per epoch unknown for {spec_text!r}: {_sizes_note(urls) or 'sizes.json lacks some shards'}; "
-                "set data.train_num_samples"
+                f"samples per epoch unknown for {spec_text!r}: no sizes.json listing every shard beside "
+                "the shards (remote/pipe: shards never have one); set data.train_num_samples"
             )
     worker_batches = int(samples_per_epoch) // (world_size * logical_workers * batch_size)
     if worker_batches < 1:
@@ -636,12 +715,29 @@ def build_train_loader(cfg, rank: int, world_size: int, start_state: dict | None
 
 # ------------------------------------------------------------------------------------- eval stream
 class EvalStream(IterableDataset):
-    """Every sample once, in spec order. Each DataLoader worker reads the whole tar stream (cheap)
-    but decodes only the batches b with b % workers == its id, so the DataLoader's round robin
-    returns batches in order."""
+    """Every sample once. DataLoader worker w decodes shards w, w+K, ...; each item is tagged with
+    (shard index, part index, last part of the shard?) so the EvalLoader can put them back in
+    spec order whatever order the workers finish in."""
 
     def __init__(self, urls, image_size, batch_size, fmt: SampleFormat, kind: str):
         self.urls, self.image_size, self.batch_size, self.fmt, self.kind = urls, image_size, batch_size, fmt, kind
+
+    def _part(self, shard, part, items, counts, last):
+        images, targets = [], []
+        for key, data, caption, label in items:
+            try:
+                image = decode_image(data, min_size=self.image_size)
+                images.append(crop_resize(image, center_crop_box(*image.size), self.image_size))
+            except Exception:  # noqa: BLE001 - undecodable: skip and count
+                counts["decode_error"] += 1
+                continue
+            targets.append(label if self.kind == "classification" else caption)
+        out = {
+            "shard": shard, "part": part, "last": last, "targets": targets, "counts": dict(counts),
+            "images": normalise(torch.from_numpy(np.stack(images))) if images else None,
+        }
+        counts.clear()
+        return out
 
     def __iter__(self):
         info = get_worker_info()
@@ -649,46 +745,21 @@ class EvalStream(IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         counts: Counter = Counter()
-        # every worker reads every shard: only worker 0 counts the read-level skips
-        read_counts = counts if worker == 0 else Counter()
-        pending: list = []
-        batch_index = 0
-
-        def emit(items):
-            images, targets = [], []
-            if batch_index % workers == worker:
-                for key, data, caption, label in items:
-                    try:
-                        image = decode_image(data, min_size=self.image_size)
-                        images.append(crop_resize(image, center_crop_box(*image.size), self.image_size))
-                    except Exception:  # noqa: BLE001
-                        counts["decode_error"] += 1
-                        continue
-                    targets.append(label if self.kind == "classification" else caption)
-            out = {
-                "images": normalise(torch.from_numpy(np.stack(images))) if images else None,
-                "targets": targets, "counts": dict(counts),
-            }
-            counts.clear()
-            return out
-
-        for url in self.urls:
-            for sample in read_shard(url, read_counts):
-                checked = self.fmt.check(sample, read_counts)
+        for shard in range(worker, len(self.urls), workers):
+            pending, part = [], 0
+            for sample in read_shard(self.urls[shard], counts):
+                checked = self.fmt.check(sample, counts)
                 if checked is not None:
                     pending.append(checked)
                 if len(pending) == self.batch_size:
-                    yield emit(pending)
-                    pending, batch_index = [], batch_index + 1
-        if pending:
-            yield emit(pending)
-            batch_index += 1
-        if counts:  # skips after the last batch
-            yield {"images": None, "targets": [], "counts": dict(counts)}
+                    yield self._part(shard, part, pending, counts, last=False)
+                    pending, part = [], part + 1
+            yield self._part(shard, part, pending, counts, last=True)
 
 
 class EvalLoader:
-    """Iterate (images (B,3,S,S) float32, labels (B,) int64 | captions list[str]), in order."""
+    """Iterate (images (B,3,S,S) float32, labels (B,) int64 | captions list[str]) in spec order,
+    every usable sample once, B = batch_size (the last batch smaller)."""
 
     def __init__(self, stream: EvalStream, workers: int, spec: str):
         self.stream, self.workers, self.spec = stream, workers, spec
@@ -699,19 +770,48 @@ class EvalLoader:
     def skipped(self) -> dict[str, int]:
         return {k: int(v) for k, v in sorted(self.counters.items())}
 
-    def __iter__(self):
-        self.counters = Counter()
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers, persistent_workers=False)
-        seen = 0
+    def _in_order(self):
+        workers = min(self.workers, len(self.stream.urls))
+        loader = DataLoader(self.stream, batch_size=None, num_workers=workers, persistent_workers=False,
+                            prefetch_factor=4 if workers else None)
+        waiting: dict[tuple[int, int], dict] = {}
+        shard, part = 0, 0
         for item in loader:
             self.counters.update(item["counts"])
+            waiting[(item["shard"], item["part"])] = item
+            while (shard, part) in waiting:
+                ready = waiting.pop((shard, part))
+                yield ready
+                shard, part = (shard + 1, 0) if ready["last"] else (shard, part + 1)
+
+    def __iter__(self):
+        self.counters = Counter()
+        size, kind = self.stream.batch_size, self.stream.kind
+        images: list[torch.Tensor] = []
+        targets: list = []
+        held, seen = 0, 0
+
+        def take(n):
+            nonlocal images, targets, held
+            stacked = torch.cat(images) if len(images) > 1 else images[0]
+            out_images, out_targets = stacked[:n], targets[:n]
+            images = [stacked[n:]] if n < len(stacked) else []
+            targets, held = targets[n:], held - n
+            if kind == "classification":
+                return out_images, torch.tensor(out_targets, dtype=torch.long)
+            return out_images, list(out_targets)
+
+        for item in self._in_order():
             if item["images"] is None:
                 continue
+            images.append(item["images"])
+            targets.extend(item["targets"])
+            held += len(item["targets"])
             seen += len(item["targets"])
-            if self.stream.kind == "classification":
-                yield item["images"], torch.tensor(item["targets"], dtype=torch.long)
-            else:
-                yield item["images"], list(item["targets"])
+            while held >= size:
+                yield take(size)
+        if held:
+            yield take(held)
         if not seen:
             raise DataError(f"eval data {self.spec!r} gave no usable sample (skipped: {self.skipped})")
 

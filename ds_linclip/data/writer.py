@@ -80,7 +80,9 @@ def write_shards(samples: Iterable[dict], out: Path, shard_size: int, manifest: 
         if is_complete(out, manifest):
             print(f"{out}: up to date ({manifest})", file=sys.stderr)
             return json.loads((out / "sizes.json").read_text())
-        for stale in list(out.glob("shard-*.tar")) + [out / "manifest.json", out / "sizes.json"]:
+        # earlier output and temporaries of a crashed writer (we hold the lock: nobody else writes)
+        stale_files = list(out.glob("shard-*.tar")) + list(out.glob(".shard-*.tmp-*"))
+        for stale in stale_files + [out / "manifest.json", out / "sizes.json"]:
             stale.unlink(missing_ok=True)
         sizes: dict[str, int] = {}
         writer = handle = tmp = None
@@ -107,10 +109,13 @@ def write_shards(samples: Iterable[dict], out: Path, shard_size: int, manifest: 
                 sizes[name] += 1
             close()
         finally:
-            if tmp is not None and tmp.exists():  # an exception mid-shard: drop the partial tar
+            if tmp is not None:  # an exception mid-shard: drop the partial tar
                 if writer is not None:
-                    handle.close()
-                tmp.unlink()
+                    try:
+                        writer.close()
+                    finally:
+                        handle.close()
+                tmp.unlink(missing_ok=True)
         if not sizes:
             raise ValueError(f"no samples to write into {out}")
         _atomic_write_text(out / "sizes.json", json.dumps(sizes, indent=1))

@@ -63,6 +63,13 @@ class CLIP(nn.Module):
 
     def set_attention(self, image: str | None = None, text: str | None = None, denominator: str | None = None) -> None:
         """Switch the attention kind of a tower in place (same weights): e.g. linearize a softmax model."""
+        from ds_linclip.models.attention import ATTENTION_KINDS
+
+        for kind in (image, text):
+            if kind is not None and kind not in ATTENTION_KINDS:
+                raise ValueError(f"unknown attention kind '{kind}' (known: {', '.join(ATTENTION_KINDS)})")
+        if denominator is not None and denominator not in ("count", "kernel"):
+            raise ValueError(f"unknown denominator '{denominator}' (known: count, kernel)")
         for tower, kind in ((self.visual, image), (self.text, text)):
             for block in tower.blocks:
                 if kind is not None:

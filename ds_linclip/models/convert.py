@@ -143,9 +143,22 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+# looked for, in order, when `load_pretrained` is given a directory (ours, then open_clip's hub names)
+WEIGHT_FILE_NAMES = ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.bin",
+                     "pytorch_model.bin", "model.pt")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file: .safetensors, or a torch file (.pt/.bin/.pth; OpenAI's TorchScript too)."""
+    """Tensors of a weights file: .safetensors, or a torch file (.pt/.bin/.pth; OpenAI's TorchScript too).
+
+    A directory stands for the first of `WEIGHT_FILE_NAMES` in it (e.g. a run's `final/`).
+    """
     path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in WEIGHT_FILE_NAMES if (path / name).is_file()]
+        if not found:
+            raise CheckpointError(f"{path}: directory holds none of {', '.join(WEIGHT_FILE_NAMES)}")
+        path = found[0]
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":

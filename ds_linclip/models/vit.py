@@ -84,7 +84,8 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = images.shape
-        patches = self.patch_embed(images)  # (batch, width, grid_h, grid_w)
+        # float32 pixels from the loader into a bf16/fp16 model (DeepSpeed casts weights, not inputs)
+        patches = self.patch_embed(images.to(self.patch_embed.weight.dtype))  # (batch, width, grid_h, grid_w)
         patches = patches.flatten(2).transpose(1, 2)  # (batch, grid_h·grid_w, width)
         cls = self.class_embedding.to(patches.dtype).expand(batch, 1, -1)  # (batch, 1, width)
         x = torch.cat([cls, patches], dim=1) + self.pos_embed_for(height, width).to(patches.dtype)

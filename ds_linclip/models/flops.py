@@ -1,0 +1,208 @@
+"""Parameters and forward FLOPs of a CLIP config, counted analytically (no model is built).
+
+FLOPs are matmul FLOPs, 2·m·n·k for an (m×k)·(k×n) product (a multiply-add counts 2), per image
+(batch 1) and per caption; elementwise work (norms, GELU, softmax, feature maps) is not counted,
+as `torch.utils.flop_counter` does. Attention ("token mixing") is reported apart from the rest:
+
+- softmax, per layer: Q·Kᵀ and A·V = 2 · 2·N²·d per head = 4·N²·width. Causal (text) is
+  counted in full, as the math path computes it (a causal flash kernel skips about half).
+- linear (any kind), per layer: Kᵀ·V state and Q·state = 2 · 2·N·d² per head = 4·N·d·width,
+  bidirectional or causal (the recurrent form; the chunked causal reference does extra
+  intra-chunk work on top, see `measure_forward_flops`).
+
+Everything else: patch embedding, qkv/out projections 8·N·width², MLP 4·N·width·mlp_width,
+and the output projection of the pooled token 2·width·embed_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ds_linclip.models.clip import _as_dict, build_model
+
+
+@dataclass(frozen=True)
+class TowerCost:
+    """One tower: parameter count and forward FLOPs for one input (image or caption)."""
+
+    name: str
+    attention: str
+    tokens: int
+    params: int
+    attention_flops: int  # token mixing only (see module docstring)
+    other_flops: int  # projections, MLP, patch embedding, output projection
+
+    @property
+    def flops(self) -> int:
+        return self.attention_flops + self.other_flops
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    image: TowerCost
+    text: TowerCost
+    other_params: int  # logit_scale
+
+    @property
+    def params(self) -> int:
+        return self.image.params + self.text.params + self.other_params
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"params": self.params, "other_params": self.other_params}
+        for tower in (self.image, self.text):
+            out[tower.name] = dict(asdict(tower), flops=tower.flops)
+        return out
+
+
+def attention_flops(kind: str, tokens: int, width: int, heads: int) -> int:
+    """Token-mixing FLOPs of one attention layer for one sequence of `tokens`."""
+    head_dim = width // heads
+    if kind == "softmax":
+        return 4 * tokens * tokens * width
+    return 4 * tokens * head_dim * width
+
+
+def chunked_causal_linear_flops(tokens: int, width: int, heads: int, chunk: int) -> int:
+    """Matmul FLOPs of one causal linear-attention layer as `kernels/reference.py` computes it.
+
+    Tokens are padded to P = a multiple of `chunk`; per head: masked Q·Kᵀ and ·V inside each chunk
+    (4·P·chunk·d) plus chunk states Kᵀ·V and Q·prefix-state (4·P·d²).
+    """
+    head_dim = width // heads
+    padded = -(-tokens // chunk) * chunk
+    return heads * (4 * padded * chunk * head_dim + 4 * padded * head_dim * head_dim)
+
+
+def _block_params(width: int, mlp_width: int) -> int:
+    layer_norms = 2 * 2 * width
+    qkv_and_out = (3 * width * width + 3 * width) + (width * width + width)
+    mlp = (width * mlp_width + mlp_width) + (mlp_width * width + width)
+    return layer_norms + qkv_and_out + mlp
+
+
+def _block_other_flops(tokens: int, width: int, mlp_width: int) -> int:
+    return 2 * tokens * width * (3 * width) + 2 * tokens * width * width + 2 * 2 * tokens * width * mlp_width
+
+
+def model_cost(model_cfg: Any, image_size: int | None = None) -> ModelCost:
+    """Parameters and per-input forward FLOPs of the model `build_model(model_cfg)` would build.
+
+    `image_size` (pixels, a multiple of the patch size) overrides the config's: the position
+    embedding, and so the parameter count, follows it.
+    """
+    cfg = _as_dict(model_cfg)
+    embed_dim, image, text = cfg["embed_dim"], cfg["image"], cfg["text"]
+
+    size, patch, width = image_size or image["image_size"], image["patch_size"], image["width"]
+    if size % patch:
+        raise ValueError(f"image size {size} is not a multiple of patch size {patch}")
+    patches = (size // patch) ** 2
+    tokens = 1 + patches
+    mlp_width = int(width * image.get("mlp_ratio", 4.0))
+    image_params = (
+        3 * patch * patch * width  # patch embedding, no bias
+        + width + tokens * width  # class + position embeddings
+        + 2 * width  # ln_pre
+        + image["layers"] * _block_params(width, mlp_width)
+        + 2 * width + width * embed_dim  # ln_post, proj
+    )
+    image_attention = image.get("attention", "softmax")
+    image_cost = TowerCost(
+        name="image",
+        attention=image_attention,
+        tokens=tokens,
+        params=image_params,
+        attention_flops=image["layers"] * attention_flops(image_attention, tokens, width, image["heads"]),
+        other_flops=2 * patches * (3 * patch * patch) * width
+        + image["layers"] * _block_other_flops(tokens, width, mlp_width)
+        + 2 * width * embed_dim,
+    )
+
+    context, width = text["context_length"], text["width"]
+    mlp_width = int(width * text.get("mlp_ratio", 4.0))
+    text_params = (
+        text["vocab_size"] * width + context * width
+        + text["layers"] * _block_params(width, mlp_width)
+        + 2 * width + width * embed_dim  # ln_final, text_projection
+    )
+    text_attention = text.get("attention", "softmax")
+    text_cost = TowerCost(
+        name="text",
+        attention=text_attention,
+        tokens=context,
+        params=text_params,
+        attention_flops=text["layers"] * attention_flops(text_attention, context, width, text["heads"]),
+        other_flops=text["layers"] * _block_other_flops(context, width, mlp_width) + 2 * width * embed_dim,
+    )
+    return ModelCost(image=image_cost, text=text_cost, other_params=1)
+
+
+def attention_flops_per_image(model_cfg: Any, image_size: int | None = None) -> int:
+    """Image-tower token-mixing FLOPs for one image (the comparison experiment's x-axis)."""
+    return model_cost(model_cfg, image_size).image.attention_flops
+
+
+def measure_forward_flops(model_cfg: Any, image_size: int | None = None) -> dict[str, int]:
+    """FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` on one image / one caption.
+
+    The model is built on the meta device (no memory, no arithmetic; on meta, SDPA decomposes
+    into matmuls the counter sees, while on CPU its fused kernel is not counted).
+    Returns {'image': flops, 'text': flops}.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = _as_dict(model_cfg)
+    cfg["pretrained"] = None
+    if image_size:
+        cfg["image"] = dict(cfg["image"], image_size=image_size)
+    with torch.device("meta"):
+        model = build_model(cfg)
+        size, context = cfg["image"]["image_size"], cfg["text"]["context_length"]
+        images = torch.empty(1, 3, size, size)
+        tokens = torch.zeros(1, context, dtype=torch.long)
+    measured = {}
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            model.visual(images)
+        measured["image"] = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            model.text(tokens)
+        measured["text"] = counter.get_total_flops()
+    return measured
+
+
+def _giga(value: int) -> str:
+    return f"{value / 1e9:.3f}"
+
+
+def _millions(value: int) -> str:
+    return f"{value / 1e6:.2f}M"
+
+
+def format_table(cost: ModelCost, title: str = "", measured: dict[str, int] | None = None) -> str:
+    """A plain-text table: parameters per tower, forward GFLOPs per image / caption, attention apart."""
+    header = ["tower", "attention", "tokens", "params", "fwd GFLOPs", "attn GFLOPs", "attn %", "non-attn GFLOPs"]
+    if measured:
+        header.append("measured GFLOPs")
+    rows = []
+    for label, tower in (("image (per image)", cost.image), ("text (per caption)", cost.text)):
+        row = [label, tower.attention, str(tower.tokens), _millions(tower.params), _giga(tower.flops),
+               _giga(tower.attention_flops), f"{100 * tower.attention_flops / tower.flops:.1f}",
+               _giga(tower.other_flops)]
+        if measured:
+            row.append(_giga(measured[tower.name]))
+        rows.append(row)
+    rows.append(["logit_scale", "", "", str(cost.other_params), "", "", "", ""] + ([""] if measured else []))
+    total_flops = cost.image.flops + cost.text.flops
+    total_attn = cost.image.attention_flops + cost.text.attention_flops
+    rows.append(["total (1 image + 1 caption)", "", "", _millions(cost.params), _giga(total_flops), _giga(total_attn),
+                 f"{100 * total_attn / total_flops:.1f}", _giga(total_flops - total_attn)]
+                + ([_giga(sum(measured.values()))] if measured else []))
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [title] if title else []
+    out += [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    return "\n".join(out)
