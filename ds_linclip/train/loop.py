@@ -233,7 +233,7 @@ def train(cfg: DictConfig) -> int:
     save_dir = root / "checkpoints"
     config_yaml = to_yaml(cfg)
 
-    from ds_linclip.data.pipeline import build_train_loader
+    from ds_linclip.data.pipeline import build_train_loader, merge_rank_states
     from ds_linclip.models import build_model
 
     torch.manual_seed(int(tc.seed))  # the same initial weights on every rank
@@ -278,8 +278,14 @@ def train(cfg: DictConfig) -> int:
     key_log = _KeyLog(root / "sample_keys" / f"rank_{rank:05d}.txt" if tc.log_sample_keys else None)
 
     def client_state() -> dict[str, Any]:
+        # every rank's loader position in every rank's file: any one file resumes the whole job
+        data_states = [None] * world
+        if world > 1:
+            dist.all_gather_object(data_states, loader.state_dict())
+        else:
+            data_states = [loader.state_dict()]
         return {
-            "step": state.step, "epoch": int(loader.epoch), "data": loader.state_dict(),
+            "step": state.step, "epoch": int(loader.epoch), "data": merge_rank_states(data_states),
             "nonfinite_total": guard.total, "samples_seen": state.samples_seen, "config": config_yaml,
         }
 
