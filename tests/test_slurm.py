@@ -96,7 +96,7 @@ def tiny_overrides(shards: Path, output_dir: Path, run_name: str) -> list[str]:
 
 def cpu_env(cluster) -> dict:
     env = cluster.env()
-    env["LINCLIP_DEVICE"] = "cpu"
+    env["DS_ACCELERATOR"] = "cpu"
     env.pop("LINCLIP_PYTHON", None)
     return env
 
