@@ -10,7 +10,8 @@ Runs, one process each, one after another (the same machine state for all):
   ours       `python -m ds_linclip.train`, softmax attention (ZeRO stage 0: one process shards nothing)
   ours       the same with linear-affine attention in both towers
 Throughput = global batch / mean step wall time (data wait included, as both trainers time a step),
-over the logged intervals after the first `--skip-steps` steps (start-up, allocator warm-up).
+over the logged intervals after the first `--skip-steps` steps (start-up, allocator warm-up);
+the trainers take turns for `--repeats` rounds and the median round is reported.
 The ratios ours/open_clip are printed; the target is softmax >= 1.0x.
 """
 
@@ -131,6 +132,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="OMP/torch threads of each run")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of (open_clip, ours softmax, ours linear); medians reported")
+    parser.add_argument("--keep-logs", default=None, help="keep the runs' logs and outputs in this dir (default: a temp dir)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -142,24 +145,36 @@ def main(argv=None) -> int:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(key, None)  # one process
     env["MASTER_PORT"] = env.get("MASTER_PORT", "29533")
-    results = []
+    runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="linclip_throughput_") as tmp:
-        work = Path(tmp)
         print(f"preset {args.preset}, batch {args.batch_size}, {args.steps} steps, {args.precision}, "
-              f"{args.workers} data worker(s), {args.threads} thread(s), one CPU process each", flush=True)
-        print("open_clip_train.main (softmax) ...", flush=True)
-        results.append(run_open_clip(args, cfg, work, env))
-        for attention in ("softmax", "linear-affine"):
-            print(f"ds_linclip.train ({attention}) ...", flush=True)
-            results.append(run_ours(args, attention, work, env))
+              f"{args.workers} data worker(s), {args.threads} thread(s), one CPU process each, "
+              f"{args.repeats} round(s)", flush=True)
+        for round_index in range(args.repeats):  # rounds interleave the trainers: drift hits all alike
+            work = Path(args.keep_logs or tmp) / f"round{round_index}"
+            work.mkdir(parents=True, exist_ok=True)
+            print(f"round {round_index}: open_clip_train.main (softmax) ...", flush=True)
+            result = run_open_clip(args, cfg, work, env)
+            runs.setdefault(result["label"], []).append(result)
+            for attention in ("softmax", "linear-affine"):
+                print(f"round {round_index}: ds_linclip.train ({attention}) ...", flush=True)
+                result = run_ours(args, attention, work, env)
+                runs.setdefault(result["label"], []).append(result)
+    results = []
+    for label, rounds in runs.items():
+        step_s = statistics.median(r["step_s"] for r in rounds)
+        results.append({"label": label, "step_s": step_s, "images_per_s": args.batch_size / step_s,
+                        "rounds_step_s": [r["step_s"] for r in rounds], "rounds": rounds})
     base = results[0]["images_per_s"]
-    print(f"\n{'trainer':<24} {'step (s)':>9} {'images/s':>9} {'vs open_clip':>13}")
+    print(f"\n{'trainer':<24} {'step (s)':>9} {'images/s':>9} {'vs open_clip':>13}   per-round step (s)")
     for r in results:
         r["ratio_vs_open_clip"] = r["images_per_s"] / base
-        print(f"{r['label']:<24} {r['step_s']:>9.3f} {r['images_per_s']:>9.1f} {r['ratio_vs_open_clip']:>12.2f}x")
+        rounds = " ".join(f"{t:.3f}" for t in r["rounds_step_s"])
+        print(f"{r['label']:<24} {r['step_s']:>9.3f} {r['images_per_s']:>9.1f} {r['ratio_vs_open_clip']:>12.2f}x   {rounds}")
     softmax_ratio = results[1]["ratio_vs_open_clip"]
     print(f"\nours softmax / open_clip softmax = {softmax_ratio:.2f}x (target >= 1.0x: "
-          f"{'met' if softmax_ratio >= 1.0 else 'NOT met'})")
+          f"{'met' if softmax_ratio >= 1.0 else 'NOT met'}); linear-affine / open_clip softmax = "
+          f"{results[2]['ratio_vs_open_clip']:.2f}x")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")

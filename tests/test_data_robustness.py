@@ -193,7 +193,7 @@ def test_a_worker_whose_shards_are_all_unreadable_borrows_instead_of_stopping(tm
 
 @pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax", "pax-gz"])
 def test_tar_reader_matches_tarfile(tmp_path, fmt):
-    """Our header-block reader returns what tarfile reads, for each tar dialect (+ gzip)."""
+    """tar_members returns what tarfile reads, for each tar dialect (+ gzip)."""
     import gzip
     import tarfile
 
@@ -221,3 +221,25 @@ def test_tar_reader_matches_tarfile(tmp_path, fmt):
         assert dict(tar_members(stream)) == files
     with tarfile.open(path) as tar:
         assert {m.name: tar.extractfile(m).read() for m in tar if m.isreg()} == files
+
+
+def test_tar_cut_inside_a_header_is_truncated(tmp_path):
+    """A stream cut in the middle of a header block keeps the members before it and says so."""
+    import tarfile
+
+    from ds_linclip.data.pipeline import TruncatedTar, tar_members
+
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in ("0.txt", "1.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    whole = path.read_bytes()
+    cut = io.BytesIO(whole[: 1024 + 200])  # header 0, data 0, then 200 bytes of header 1
+    got = []
+    with pytest.raises(TruncatedTar):
+        for name, data in tar_members(cut):
+            got.append((name, data))
+    assert got == [("0.txt", b"abc")]
+    assert list(tar_members(io.BytesIO(whole))) == [("0.txt", b"abc"), ("1.txt", b"abc")]

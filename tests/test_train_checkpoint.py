@@ -92,3 +92,18 @@ def test_nonfinite_guard_counts_and_stops_after_k_in_a_row():
     assert guard.total == 4 and guard.in_a_row == 2
     with pytest.raises(NonFiniteLossError, match="3 micro-batches in a row"):
         guard.update(False, step=9)
+
+
+def test_cli_accepts_the_deepspeed_launchers_local_rank_and_names_bad_keys(capsys):
+    from ds_linclip.config import cli_config
+    from ds_linclip.train.__main__ import build_parser
+
+    args = build_parser().parse_args(["--local_rank=1", "model.preset=tiny", "data.train_shards=x.tar", "train.steps=3"])
+    assert cli_config(args, required=["data.train_shards"]).train.steps == 3
+    with pytest.raises(SystemExit) as exit_info:
+        cli_config(build_parser().parse_args(["model.preset=tiny", "data.train_shards=x.tar", "train.stepz=3"]))
+    assert exit_info.value.code == 2
+    assert "train.steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli_config(build_parser().parse_args(["model.preset=tiny"]), required=["data.train_shards"])
+    assert exit_info.value.code == 2 and "data.train_shards" in capsys.readouterr().err

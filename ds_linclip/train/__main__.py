@@ -22,12 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
             "checkpoints/ (tags step_NNNNNNNN, `latest`), final/model.safetensors + config.yaml, DONE. "
             "Exit codes: 0 done; 75 stopped by SIGTERM/SIGUSR1 after a checkpoint (requeue me); "
             "3 too many non-finite losses in a row; 2 config error. "
-            "Example: DS_ACCELERATOR=cpu python -m ds_linclip.train --config configs/fashion_mnist.yaml "
+            "Example: DS_ACCELERATOR=cpu python -m ds_linclip.train --config configs/demo_fmnist.yaml "
             "train.steps=200 model.image.attention=linear-affine"
         ),
     )
     add_config_arguments(parser)
-    # The `deepspeed` launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    # the `deepspeed` launcher appends --local_rank=N; the rank comes from LOCAL_RANK in the environment
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
