@@ -84,7 +84,8 @@ class Budget:
     layers: int = 4
     width: int = 128
     patch_size: int = 4
-    context_length: int = 32
+    # 16 holds every Fashion-MNIST caption and zero-shot prompt (at most 14 tokens with SOT/EOT)
+    context_length: int = 16
     data_workers: int = 1
     eval_samples: int | None = None  # None: the whole test split
     eval_templates: str = "openai"
@@ -465,6 +466,62 @@ def interleaved_timing(specs: Sequence[RunSpec], rounds: int, batch_size: int, p
     return results
 
 
+def _attention_flops(spec: RunSpec) -> int:
+    from ds_linclip.config import load_config
+    from ds_linclip.models.flops import attention_flops_per_image
+
+    return attention_flops_per_image(load_config([], spec.model_overrides()).model)
+
+
+def sweep_rows(sweep: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Markdown rows of the timing sweep: per kind, img/s at each size and the ratio to softmax."""
+    sizes = sorted({p["image_size"] for p in sweep["points"]})
+    kinds = list(dict.fromkeys(p["kind"] for p in sweep["points"]))
+    at = {(p["kind"], p["image_size"]): p for p in sweep["points"]}
+    tokens = {p["image_size"]: p["tokens"] for p in sweep["points"]}
+    header = ["kind"] + [f"{s} px / {tokens[s]} tok: img/s" for s in sizes]
+    rows = []
+    for kind in kinds:
+        cells = [kind]
+        for size in sizes:
+            rate = at[(kind, size)]["images_per_s"]
+            base = at.get(("softmax", size), {}).get("images_per_s")
+            cells.append(f"{rate:.1f}" + (f" ({rate / base:.2f}x)" if base and kind != "softmax" else ""))
+        rows.append(cells)
+    return header, rows
+
+
+def plot_sweep(sweep: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(p["kind"] for p in sweep["points"]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
+    base = {p["image_size"]: p["images_per_s"] for p in sweep["points"] if p["kind"] == "softmax"}
+    for kind in kinds:
+        points = sorted((p for p in sweep["points"] if p["kind"] == kind), key=lambda p: p["tokens"])
+        tokens = [p["tokens"] for p in points]
+        axes[0].plot(tokens, [p["images_per_s"] for p in points], marker="o", label=kind, color=COLORS.get(kind))
+        if base:
+            axes[1].plot(tokens, [p["images_per_s"] / base[p["image_size"]] for p in points], marker="o", label=kind,
+                         color=COLORS.get(kind))
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel(f"training images/s (batch {sweep['batch_size']}, median of {sweep['rounds']})")
+    axes[1].axhline(1.0, color="gray", linewidth=1)
+    axes[1].set_ylabel("speed relative to softmax (>1: faster)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("image tokens (patches + CLS)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle("Training step speed vs token count, kinds interleaved (nothing trained)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- scaling fit
 
 
@@ -672,7 +729,7 @@ def git_commit() -> str | None:
 
 def write_report(out: Path, command: str, budget: Budget, results: Sequence[RunResult], timing: dict[str, dict],
                  timing_info: dict[str, Any], scale_results: Sequence[RunResult], fits: dict[str, dict],
-                 meta: dict[str, Any]) -> dict[str, Path]:
+                 meta: dict[str, Any], sweep: dict[str, Any] | None = None) -> dict[str, Path]:
     """compare.md, compare.json and the PNGs into `out`; returns {name: path}."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "compare.md", "json": out / "compare.json", "loss_png": out / "compare_loss.png",
@@ -680,6 +737,9 @@ def write_report(out: Path, command: str, budget: Budget, results: Sequence[RunR
     plot_loss(results, paths["loss_png"])
     plot_accuracy_vs_compute(results, timing, paths["accuracy_png"])
     plot_throughput(results, timing, paths["throughput_png"])
+    if sweep:
+        paths["sweep_png"] = out / "compare_sweep.png"
+        plot_sweep(sweep, paths["sweep_png"])
     if scale_results:
         paths["scale_png"] = out / "scale_loss_vs_compute.png"
         plot_scaling(scale_results, fits, paths["scale_png"])
@@ -724,6 +784,17 @@ def write_report(out: Path, command: str, budget: Budget, results: Sequence[RunR
         "4·N²·width per layer, linear 4·N·head_dim·width; **attn %**: of the image tower's forward FLOPs.",
         "- **train TFLOPs**: 3 x forward FLOPs (image + caption) x samples seen.",
     ]
+    if sweep:
+        header, rows = sweep_rows(sweep)
+        md += [
+            "",
+            "## Where linear attention overtakes softmax: timing sweep over token counts",
+            "",
+            f"Nothing trained: the same interleaved training-step timing (batch {sweep['batch_size']}, "
+            f"{sweep['rounds']} rounds, median) at more image sizes; in brackets the speed relative to softmax.",
+            "",
+            markdown_table(header, rows),
+        ]
     if scale_results:
         md += [
             "",
@@ -747,6 +818,7 @@ def write_report(out: Path, command: str, budget: Budget, results: Sequence[RunR
         "command": command, **meta, "budget": asdict(budget),
         "timing": {"info": timing_info, "per_run": timing},
         "runs": [asdict(r) for r in results],
+        "sweep": sweep or {},
         "scale": {"runs": [asdict(r) for r in scale_results], "fits": fits},
     }
     paths["json"].write_text(json.dumps(payload, indent=1) + "\n")
@@ -757,7 +829,8 @@ def write_report(out: Path, command: str, budget: Budget, results: Sequence[RunR
 
 
 QUICK = {"steps": 4, "batch_size": 8, "width": 32, "layers": 1, "image_sizes": [12, 24], "eval_samples": 200,
-         "eval_templates": "simple", "eval_batch_size": 100, "timing_rounds": 2, "scale_widths": [32, 64, 96]}
+         "eval_templates": "simple", "eval_batch_size": 100, "timing_rounds": 2, "sweep_sizes": [12, 24],
+         "sweep_batch": 4, "scale_widths": [32, 64, 96]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -791,6 +864,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=2.0e-3, help="peak learning rate (default %(default)s)")
     parser.add_argument("--width", type=int, default=128, help="tower width (default %(default)s; heads = width/32)")
     parser.add_argument("--layers", type=int, default=4, help="layers per tower (default %(default)s)")
+    parser.add_argument("--context-length", type=int, default=16,
+                        help="text context (default %(default)s: every caption and prompt here is at most 14 tokens)")
     parser.add_argument("--eval-samples", type=int, default=None,
                         help="score only the first N test images (default: all 10,000)")
     parser.add_argument("--eval-templates", default="openai",
@@ -800,6 +875,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rounds of the interleaved timing pass (0 = skip it; default %(default)s)")
     parser.add_argument("--timing-batch", type=int, default=None,
                         help="batch of the interleaved timing pass (default: --batch-size)")
+    parser.add_argument("--sweep-sizes", nargs="*", type=int, default=[28, 56, 84, 112], metavar="PX",
+                        help="image sizes of an extra interleaved timing sweep (nothing trained): every kind at every "
+                             "size on the same batch (--sweep-batch), to show where linear attention overtakes softmax "
+                             "as the token count grows (default: %(default)s; none = skip)")
+    parser.add_argument("--sweep-batch", type=int, default=16, help="batch of the timing sweep (default %(default)s)")
     parser.add_argument("--scale", action="store_true",
                         help="also train softmax and linear-affine at three widths (--scale-widths) on the first image "
                              "size and fit final loss against training compute (a power law per kind)")
@@ -863,6 +943,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported (in-process runs)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     budget = Budget(steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr, layers=args.layers,
+                    context_length=args.context_length,
                     width=args.width, eval_samples=args.eval_samples, eval_templates=args.eval_templates,
                     eval_batch_size=args.eval_batch_size)
     command = "python -m ds_linclip.experiments.compare " + shlex.join(argv)
@@ -903,6 +984,19 @@ def _main(argv: Sequence[str] | None = None) -> int:
                  f"activations {t['activation_mib']:.1f} MiB")
     timing_info = {"rounds": args.timing_rounds, "batch_size": timing_batch,
                    "torch_threads": torch.get_num_threads()}
+    sweep: dict[str, Any] = {}
+    if args.sweep_sizes and args.timing_rounds > 0:
+        sweep_specs = [RunSpec(kind, size, args.width, budget) for size in args.sweep_sizes for kind in args.kinds]
+        _log(f"timing sweep: sizes {args.sweep_sizes} px, batch {args.sweep_batch}, {args.timing_rounds} rounds")
+        per_run = interleaved_timing(sweep_specs, args.timing_rounds, args.sweep_batch, progress=not args.no_progress)
+        sweep = {"batch_size": args.sweep_batch, "rounds": args.timing_rounds, "points": [
+            {"kind": spec.kind, "image_size": spec.image_size, "tokens": spec.tokens,
+             "images_per_s": per_run[spec.name]["images_per_s"], "activation_mib": per_run[spec.name]["activation_mib"],
+             "attention_flops_per_image": _attention_flops(spec)} for spec in sweep_specs]}
+        for size in args.sweep_sizes:
+            points = {p["kind"]: p for p in sweep["points"] if p["image_size"] == size}
+            _log(f"  {size} px ({points[args.kinds[0]]['tokens']} tokens): " + ", ".join(
+                f"{k} {p['images_per_s']:.1f} img/s" for k, p in points.items()))
 
     fits: dict[str, dict] = {}
     scale_results = [done[s] for s in scale_specs]
@@ -916,7 +1010,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     meta["load_average_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     meta["wall_seconds"] = round(time.perf_counter() - start, 1)
     results = [done[s] for s in specs]
-    paths = write_report(args.out, command, budget, results, timing, timing_info, scale_results, fits, meta)
+    paths = write_report(args.out, command, budget, results, timing, timing_info, scale_results, fits, meta, sweep)
     print(markdown_table(TABLE_COLUMNS, table_rows(results, timing)))
     _log("wrote " + ", ".join(str(p) for p in paths.values()) + f" ({meta['wall_seconds']:.0f} s)")
     return 0
