@@ -8,7 +8,7 @@ transform (random resized crop, scale (0.9, 1.0), bicubic, CLIP mean/std) and BP
 (open_clip's, same context length). Each is timed over whole batches from iter() (worker start
 included) to the last sample; the runs alternate (ours, open_clip, ours, ...) and the best of
 `--repeats` is kept for each, so noise from a shared machine hits both alike. Prints a table and
-the ratio ours / open_clip (samples/s).
+the ratio ours / open_clip (samples/s), of the best runs and of the medians.
 """
 
 from __future__ import annotations
@@ -89,11 +89,12 @@ def main(argv=None) -> int:
     parser.add_argument("--fmnist-dir", default="/tmp/ds_linclip_test_cache/fmnist",
                         help="where to find/write the default Fashion-MNIST shards (default %(default)s)")
     parser.add_argument("--samples", type=int, default=None, help="samples per timed epoch (default: sizes.json total)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--context-length", type=int, default=77)
-    parser.add_argument("--shuffle-buffer", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for both (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=256, help="(default %(default)s)")
+    parser.add_argument("--image-size", type=int, default=32, help="output side in px (default %(default)s)")
+    parser.add_argument("--context-length", type=int, default=77, help="tokens per caption (default %(default)s)")
+    parser.add_argument("--shuffle-buffer", type=int, default=1000,
+                        help="our sample shuffle buffer (open_clip: 5000, filled to 1000 first; default %(default)s)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per loader; the best counts")
     args = parser.parse_args(argv)
 
@@ -122,8 +123,11 @@ def main(argv=None) -> int:
     print(f"{'loader':10s} {'best samples/s':>15s} {'all runs':>30s}")
     for name, rates in results.items():
         print(f"{name:10s} {best[name]:15.0f} {', '.join(f'{r:.0f}' for r in rates):>30s}")
+    import statistics
+
     ratio = best["ours"] / best["open_clip"]
-    print(f"ratio ours/open_clip: {ratio:.2f}x (target >= 1.0x)")
+    median = statistics.median(results["ours"]) / statistics.median(results["open_clip"])
+    print(f"ratio ours/open_clip: {ratio:.2f}x best-of-runs, {median:.2f}x median (target >= 1.0x)")
     return 0
 
 

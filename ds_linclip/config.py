@@ -123,13 +123,17 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     # submit an eval job (ds_linclip.eval.submit) after each checkpoint
     eval_after_checkpoint: bool = False
+    # append each step's sample keys to R/sample_keys/rank_NNNNN.txt: audits exactly-once data
+    # order across restarts (tests, debugging); off by default since it costs a little I/O per step
+    log_sample_keys: bool = False
 
 
 @dataclass
 class EvalConfig:
     # labelled shards (`cls` key) or an ImageFolder for zero-shot classification
     zeroshot_data: Optional[str] = None
-    # class names: `imagenet1k` (built in, from open_clip), `fashion_mnist`, or a file (one per line)
+    # class names in label order: `imagenet1k` (open_clip's), `fashion_mnist`, a file (one per line;
+    # e.g. ImageNet-21K's names, not shipped), or `folders` (an ImageFolder's folder names)
     classnames: str = "imagenet1k"
     # openai | simple | a file with one template per line, `{}` for the class name
     templates: str = "openai"
@@ -141,11 +145,19 @@ class EvalConfig:
     chunk_size: int = 1024
     # stop after this many samples (None = all)
     max_samples: Optional[int] = None
+    # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    device: str = "auto"
+    # autocast dtype while encoding: fp32 (none) | bf16 | fp16; metrics are always computed in fp32
+    precision: str = "fp32"
     # submitit / Slurm settings for `python -m ds_linclip.eval.submit`
     partition: Optional[str] = None
     gpus: int = 1
     cpus: int = 8
     time_minutes: int = 60
+    # auto (Slurm when `srun` exists, else local processes) | slurm | local | debug (in-process)
+    cluster: str = "auto"
+    # submitit's job folder (logs, pickles); None -> R/eval/submitit for checkpoints in a run folder
+    submitit_folder: Optional[str] = None
 
 
 @dataclass

@@ -58,7 +58,7 @@ def test_epoch_every_sample_exactly_once_2_ranks_x_2_workers(eight_shards):
             rank_keys, batches = run_epoch(loader)
             assert len(batches) == 12
             images, tokens = batches[0]
-            assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
+            assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32 and images.is_contiguous()
             assert tokens.shape == (8, 32) and tokens.dtype == torch.long
             keys.extend(rank_keys)
         assert sorted(keys) == all_keys  # every sample once: no repeats, no gaps

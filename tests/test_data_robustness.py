@@ -189,3 +189,57 @@ def test_a_worker_whose_shards_are_all_unreadable_borrows_instead_of_stopping(tm
     assert len(keys) == 16 and set(keys) <= {s["__key__"] for s in good}
     assert loader.skipped["unreadable_shard"] >= 1
     assert loader.counters["repeated_to_fill"] == 8  # the borrowing worker's samples are repeats
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax", "pax-gz"])
+def test_tar_reader_matches_tarfile(tmp_path, fmt):
+    """tar_members returns what tarfile reads, for each tar dialect (+ gzip)."""
+    import gzip
+    import tarfile
+
+    from ds_linclip.data.pipeline import tar_members
+
+    rng = np.random.default_rng(1)
+    files = {
+        "a/b/0001.png": rng.bytes(1000), "a/b/0001.txt": "ünïcode caption".encode(),
+        "x" * 90 + "/" + "y" * 60 + ".jpg": rng.bytes(512),  # > 100 chars: prefix / long name / pax path
+        "empty.txt": b"", "big.bin": rng.bytes(70000),
+    }
+    tar_format = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT}.get(fmt, tarfile.PAX_FORMAT)
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        dir_info = tarfile.TarInfo("a")
+        dir_info.type = tarfile.DIRTYPE
+        tar.addfile(dir_info)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    if fmt.endswith("gz"):
+        path.write_bytes(gzip.compress(path.read_bytes()))
+    with open(path, "rb") as stream:
+        assert dict(tar_members(stream)) == files
+    with tarfile.open(path) as tar:
+        assert {m.name: tar.extractfile(m).read() for m in tar if m.isreg()} == files
+
+
+def test_tar_cut_inside_a_header_is_truncated(tmp_path):
+    """A stream cut in the middle of a header block keeps the members before it and says so."""
+    import tarfile
+
+    from ds_linclip.data.pipeline import TruncatedTar, tar_members
+
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in ("0.txt", "1.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    whole = path.read_bytes()
+    cut = io.BytesIO(whole[: 1024 + 200])  # header 0, data 0, then 200 bytes of header 1
+    got = []
+    with pytest.raises(TruncatedTar):
+        for name, data in tar_members(cut):
+            got.append((name, data))
+    assert got == [("0.txt", b"abc")]
+    assert list(tar_members(io.BytesIO(whole))) == [("0.txt", b"abc"), ("1.txt", b"abc")]

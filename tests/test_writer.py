@@ -85,6 +85,11 @@ def test_a_crash_leaves_no_partial_shard_under_a_final_name(tmp_path):
     for name in names:
         assert len(tarfile.open(tmp_path / name).getnames()) == 20
     assert not writer.is_complete(tmp_path, {"test": 1})
+    (tmp_path / ".shard-000007.tar.tmp-12345").write_bytes(b"left by a killed writer")
+    good = ({"__key__": f"{i:04d}", "txt": "x"} for i in range(12))
+    assert writer.write_shards(good, tmp_path, 10, {"test": 1}) == {"shard-000000.tar": 10, "shard-000001.tar": 2}
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".writer")) == [
+        "manifest.json", "shard-000000.tar", "shard-000001.tar", "sizes.json"]
 
 
 def test_imagefolder_with_captions_tsv_via_cli(tmp_path):

@@ -2,8 +2,9 @@
 
 Per DataLoader worker the training stream is
 
-    shards (epoch order or resampled) -> tar members (webdataset's tar reader, gopen: local/pipe:/URLs)
-      -> samples grouped by key -> cheap checks (image/caption present, caption non-empty)
+    shards (epoch order or resampled) -> tar members (webdataset's gopen: local/pipe:/URLs; our
+      tarfile stream reader, tar_members) -> samples grouped by key (webdataset's base_plus_ext)
+      -> cheap checks (image/caption present, caption non-empty)
       -> seeded shuffle buffer -> [skip what a resumed run already consumed]
       -> decode + crop + resize (PIL, one resize per image) -> batch: normalise, tokenize (batched)
 
@@ -11,6 +12,9 @@ Everything random is derived from (seed, epoch, rank, worker, pass, batch index)
 pure function of the config and the data. That is what makes mid-epoch resume exact: a worker
 replays its raw sample stream and drops the first `worker_samples[w]` entries without decoding
 them (raw tar reads only), then continues exactly where the checkpointed run stopped.
+
+Epoch mode splits shards by rank then worker (shards.worker_shards); every worker yields the same
+number of batches, so every rank does. Resampled mode draws shards with replacement, seeded.
 
 Bad input never stops training: each skipped sample is counted by reason (see REASONS) in the
 worker, the counts travel with the next batch it yields, and the loader in the main process
@@ -24,6 +28,7 @@ import json
 import logging
 import math
 import random
+import tarfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -55,8 +60,9 @@ REASONS = (
 )
 # a worker whose shards ran out before its quota wraps around; each re-used sample is counted
 REPEATED = "repeated_to_fill"
-# consecutive undecodable images after which a worker gives up (the data is not images)
-MAX_CONSECUTIVE_DECODE_ERRORS = 1000
+# consecutive undecodable images after which a worker gives up (the data is not images); at a
+# 1% failure rate 200 in a row has probability 1e-400, so this never fires on real data
+MAX_CONSECUTIVE_DECODE_ERRORS = 200
 
 
 class DataError(RuntimeError):
@@ -159,12 +165,15 @@ def crop_resize(image: Image.Image, box, size: int) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.BICUBIC, box=box))
 
 
+_MEAN_255 = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255.0
+_INV_STD_255 = 1.0 / (torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0)
+
+
 def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
-    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 with CLIP mean/std."""
-    images = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return images.sub_(mean).div_(std)
+    """(B, S, S, 3) uint8 -> contiguous (B, 3, S, S) float32, (x/255 - mean) / std with CLIP's mean/std."""
+    # transpose the 1-byte pixels, not the floats; then one subtract and one multiply in place
+    images = images_uint8.permute(0, 3, 1, 2).contiguous().float()
+    return images.sub_(_MEAN_255).mul_(_INV_STD_255)
 
 
 # ---------------------------------------------------------------------------------------- samples
@@ -174,6 +183,61 @@ def _split_keys(keys: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(k.strip().lower() for k in keys if k.strip())
 
 
+class TruncatedTar(EOFError):
+    """The tar stream ends inside a header or member; `member` is the name being read, if known."""
+
+    def __init__(self, message: str, member: str | None):
+        super().__init__(message + (f" ({member})" if member else ""))
+        self.member = member
+
+
+class _CountingReader:
+    """A read-only stream that counts the bytes it hands out (to tell a cut tar from a whole one)."""
+
+    def __init__(self, stream):
+        self.stream, self.total, self.head = stream, 0, b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        if self.total < 2:
+            self.head = (self.head + data)[:2]
+        self.total += len(data)
+        return data
+
+
+def tar_members(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file of a tar stream (ustar, GNU or pax; gzip too), in order.
+
+    Python's `tarfile` in stream mode (`r|*`), so pipes and object-store streams work. Raises
+    TruncatedTar when the archive breaks off inside a member or a header, ValueError when the
+    stream is no tar archive at all.
+    """
+    counted = _CountingReader(stream)
+    try:
+        archive = tarfile.open(fileobj=counted, mode="r|*")
+    except tarfile.ReadError as err:
+        raise ValueError(f"not a tar archive ({err})") from err
+    name = None
+    try:
+        for member in archive:
+            if not member.isreg():
+                continue
+            name = member.name
+            data = archive.extractfile(member).read()
+            if len(data) < member.size:
+                raise TruncatedTar("tar archive truncated inside a member", name)
+            yield name, data
+            name = None
+    except (tarfile.ReadError, EOFError) as err:  # the data of a member (or a gzip stream) ends early
+        raise TruncatedTar(f"tar archive truncated ({err})", name) from err
+    # tarfile ends quietly on a header cut short; every tar writer pads to 512-byte blocks, so a
+    # plain (not gzip) stream whose length is no multiple of 512 was cut inside a header.
+    while counted.read(1 << 16):
+        pass
+    if counted.head != b"\x1f\x8b" and counted.total % 512:
+        raise TruncatedTar("tar archive truncated inside a header", None)
+
+
 def read_shard(url: str, counts: Counter) -> Iterator[dict]:
     """Samples ({"__key__", "__url__", ext: bytes}) of one tar shard, in tar order.
 
@@ -181,8 +245,6 @@ def read_shard(url: str, counts: Counter) -> Iterator[dict]:
     `unreadable_shard`; a tar that breaks off counts `truncated_shard`: the complete samples before
     the break are yielded, only the one being read is lost.
     """
-    import tarfile
-
     from webdataset.gopen import gopen
     from webdataset.tariterators import base_plus_ext
 
@@ -191,34 +253,28 @@ def read_shard(url: str, counts: Counter) -> Iterator[dict]:
     stream = None
     try:
         stream = gopen(url, "rb")
-        tar = tarfile.open(fileobj=stream, mode="r|*")
-        for info in tar:
+        for name, data in tar_members(stream):
             members_read += 1
-            name = info.name
-            if not info.isreg() or name.startswith("__") or "/__" in name:  # dirs, webdataset metadata
+            if name.startswith("__") or "/__" in name:  # webdataset metadata files
                 continue
             prefix, suffix = base_plus_ext(name)
             if prefix is None:
                 continue
-            try:
-                data = tar.extractfile(info).read()
-            except Exception as err:  # noqa: BLE001 - cut off inside this member
-                counts["truncated_shard"] += 1  # counted before the last good sample goes out
-                log.warning("shard %s: truncated in %s (%s: %s)", url, name, type(err).__name__, err)
-                if current is not None and current["__key__"] != prefix:
-                    yield current  # complete: the cut is in the next sample
-                return
             if current is None or current["__key__"] != prefix:
                 if current is not None:
                     yield current
                 current = {"__key__": prefix, "__url__": url}
             current[suffix.lower()] = data
-            tar.members = []  # stream mode keeps every TarInfo otherwise
         if current is not None:
             yield current
         current = None
         stream.close()  # pipe: checks the command's exit status here
         stream = None
+    except TruncatedTar as err:
+        counts["truncated_shard"] += 1  # counted before the last complete sample goes out
+        log.warning("shard %s: truncated_shard (%s)", url, err)
+        if current is not None and (err.member is None or base_plus_ext(err.member)[0] != current["__key__"]):
+            yield current  # complete: the cut is in the next sample (or between headers)
     except Exception as err:  # noqa: BLE001 - any failure of one shard is a counted skip
         reason = "truncated_shard" if members_read else "unreadable_shard"
         counts[reason] += 1
@@ -392,7 +448,9 @@ class TrainStream(IterableDataset):
 
     def _decode(self, raw: tuple, box_rng: np.random.Generator | None) -> np.ndarray:
         c = self.cfg
-        image = decode_image(raw[1], min_size=c.image_size)
+        # JPEG draft size: the smallest random crop (area scale_min, aspect 3/4) still >= image_size px
+        draft = int(math.ceil(c.image_size / math.sqrt(c.crop_scale[0] * 3 / 4)))
+        image = decode_image(raw[1], min_size=draft)
         if box_rng is None:
             box = center_crop_box(*image.size)
         else:

@@ -80,7 +80,9 @@ def write_shards(samples: Iterable[dict], out: Path, shard_size: int, manifest: 
         if is_complete(out, manifest):
             print(f"{out}: up to date ({manifest})", file=sys.stderr)
             return json.loads((out / "sizes.json").read_text())
-        for stale in list(out.glob("shard-*.tar")) + [out / "manifest.json", out / "sizes.json"]:
+        # earlier output and temporaries of a crashed writer (we hold the lock: nobody else writes)
+        stale_files = list(out.glob("shard-*.tar")) + list(out.glob(".shard-*.tmp-*"))
+        for stale in stale_files + [out / "manifest.json", out / "sizes.json"]:
             stale.unlink(missing_ok=True)
         sizes: dict[str, int] = {}
         writer = handle = tmp = None

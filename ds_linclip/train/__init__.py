@@ -1,0 +1,12 @@
+"""DeepSpeed trainer for CLIP (softmax or linear attention).
+
+- `loss.ClipLoss`: contrastive loss over ranks (local_loss, gather_with_grad).
+- `engine`: rank/world from the launcher's environment, the DeepSpeed config built from ours
+  (`build_ds_config`), the engine (`build_engine`).
+- `loop.train(cfg) -> exit code`: steps, logging, checkpoints, signals, final export;
+  `python -m ds_linclip.train` is its CLI.
+- `checkpoint`: save/resume with a crash-safe `latest`; `export`: consolidated fp32
+  `model.safetensors` + `config.yaml` (`python -m ds_linclip.train.export CKPT_DIR`).
+
+Submodules are imported on use: importing this package does not import DeepSpeed.
+"""

@@ -1,0 +1,261 @@
+"""DeepSpeed engine from our config: process environment, the DeepSpeed config dict, the engine.
+
+One source of truth: every DeepSpeed setting we rely on is derived from `cfg.train` here
+(`build_ds_config`) and the `deepspeed:` section is merged on top last, so any other
+DeepSpeed key can still be set. The dict is written to `R/ds_config.json` for the record.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ds_linclip.config import ConfigError
+
+# set by our batch keys; the `deepspeed:` section must not restate them (one statement of batch size)
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First hostname of a Slurm node list (`scontrol show hostnames`, else a small parser)."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    first = re.split(r",(?![^\[]*\])", nodelist)[0]  # split on commas outside brackets
+    match = re.match(r"^([^\[]+)\[([^\]]+)\]", first)
+    if not match:
+        return first
+    prefix, ranges = match.groups()
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Rank/world/local rank from the launcher's variables.
+
+    `RANK`/`WORLD_SIZE`/`LOCAL_RANK` (deepspeed, torchrun) win; else `SLURM_PROCID`/
+    `SLURM_NTASKS`/`SLURM_LOCALID` (srun); else one process. MASTER_ADDR defaults to the first
+    node of the Slurm allocation (or 127.0.0.1), MASTER_PORT to a port derived from the job id
+    (so two jobs sharing a node do not collide) or 29500.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local_rank = int(env.get("LOCAL_RANK", rank))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local_rank = int(env.get("SLURM_LOCALID", 0))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    if not 0 <= rank < world:
+        raise RuntimeError(f"rank {rank} is outside world size {world} (check RANK/WORLD_SIZE or SLURM_*)")
+    master_addr = env.get("MASTER_ADDR")
+    if not master_addr:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        master_addr = _first_slurm_host(nodelist) if nodelist and world > 1 else "127.0.0.1"
+    if env.get("MASTER_PORT"):
+        master_port = int(env["MASTER_PORT"])
+    elif env.get("SLURM_JOB_ID", "").isdigit():
+        master_port = 20000 + int(env["SLURM_JOB_ID"]) % 40000
+    else:
+        master_port = DEFAULT_MASTER_PORT
+    return DistEnv(rank, world, local_rank, master_addr, master_port)
+
+
+def export_dist_env(env: DistEnv) -> None:
+    """Put the resolved values where torch.distributed's env:// init reads them."""
+    os.environ.update(
+        RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+        MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
+    )
+
+
+def accelerator_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def init_distributed(env: DistEnv) -> None:
+    """Process group over all ranks: gloo on CPU, DeepSpeed's choice (nccl, ...) on accelerators."""
+    import deepspeed
+
+    export_dist_env(env)
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        accel.set_device(env.local_rank)
+    backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def deep_merge(base: dict, override: Mapping) -> dict:
+    """`override` merged into a copy of `base`; nested dicts merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def global_batch_size(train: DictConfig, world_size: int) -> int:
+    """Samples per optimizer step over all ranks."""
+    return train.micro_batch_size * train.grad_accum_steps * world_size
+
+
+def build_ds_config(cfg: DictConfig, world_size: int, device: str | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict for `cfg` (ZeRO, precision, clipping, accumulation, AdamW,
+    warmup+cosine LR per optimizer step), with `cfg.deepspeed` merged on top."""
+    train = cfg.train
+    device = device or accelerator_name()
+    if train.offload_param and train.zero_stage != 3:
+        raise ConfigError(
+            f"parameter offload needs ZeRO stage 3 (train.zero_stage is {train.zero_stage})", "train.offload_param"
+        )
+    if train.offload_optimizer and train.zero_stage == 0:
+        raise ConfigError("optimizer offload needs ZeRO stage 1, 2 or 3", "train.offload_optimizer")
+    for key in ("micro_batch_size", "grad_accum_steps", "steps"):
+        if train[key] < 1:
+            raise ConfigError(f"must be >= 1, got {train[key]}", f"train.{key}")
+    if train.lr <= 0 or not 0 <= train.min_lr <= train.lr:
+        raise ConfigError(f"need 0 < lr and 0 <= min_lr <= lr (lr={train.lr}, min_lr={train.min_lr})", "train.min_lr")
+
+    zero: dict[str, Any] = {"stage": int(train.zero_stage)}
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device != "cpu"}
+    if train.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device != "cpu"}
+
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": int(train.micro_batch_size),
+        "gradient_accumulation_steps": int(train.grad_accum_steps),
+        "train_batch_size": global_batch_size(train, world_size),
+        "gradient_clipping": float(train.grad_clip),
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {
+            "enabled": train.precision == "fp16",
+            "loss_scale": 0,  # 0 = dynamic loss scaling
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": float(train.lr),
+                "betas": [float(train.beta1), float(train.beta2)],
+                "eps": float(train.adam_eps),
+                "weight_decay": float(train.weight_decay),
+                # FusedAdam on CPU is a JIT-built op with no gain over torch's foreach AdamW;
+                # with optimizer offload DeepSpeed needs its own CPU Adam, so only when not offloading
+                "torch_adam": device == "cpu" and not train.offload_optimizer,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": int(train.steps),
+                "warmup_num_steps": max(1, int(train.warmup_steps)),
+                "warmup_type": "linear",
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": float(train.min_lr) / float(train.lr),
+            },
+        },
+        "steps_per_print": 10**9,  # our loop logs; keep DeepSpeed's own step prints out of the way
+        "wall_clock_breakdown": False,
+    }
+    passthrough = OmegaConf.to_container(cfg.deepspeed, resolve=True) if isinstance(cfg.deepspeed, DictConfig) else dict(cfg.deepspeed or {})
+    for key in _BATCH_KEYS:
+        if key in passthrough:
+            raise ConfigError(
+                "batch size is stated once, in train.micro_batch_size and train.grad_accum_steps "
+                "(the global batch is derived); remove it from the deepspeed section",
+                f"deepspeed.{key}",
+            )
+    return deep_merge(ds, passthrough)
+
+
+def write_ds_config(ds_config: dict, run_dir: str | Path) -> Path:
+    path = Path(run_dir) / "ds_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(ds_config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: Iterable[str] | None = None) -> list[dict]:
+    """AdamW groups: decay for weight matrices; none for the names the model exempts (biases,
+    norms, embeddings, logit_scale). Both groups are always present (possibly empty) so the
+    optimizer state layout does not depend on the model."""
+    exempt = set(no_decay_names if no_decay_names is not None else model.no_weight_decay_names())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    unknown = exempt - {n for n, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(f"no_weight_decay_names() lists parameters the model does not have: {sorted(unknown)[:5]}")
+    decay = [p for n, p in named if n not in exempt]
+    no_decay = [p for n, p in named if n in exempt]
+    return [
+        {"params": decay, "weight_decay": float(weight_decay), "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+def promote_scalar_parameters(model: torch.nn.Module) -> list[str]:
+    """Replace each 0-dim parameter by a 1-element one with the same value and name; returns the names.
+
+    DeepSpeed 0.19 reinterprets every parameter as bytes (`p.data.view(torch.uint8)`) to broadcast it
+    (engine start-up, ZeRO-3 `zero.Init`, `GatheredParameters`), which raises for 0-dim tensors
+    ("self.dim() cannot be 0 to view Float as Byte") -- and CLIP's logit_scale is one, as in
+    open_clip. A (1,)-shaped logit_scale broadcasts the same in the loss; `export` gives the
+    plain model's shapes back.
+    """
+    promoted = []
+    for name, param in list(model.named_parameters()):
+        if param.dim() == 0:
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            setattr(owner, attr, torch.nn.Parameter(param.detach().reshape(1).clone(), requires_grad=param.requires_grad))
+            promoted.append(name)
+    return promoted
+
+
+def build_engine(cfg: DictConfig, model: torch.nn.Module, ds_config: dict):
+    """deepspeed.initialize with our param groups; returns the engine (optimizer and scheduler inside).
+    0-dim parameters become 1-element ones first (see `promote_scalar_parameters`)."""
+    import deepspeed
+
+    promote_scalar_parameters(model)
+    groups = [g for g in param_groups(model, cfg.train.weight_decay) if g["params"]]
+    for g in groups:
+        g.pop("name")
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    return engine

@@ -1,0 +1,130 @@
+"""Consolidated fp32 weights from a DeepSpeed checkpoint -> `model.safetensors` + `config.yaml`.
+
+    python -m ds_linclip.train.export R/checkpoints/step_00000100 [--out DIR]
+    python -m ds_linclip.train.export R/checkpoints            # the tag named by `latest`
+
+The weights come from DeepSpeed's own ZeRO-to-fp32 tooling
+(`deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`), which merges the fp32
+master partitions of every rank (ZeRO 1, 2, 3, and the bf16 optimizer of stage 0). Only a
+stage-0 fp32 run has no optimizer partitions; there the model-states file already holds the
+full fp32 module. The result loads into `build_model(cfg.model)` without DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ds_linclip.train.checkpoint import LATEST, TAG_PATTERN, read_latest
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+DEFAULT_SUBDIR = "fp32"
+
+
+def resolve_tag_dir(path: str | Path) -> Path:
+    """A tag dir as is; a save dir (holding `latest`) -> the tag it names."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        tag = read_latest(path)
+        path = path / tag
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if not any(path.glob("*model_states.pt")):
+        raise FileNotFoundError(f"{path} holds no DeepSpeed model states (*model_states.pt): not a checkpoint tag dir")
+    return path
+
+
+def fp32_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 state dict (parameter and buffer names as in the plain model)."""
+    tag_dir = Path(tag_dir)
+    if any(tag_dir.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:  # stage 0 in fp32: DeepSpeed keeps no partitions, the module is whole in the model states
+        model_states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        state = torch.load(model_states[0], map_location="cpu", weights_only=False)["module"]
+    return {name: tensor.detach().float().contiguous().clone() for name, tensor in state.items()}
+
+
+def to_model_shapes(state: dict[str, torch.Tensor], config_yaml: str | Path) -> dict[str, torch.Tensor]:
+    """Check `state` against the plain model of `config_yaml` (same names) and give each tensor
+    the model's shape (the trainer holds 0-dim parameters as 1-element ones, see
+    engine.promote_scalar_parameters)."""
+
+    from ds_linclip.config import load_config
+    from ds_linclip.models import build_model
+
+    cfg = load_config([config_yaml])
+    cfg.model.pretrained = None  # the skeleton only: its names and shapes
+    expected = {k: v.shape for k, v in build_model(cfg.model, load_pretrained_weights=False).state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model of {config_yaml}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    out = {}
+    for name, tensor in state.items():
+        if tensor.shape != expected[name]:
+            if tensor.numel() != math.prod(expected[name]):
+                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} vs model {tuple(expected[name])}")
+            tensor = tensor.reshape(expected[name]).clone()
+        out[name] = tensor
+    return out
+
+
+def export(tag_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write `model.safetensors` + `config.yaml` into out_dir (default TAG_DIR/fp32); returns out_dir.
+    The files appear atomically (written to a temp dir, then renamed)."""
+    tag_dir = resolve_tag_dir(tag_dir)
+    out_dir = Path(out_dir) if out_dir is not None else tag_dir / DEFAULT_SUBDIR
+    config = tag_dir / CONFIG
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} is missing: the checkpoint was not written by ds_linclip.train")
+    state = to_model_shapes(fp32_state_dict(tag_dir), config)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    step = TAG_PATTERN.match(tag_dir.name)
+    save_file(state, str(tmp / WEIGHTS), metadata={"source": str(tag_dir), "step": step.group(1) if step else ""})
+    shutil.copyfile(config, tmp / CONFIG)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def ensure_exported(tag_dir: str | Path) -> Path:
+    """TAG_DIR/fp32 (exported on first call): for consumers like the eval job."""
+    tag_dir = resolve_tag_dir(tag_dir)
+    out = tag_dir / DEFAULT_SUBDIR
+    if not (out / WEIGHTS).is_file():
+        export(tag_dir, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ds_linclip.train.export",
+        description="Consolidate a DeepSpeed checkpoint (any ZeRO stage) into fp32 model.safetensors + config.yaml.",
+    )
+    parser.add_argument("checkpoint", help="a tag dir (R/checkpoints/step_00000100) or a save dir with `latest`")
+    parser.add_argument("--out", default=None, help="output dir (default: CHECKPOINT/fp32)")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,450 @@
+"""The training loop: one DeepSpeed engine, steps, logging, checkpoints, signals, final export.
+
+Run dir R = {train.output_dir}/{train.run_name}:
+    R/config.yaml  R/ds_config.json  R/tensorboard/  R/checkpoints/  R/final/  R/DONE
+(see CONTRACT.md). A step is one optimizer step = `grad_accum_steps` micro-batches per rank.
+
+Exit codes: 0 done; REQUEUE_EXIT_CODE (75) after SIGTERM/SIGUSR1 -> checkpoint (Slurm
+requeues on it); NONFINITE_EXIT_CODE (3) after `max_nonfinite_steps` non-finite losses in a row
+(the last good checkpoint is left as `latest`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from ds_linclip.config import to_yaml
+from ds_linclip.train import checkpoint as ckpt
+from ds_linclip.train.engine import (
+    build_ds_config, build_engine, dist_env, global_batch_size, init_distributed, write_ds_config,
+)
+from ds_linclip.train.loss import ClipLoss
+
+REQUEUE_EXIT_CODE = 75
+NONFINITE_EXIT_CODE = 3
+# CLIP's cap on the learned temperature: logit_scale <= ln(100)
+MAX_LOGIT_SCALE = math.log(100.0)
+
+log = logging.getLogger("ds_linclip.train")
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.train.output_dir) / cfg.train.run_name
+
+
+class StopRequest:
+    """SIGTERM/SIGUSR1 set a flag; the loop finishes the step, checkpoints and exits 75."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        self.signum: int | None = None
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):  # noqa: ARG002 - signal handler signature
+        if self.signum is None:
+            self.signum = signum
+            print(f"[ds_linclip.train] got {signal.Signals(signum).name}: finishing this step, then checkpoint "
+                  f"and exit {REQUEUE_EXIT_CODE}", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+class NonFiniteGuard:
+    """Counts non-finite losses; `limit` in a row raise `NonFiniteLossError`."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, int(limit))
+        self.in_a_row = 0
+        self.total = 0
+
+    def update(self, finite: bool, step: int) -> None:
+        if finite:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.limit:
+            raise NonFiniteLossError(
+                f"loss was NaN/Inf for {self.in_a_row} micro-batches in a row (train.max_nonfinite_steps="
+                f"{self.limit}) at step {step}; stopping. The last good checkpoint is the one named in "
+                "checkpoints/latest; lower train.lr, raise train.warmup_steps, or use fp32/bf16 instead of fp16."
+            )
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: accelerator allocations, or the CPU process's peak RSS."""
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    return accel.max_memory_allocated() / 2**20
+
+
+def clamp_logit_scale(engine, max_value: float = MAX_LOGIT_SCALE) -> float:
+    """Clamp logit_scale in DeepSpeed's fp32 master copy (ZeRO 1/2/3, bf16 optimizer) and in the
+    module's working copy; clamping only the module copy would be undone by the next step.
+    Collective under ZeRO: call on every rank. Returns the (clamped) value."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    param = engine.module.logit_scale
+    master = safe_get_full_fp32_param(param)
+    if master is None:  # no separate master copy: the parameter is the fp32 master
+        with torch.no_grad():
+            param.clamp_(max=max_value)
+        return float(param.detach().float())
+    value = float(master.float())
+    if value > max_value:
+        safe_set_full_fp32_param(param, master.clamp(max=max_value))
+        if hasattr(param, "ds_id"):  # ZeRO-3: the working copy is partitioned
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if dist.get_rank() == 0:
+                    with torch.no_grad():
+                        param.clamp_(max=max_value)
+        else:
+            with torch.no_grad():
+                param.clamp_(max=max_value)
+        value = max_value
+    return value
+
+
+def _loss_scale(engine) -> float | None:
+    if not engine.fp16_enabled():
+        return None
+    optimizer = engine.optimizer
+    for name in ("loss_scale", "cur_scale"):
+        value = getattr(optimizer, name, None)
+        if value is not None:
+            return float(value)
+    return None
+
+
+def _grad_norm(engine) -> float | None:
+    value = engine.get_global_grad_norm()
+    if value is None:
+        return None
+    return float(value)
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last log line."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    step_time: float = 0.0
+    data_wait: float = 0.0
+    samples: int = 0
+    grad_norm: float | None = None
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    nonfinite_total: int = 0
+    samples_seen: int = 0  # this rank
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _batches(loader) -> Iterator:
+    """Endless batches, epoch after epoch (the loader starts the next epoch on each iter())."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise RuntimeError("the training loader produced no batches for an epoch")
+
+
+class _KeyLog:
+    """Per-rank log of the sample keys of each step (train.log_sample_keys)."""
+
+    def __init__(self, path: Path | None):
+        self.handle = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(path, "a", buffering=1)
+
+    def write(self, step: int, keys) -> None:
+        if self.handle is not None:
+            self.handle.write(f"{step}\t{' '.join(map(str, keys))}\n")
+            self.handle.flush()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
+def train(cfg: DictConfig) -> int:
+    """Train per `cfg` on this process's rank; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    stop = StopRequest()  # before the loader's worker processes fork, so they inherit it
+    env = dist_env()
+    init_distributed(env)
+    rank, world = env.rank, env.world_size
+    is_main = rank == 0
+    tc = cfg.train
+    root = run_dir(cfg)
+    save_dir = root / "checkpoints"
+    config_yaml = to_yaml(cfg)
+
+    from ds_linclip.data.pipeline import build_train_loader
+    from ds_linclip.models import build_model
+
+    torch.manual_seed(int(tc.seed))  # the same initial weights on every rank
+    model = build_model(cfg.model)
+    model.set_grad_checkpointing(int(tc.grad_checkpointing))
+    ds_config = build_ds_config(cfg, world)
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "config.yaml").write_text(config_yaml)
+        write_ds_config(ds_config, root)
+    engine = build_engine(cfg, model, ds_config)
+    loss_fn = ClipLoss(local_loss=bool(tc.local_loss), gather_with_grad=bool(tc.gather_with_grad))
+    input_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+
+    state = TrainState()
+    data_state = None
+    resume = ckpt.resolve_resume(str(tc.resume), save_dir)
+    if resume is not None:
+        client = ckpt.load(engine, *resume)
+        state = TrainState(step=int(client["step"]), nonfinite_total=int(client.get("nonfinite_total", 0)),
+                           samples_seen=int(client.get("samples_seen", 0)))
+        data_state = client["data"]
+        if is_main:
+            log.info("resumed from %s at step %d", resume[0] / resume[1], state.step)
+    loader = build_train_loader(cfg, rank, world, start_state=data_state, with_keys=bool(tc.log_sample_keys))
+
+    global_batch = global_batch_size(tc, world)
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(root / "tensorboard"), flush_secs=30)
+        log.info(
+            "run %s: %d rank(s), micro batch %d x accumulation %d x %d ranks = global batch %d; "
+            "ZeRO %d, %s, %d steps (%.2f epochs of %d batches/rank)",
+            root, world, tc.micro_batch_size, tc.grad_accum_steps, world, global_batch, tc.zero_stage,
+            tc.precision, tc.steps, tc.steps * tc.grad_accum_steps / max(1, loader.batches_per_epoch),
+            loader.batches_per_epoch,
+        )
+        writer.add_text("config", "```\n" + config_yaml + "\n```", state.step)
+        writer.add_scalar("train/global_batch_size", global_batch, state.step)
+    key_log = _KeyLog(root / "sample_keys" / f"rank_{rank:05d}.txt" if tc.log_sample_keys else None)
+
+    def client_state() -> dict[str, Any]:
+        return {
+            "step": state.step, "epoch": int(loader.epoch), "data": loader.state_dict(),
+            "nonfinite_total": guard.total, "samples_seen": state.samples_seen, "config": config_yaml,
+        }
+
+    def save() -> str:
+        tag = ckpt.save(engine, save_dir, state.step, client_state(), config_yaml, int(tc.keep_last))
+        if is_main:
+            log.info("checkpoint %s", save_dir / tag)
+            if tc.eval_after_checkpoint:
+                _submit_eval(cfg, save_dir / tag)
+        return tag
+
+    guard = NonFiniteGuard(int(tc.max_nonfinite_steps))
+    guard.total = state.nonfinite_total
+    window = Window()
+    batches = _batches(loader)
+    exit_code = 0
+    last_saved = state.step if resume is not None else -1
+    run_start, run_start_step = time.perf_counter(), state.step
+    try:
+        while state.step < tc.steps:
+            step_start = time.perf_counter()
+            accumulated, step_loss = 0, 0.0
+            while accumulated < tc.grad_accum_steps:
+                wait_start = time.perf_counter()
+                batch = next(batches)
+                window.data_wait += time.perf_counter() - wait_start
+                images, tokens = batch[0], batch[1]
+                image_features, text_features, logit_scale = engine(images.to(engine.device, input_dtype), tokens.to(engine.device))
+                loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
+                state.samples_seen += images.shape[0]
+                # one collective decides for all ranks: skip a non-finite micro-batch, stop on a signal
+                nonfinite_any, stop_any = _all_reduce(
+                    [0.0 if torch.isfinite(loss) else 1.0, 1.0 if stop.requested else 0.0], op=dist.ReduceOp.MAX
+                )
+                if stop_any and not stop.requested:
+                    stop.signum = signal.SIGTERM  # another rank got it: leave together
+                guard.update(not nonfinite_any, state.step + 1)
+                if nonfinite_any:
+                    # no backward, no engine.step(): the gradient accumulation is untouched and the
+                    # optimizer step is made of `grad_accum_steps` finite micro-batches
+                    continue
+                engine.backward(loss)
+                engine.step()
+                accumulated += 1
+                step_loss += float(loss.detach())
+                if tc.log_sample_keys:
+                    key_log.write(state.step + 1, batch[2])
+            state.step += 1
+            scale = clamp_logit_scale(engine)
+            elapsed = time.perf_counter() - step_start
+            window.steps += 1
+            window.loss_sum += step_loss / tc.grad_accum_steps
+            window.step_time += elapsed
+            window.samples += tc.micro_batch_size * tc.grad_accum_steps
+            window.grad_norm = _grad_norm(engine)
+
+            if state.step % tc.log_every == 0 or state.step == tc.steps or stop.requested:
+                _log_window(engine, writer, loader, window, state, guard, scale, tc, world, global_batch,
+                            run_start, run_start_step)
+                window.reset()
+            if stop.requested:
+                save()
+                exit_code = REQUEUE_EXIT_CODE
+                if is_main:
+                    log.info("stopped at step %d on %s; exit %d for requeue", state.step,
+                             signal.Signals(stop.signum).name, exit_code)
+                return exit_code
+            if tc.checkpoint_every > 0 and state.step % tc.checkpoint_every == 0 and state.step < tc.steps:
+                save()
+                last_saved = state.step
+        # the end: a final checkpoint, consolidated fp32 weights, DONE
+        if last_saved != state.step:
+            tag = save()
+        else:
+            tag = ckpt.tag_for_step(state.step)
+        if is_main:
+            from ds_linclip.train.export import export
+
+            export(save_dir / tag, root / "final")
+            done = {"final_tag": tag, "step": state.step}
+            tmp = root / ".DONE.tmp"
+            tmp.write_text(json.dumps(done) + "\n")
+            os.replace(tmp, root / "DONE")
+            log.info("done: %d steps; fp32 weights in %s", state.step, root / "final")
+        if dist.is_initialized():
+            dist.barrier()
+        return 0
+    except NonFiniteLossError as err:
+        if is_main:
+            log.error("%s", err)
+        return NONFINITE_EXIT_CODE
+    finally:
+        key_log.close()
+        if writer is not None:
+            writer.close()
+
+
+def _submit_eval(cfg: DictConfig, tag_dir: Path) -> None:
+    """train.eval_after_checkpoint: hand the checkpoint to the eval job (submitit: Slurm or local).
+    A failed submission is logged, never fatal: training goes on and `--watch` can catch up."""
+    try:
+        from ds_linclip.eval.submit import submit_eval
+
+        job = submit_eval(cfg, tag_dir)
+        log.info("eval job %s submitted for %s", getattr(job, "job_id", job), tag_dir)
+    except Exception as err:  # noqa: BLE001 - any failure here must not stop training
+        log.warning("could not submit the eval job for %s: %s", tag_dir, err)
+
+
+def _log_window(engine, writer, loader, window: Window, state: TrainState, guard: NonFiniteGuard, scale: float,
+                tc, world: int, global_batch: int, run_start: float, run_start_step: int) -> None:
+    """Reduce the window over ranks; rank 0 writes TensorBoard and the console line."""
+    loss_sum, samples = _all_reduce([window.loss_sum, float(window.samples)])
+    step_time_max, data_wait_max, peak_mb = _all_reduce(
+        [window.step_time, window.data_wait, peak_memory_mb()], op=dist.ReduceOp.MAX
+    )
+    skipped_by_rank: list[dict] = [None] * world  # type: ignore[list-item]
+    local_skipped = dict(loader.skipped)
+    if world > 1:
+        dist.all_gather_object(skipped_by_rank, local_skipped)
+    else:
+        skipped_by_rank = [local_skipped]
+    skipped: Counter = Counter()
+    for counts in skipped_by_rank:
+        skipped.update(counts)
+    if writer is None:
+        return
+    step, steps = state.step, window.steps
+    loss = loss_sum / world / max(1, steps)
+    lr = float(engine.get_lr()[0])
+    images_per_s = samples / max(step_time_max, 1e-9)
+    scalars = {
+        "train/loss": loss,
+        "train/lr": lr,
+        "train/logit_scale": scale,
+        "train/temperature_inverse": math.exp(scale),
+        "train/epoch": float(loader.epoch),
+        "train/nonfinite_skipped": float(guard.total),
+        "perf/images_per_s": images_per_s,
+        "perf/images_per_s_per_rank": images_per_s / world,
+        "perf/step_time_s": step_time_max / steps,
+        "perf/data_wait_s": data_wait_max / steps,
+        "memory/peak_mb": peak_mb,
+    }
+    if window.grad_norm is not None:
+        scalars["train/grad_norm"] = window.grad_norm
+    loss_scale = _loss_scale(engine)
+    if loss_scale is not None:
+        scalars["train/loss_scale"] = loss_scale
+        # fp16: steps DeepSpeed's dynamic loss scaler skipped on gradient overflow
+        scalars["train/overflow_skipped_steps"] = float(engine.skipped_steps)
+    for reason, count in sorted(skipped.items()):
+        scalars[f"data/skipped/{reason}"] = float(count)
+    scalars["data/skipped_total"] = float(sum(skipped.values()))
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, value, step)
+    elapsed = time.perf_counter() - run_start
+    done_here = step - run_start_step
+    eta = (tc.steps - step) * elapsed / done_here if done_here else float("inf")
+    print(
+        f"step {step}/{tc.steps} ({100.0 * step / tc.steps:.1f}%) | epoch {loader.epoch} | loss {loss:.4f} | "
+        f"lr {lr:.3g} | logit_scale {scale:.3f} | {images_per_s:,.0f} img/s ({images_per_s / world:,.0f}/rank) | "
+        f"step {step_time_max / steps:.3f}s (data {data_wait_max / steps:.3f}s) | peak {peak_mb:,.0f} MiB"
+        + (f" | skipped {sum(skipped.values())}" if skipped else "")
+        + (f" | non-finite {guard.total}" if guard.total else "")
+        + f" | ETA {_format_eta(eta)}",
+        flush=True,
+    )

@@ -1,0 +1,175 @@
+"""Fast PyTorch linear attention: the default on CPU (and wherever Triton is not used).
+
+Same maths and API as `kernels.reference.linear_attention_reference`, arranged for speed:
+
+- bidirectional: a custom autograd.Function with a hand-written backward. Forward is two
+  matmuls (S = φkᵀ v, then φq S) plus one fused elementwise op; backward is four matmuls.
+  φq, φk and the outputs are not kept for backward (recomputed from q, k and the saved per-token
+  inverse norms), so saved memory is the inputs plus O(N) + O(d²) per head, as in the kernels.
+  The reference instead lets autograd record ~15 elementwise ops on (B, H, N, d) tensors,
+  which is what made it slower than SDPA at N=197.
+- causal: below CAUSAL_DENSE_MAX_TOKENS tokens a masked N×N product (one matmul pair; at N=77
+  that is cheaper than chunking, whose padding, cumsum over chunk states and reshapes dominate);
+  above it the chunked O(N·d²) form of the reference (its autograd graph is O(N·C) per head).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.reference import DENOMINATORS, LINEAR_KINDS, causal_product, feature_map
+
+NORM_EPS = 1e-6  # F.normalize's eps in the reference
+# Crossover measured on 2 CPU cores (B=8, H=6, d=64): dense masked wins at 77 and 197 tokens,
+# chunks win from ~512. Dense memory is B*H*N² floats, so keep the bound modest.
+CAUSAL_DENSE_MAX_TOKENS = 256
+
+
+def _inverse_norm(x: torch.Tensor) -> torch.Tensor:
+    """1 / max(||x||, eps) over the last dim, keepdim: (..., N, 1)."""
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(NORM_EPS).reciprocal_()
+
+
+def _features(x: torch.Tensor, kind: str, inv_norm: torch.Tensor | None) -> torch.Tensor:
+    if kind == "linear-affine":
+        return x * inv_norm
+    if kind == "linear-elu":
+        return torch.nn.functional.elu(x).add_(1.0)
+    return torch.relu(x)
+
+
+def _feature_grad_(x: torch.Tensor, d_phi: torch.Tensor, kind: str, inv_norm) -> torch.Tensor:
+    """dx from dφ, overwriting d_phi (a fresh temporary) to save a pass and an allocation.
+
+    affine, φ = x/n: dx = dφ/n - x (x·dφ)/n³ (no projection term where n was clamped to eps, like F.normalize).
+    elu+1: dφ * min(φ, 1) (1 for x > 0, exp(x) = φ otherwise). relu: dφ * (x > 0).
+    """
+    if kind == "linear-affine":
+        proj = torch.linalg.vecdot(x, d_phi).unsqueeze(-1)
+        clamped = inv_norm >= torch.tensor(NORM_EPS, dtype=inv_norm.dtype).reciprocal()  # same rounding as _inverse_norm
+        proj.mul_(inv_norm).mul_(inv_norm).mul_(inv_norm).masked_fill_(clamped, 0.0)
+        return d_phi.mul_(inv_norm).addcmul_(x, proj, value=-1.0)
+    if kind == "linear-elu":
+        return d_phi.mul_(torch.nn.functional.elu(x).add_(1.0).clamp_(max=1.0))
+    return d_phi.mul_(x > 0)
+
+
+class _BidirectionalLinearAttention(torch.autograd.Function):
+    """out_i = (φq_i S + C Σv) / den_i, S = Σ_j φk_j v_jᵀ. See kernels/_triton_kernels.py for the notation."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kind: str, denominator: str, eps: float):
+        tokens = q.shape[-2]
+        affine = kind == "linear-affine"
+        inv_q = _inverse_norm(q) if affine else None
+        inv_k = _inverse_norm(k) if affine else None
+        phi_q = _features(q, kind, inv_q)
+        phi_k = _features(k, kind, inv_k)
+        state = phi_k.transpose(-1, -2) @ v  # (B, H, D, E)
+        value_sum = v.sum(dim=-2, keepdim=True) if affine else None
+        key_sum = phi_k.sum(dim=-2, keepdim=True).transpose(-1, -2) if not (affine and denominator == "count") else None
+        if affine and denominator == "count":
+            # (φq S + Σv) / N as one matmul into the broadcast mean: no N×E temporaries
+            out = torch.baddbmm(
+                (value_sum / tokens).flatten(0, 1).expand(-1, tokens, -1),
+                phi_q.flatten(0, 1), state.flatten(0, 1), alpha=1.0 / tokens,
+            ).view(v.shape)
+            den = None
+        else:
+            num = phi_q @ state
+            den = phi_q @ key_sum  # (B, H, N, 1)
+            if affine:
+                num += value_sum
+                den += tokens
+            else:
+                den += eps
+            out = num.div_(den)
+        ctx.kind, ctx.denominator, ctx.tokens = kind, denominator, tokens
+        ctx.save_for_backward(q, k, v, inv_q, inv_k, state, key_sum, den)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, inv_q, inv_k, state, key_sum, den = ctx.saved_tensors
+        kind, tokens = ctx.kind, ctx.tokens
+        affine = kind == "linear-affine"
+        phi_q = _features(q, kind, inv_q)
+        if den is None:  # affine, count: den = N for every token; fold 1/N into the d×d matrices
+            d_phi_q = grad_out @ (state.transpose(-1, -2) / tokens)
+            d_state = (phi_q.transpose(-1, -2) @ grad_out).div_(tokens)  # (B, H, D, E)
+            d_value_sum = grad_out.sum(dim=-2, keepdim=True).div_(tokens)
+            d_key_sum = None
+        else:
+            g = grad_out / den
+            num = phi_q @ state
+            if affine:
+                num += v.sum(dim=-2, keepdim=True)
+            r = torch.linalg.vecdot(g, num).unsqueeze(-1).div_(den)  # (B, H, N, 1): dO·O / den
+            d_phi_q = torch.baddbmm(
+                (g @ state.transpose(-1, -2)).flatten(0, 1), r.flatten(0, 1), key_sum.transpose(-1, -2).flatten(0, 1),
+                alpha=-1.0).view(q.shape)
+            d_key_sum = -(phi_q.transpose(-1, -2) @ r)  # (B, H, D, 1)
+            d_state = phi_q.transpose(-1, -2) @ g
+            d_value_sum = g.sum(dim=-2, keepdim=True) if affine else None
+        del phi_q
+        d_q = _feature_grad_(q, d_phi_q, kind, inv_q)
+        phi_k = _features(k, kind, inv_k)
+        d_v = phi_k @ d_state
+        del phi_k
+        if d_value_sum is not None:
+            d_v += d_value_sum
+        d_phi_k = v @ d_state.transpose(-1, -2)
+        if d_key_sum is not None:
+            d_phi_k += d_key_sum.transpose(-1, -2)
+        d_k = _feature_grad_(k, d_phi_k, kind, inv_k)
+        return d_q, d_k, d_v, None, None, None
+
+
+def _causal(q, k, v, kind: str, denominator: str, eps: float) -> torch.Tensor:
+    tokens = q.shape[-2]
+    affine = kind == "linear-affine"
+    phi_q, phi_k = feature_map(q, kind), feature_map(k, kind)  # autograd records these
+    if tokens <= CAUSAL_DENSE_MAX_TOKENS:
+        scores = phi_q @ phi_k.transpose(-1, -2)
+        if affine:
+            scores = scores + 1.0
+        scores = scores * torch.ones(tokens, tokens, dtype=torch.bool, device=q.device).tril()
+        num = scores @ v
+        rowsum = scores.sum(dim=-1, keepdim=True) if not (affine and denominator == "count") else None
+    else:
+        num = causal_product(phi_q, phi_k, v)
+        if affine:
+            num = num + v.cumsum(dim=-2)
+        rowsum = None
+        if not (affine and denominator == "count"):
+            rowsum = (phi_q * phi_k.cumsum(dim=-2)).sum(-1, keepdim=True)
+    if affine and denominator == "count":
+        counts = torch.arange(1, tokens + 1, device=q.device, dtype=q.dtype).view(tokens, 1)
+        return num / counts
+    if affine:
+        if tokens > CAUSAL_DENSE_MAX_TOKENS:
+            rowsum = rowsum + torch.arange(1, tokens + 1, device=q.device, dtype=q.dtype).view(tokens, 1)
+        return num / rowsum
+    return num / (rowsum + eps)
+
+
+def linear_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kind: str = "linear-affine",
+    causal: bool = False,
+    denominator: str = "count",
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Linear attention, fast PyTorch path. q, k: (B, H, N, D); v: (B, H, N, E) -> (B, H, N, E)."""
+    if kind not in LINEAR_KINDS:
+        raise ValueError(f"unknown linear attention kind '{kind}' (known: {', '.join(LINEAR_KINDS)})")
+    if denominator not in DENOMINATORS:
+        raise ValueError(f"unknown denominator '{denominator}' (known: {', '.join(DENOMINATORS)})")
+    if causal:
+        return _causal(q, k, v, kind, denominator, eps)
+    return _BidirectionalLinearAttention.apply(q, k, v, kind, denominator, eps)
+
+
+__all__ = ["linear_attention_torch", "CAUSAL_DENSE_MAX_TOKENS"]

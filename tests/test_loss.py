@@ -1,0 +1,89 @@
+"""ClipLoss on 2 gloo ranks equals the single-process loss on the concatenated batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from ds_linclip.train.loss import ClipLoss
+
+WORLD, BATCH, IN_DIM, EMBED = 2, 5, 12, 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _encoders_and_data():
+    gen = torch.Generator().manual_seed(0)
+    image_encoder = torch.nn.Linear(IN_DIM, EMBED)
+    text_encoder = torch.nn.Linear(IN_DIM, EMBED)
+    with torch.no_grad():
+        for p in list(image_encoder.parameters()) + list(text_encoder.parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen))
+    images = torch.randn(WORLD * BATCH, IN_DIM, generator=gen)
+    texts = torch.randn(WORLD * BATCH, IN_DIM, generator=gen)
+    logit_scale = torch.tensor(2.3, requires_grad=True)
+    return image_encoder, text_encoder, images, texts, logit_scale
+
+
+def _loss_and_grads(loss_fn, image_encoder, text_encoder, images, texts, logit_scale):
+    image_features = F.normalize(image_encoder(images), dim=-1)
+    text_features = F.normalize(text_encoder(texts), dim=-1)
+    loss = loss_fn(image_features, text_features, logit_scale.exp())
+    params = [*image_encoder.parameters(), *text_encoder.parameters(), logit_scale]
+    grads = torch.autograd.grad(loss, params)
+    return loss.detach(), [g.detach() for g in grads]
+
+
+def _rank_main(rank: int, port: int, local_loss: bool, out_path: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        image_encoder, text_encoder, images, texts, logit_scale = _encoders_and_data()
+        rows = slice(rank * BATCH, (rank + 1) * BATCH)
+        loss, grads = _loss_and_grads(
+            ClipLoss(local_loss=local_loss, gather_with_grad=True),
+            image_encoder, text_encoder, images[rows], texts[rows], logit_scale,
+        )
+        # what data parallelism does with them: average loss (for logging) and gradients
+        dist.all_reduce(loss)
+        for g in grads:
+            dist.all_reduce(g)
+        if rank == 0:
+            torch.save((loss / WORLD, [g / WORLD for g in grads]), out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("local_loss", [True, False])
+def test_distributed_loss_and_grads_match_single_process(local_loss, tmp_path):
+    reference_loss, reference_grads = _loss_and_grads(ClipLoss(), *_encoders_and_data())
+    out_path = str(tmp_path / "rank0.pt")
+    mp.start_processes(_rank_main, args=(_free_port(), local_loss, out_path), nprocs=WORLD, start_method="spawn")
+    loss, grads = torch.load(out_path)
+    assert torch.allclose(loss, reference_loss, atol=1e-5), (loss, reference_loss)
+    assert len(grads) == len(reference_grads)
+    for g, ref in zip(grads, reference_grads):
+        assert torch.allclose(g, ref, atol=1e-5), (g - ref).abs().max()
+    # the reference is not trivially zero: the check would catch a missing gather
+    assert all(ref.abs().max() > 1e-3 for ref in reference_grads)
+
+
+def test_single_process_loss_matches_cross_entropy_by_hand():
+    image_features = F.normalize(torch.randn(4, 3), dim=-1)
+    text_features = F.normalize(torch.randn(4, 3), dim=-1)
+    scale = torch.tensor(10.0)
+    logits = scale * image_features @ text_features.T
+    by_hand = 0.0
+    for i in range(4):
+        by_hand -= torch.log_softmax(logits[i], 0)[i] / 8 + torch.log_softmax(logits[:, i], 0)[i] / 8
+    assert torch.allclose(ClipLoss()(image_features, text_features, scale), by_hand, atol=1e-6)
