@@ -89,7 +89,13 @@ def test_quick_comparison_end_to_end(tmp_path, fmnist_shards):
     for run in payload["runs"]:
         assert len(payload["timing"]["per_run"][run["name"]]["seconds"]) == QUICK["timing_rounds"]
         assert [s for s, _ in run["loss_curve"]] == list(range(1, QUICK["steps"] + 1))
-    for name in ("compare_loss.png", "compare_accuracy_vs_compute.png", "compare_throughput.png"):
+    sweep = payload["sweep"]
+    assert {(p["kind"], p["image_size"]) for p in sweep["points"]} == {
+        (k, s) for k in DEFAULT_KINDS for s in QUICK["sweep_sizes"]}
+    assert all(p["images_per_s"] > 0 and p["activation_mib"] > 0 for p in sweep["points"])
+    sweep_rows = parse_markdown_table((out / "compare.md").read_text().split("timing sweep over token counts")[1])
+    assert [r["kind"] for r in sweep_rows] == list(DEFAULT_KINDS)
+    for name in ("compare_loss.png", "compare_accuracy_vs_compute.png", "compare_throughput.png", "compare_sweep.png"):
         _assert_png(out / name)
 
 
