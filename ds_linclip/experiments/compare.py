@@ -567,6 +567,25 @@ def table_rows(results: Sequence[RunResult], timing: dict[str, dict]) -> list[li
     return rows
 
 
+def summary_markdown(command: str, budget: Budget, results: Sequence[RunResult], timing: dict[str, dict]) -> str:
+    """The compact table for a README: accuracy, loss, measured speed (and vs softmax), memory, attention FLOPs."""
+    softmax_rate = {r.image_size: timing.get(r.name, {}).get("images_per_s") for r in results if r.kind == "softmax"}
+    rows = []
+    for r in results:
+        rate = timing.get(r.name, {}).get("images_per_s")
+        base = softmax_rate.get(r.image_size)
+        rows.append([
+            r.kind, f"{r.image_size} ({r.tokens})", _fmt(100 * r.top1, ".1f"), _fmt(100 * r.top5, ".1f"),
+            _fmt(r.final_loss, ".3f"), _fmt(rate, ".1f") + (f" ({rate / base:.2f}x)" if rate and base and r.kind != "softmax" else ""),
+            _fmt(timing.get(r.name, {}).get("activation_mib"), ".0f"), _fmt(r.attention_flops_per_image / 1e6, ".2f"),
+        ])
+    header = ["attention (both towers)", "px (tokens)", "zero-shot top-1 %", "top-5 %", "final loss",
+              "train img/s (vs softmax)", "activations MiB", "attn MFLOPs/img"]
+    return "\n".join([f"`{command}`", "", f"{budget.steps} steps x batch {budget.batch_size}, seed {budget.seed}, "
+                      f"width {budget.width}, {budget.layers} layers per tower, patch {budget.patch_size}.", "",
+                      markdown_table(header, rows)])
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -813,6 +832,8 @@ def write_report(out: Path, command: str, budget: Budget, results: Sequence[RunR
                              str(f["points"])] for k, f in fits.items()]),
         ]
     md += ["", "Plots: " + ", ".join(f"`{p.name}`" for k, p in paths.items() if k.endswith("png")), ""]
+    paths["summary"] = out / "compare_summary.md"
+    paths["summary"].write_text(summary_markdown(command, budget, results, timing) + "\n")
     paths["markdown"].write_text("\n".join(md))
     payload = {
         "command": command, **meta, "budget": asdict(budget),
