@@ -751,6 +751,8 @@ def write_report(out: Path, command: str, budget: Budget, results: Sequence[RunR
                  meta: dict[str, Any], sweep: dict[str, Any] | None = None) -> dict[str, Path]:
     """compare.md, compare.json and the PNGs into `out`; returns {name: path}."""
     out.mkdir(parents=True, exist_ok=True)
+    for optional in ("compare_sweep.png", "scale_loss_vs_compute.png"):  # from an earlier invocation: not ours now
+        (out / optional).unlink(missing_ok=True)
     paths = {"markdown": out / "compare.md", "json": out / "compare.json", "loss_png": out / "compare_loss.png",
              "accuracy_png": out / "compare_accuracy_vs_compute.png", "throughput_png": out / "compare_throughput.png"}
     plot_loss(results, paths["loss_png"])
