@@ -16,7 +16,7 @@ import torch
 
 from ds_linclip.experiments.compare import (
     DEFAULT_KINDS, QUICK, TABLE_COLUMNS, fit_power_law, markdown_table, parse_markdown_table,
-    saved_activation_bytes,
+    saved_activation_bytes, tail_mean_loss,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,11 +29,14 @@ def _run_compare(args: list[str], timeout: int = 600) -> subprocess.CompletedPro
 
 
 def _last_loss(run_dir: Path) -> float:
+    """--quick: 4 steps, so 'the last 10% of the steps' is the last step's logged loss."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
-    return acc.Scalars("train/loss")[-1].value
+    events = acc.Scalars("train/loss")
+    assert events[-1].step == QUICK["steps"]
+    return events[-1].value
 
 
 def _assert_png(path: Path, min_size=(400, 300)) -> None:
@@ -135,6 +138,13 @@ def test_scale_fit_recovers_a_power_law():
     assert fit["r2"] == pytest.approx(1.0)
     noisy = fit_power_law(compute, [l * f for l, f in zip(loss, (1.01, 0.99, 1.02, 0.98))])
     assert noisy["r2"] < 1.0 and 0 < noisy["exponent"] < 0.2
+
+
+def test_final_loss_is_the_mean_over_the_last_tenth_of_the_steps():
+    curve = [(step, float(step)) for step in range(5, 201, 5)]  # logged every 5 steps
+    assert tail_mean_loss(curve, 200) == pytest.approx((185 + 190 + 195 + 200) / 4)  # steps 181..200
+    assert tail_mean_loss([(1, 3.0), (2, 2.0)], 2) == 2.0
+    assert tail_mean_loss([(10, 4.0)], 30) == 4.0  # nothing logged in the tail: the last window
 
 
 def test_markdown_table_round_trip():

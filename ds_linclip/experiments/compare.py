@@ -238,6 +238,14 @@ def median_window_rate(series: list[tuple[int, float]]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def tail_mean_loss(curve: Sequence[tuple[int, float]], steps: int) -> float:
+    """Mean of the logged losses over the last 10% of the steps (at least the last window): one
+    logged window alone is a mean over a few batches only, too noisy to rank kinds or fit on."""
+    tail = max(1, steps // 10)
+    values = [value for step, value in curve if step > steps - tail] or [curve[-1][1]]
+    return sum(values) / len(values)
+
+
 def _same_config(run_dir: Path, overrides: Sequence[str]) -> bool:
     from ds_linclip.config import config_hash, load_config
 
@@ -360,7 +368,7 @@ def run_one(spec: RunSpec, launcher: Launcher) -> RunResult:
         attention_flops_per_image=cost.image.attention_flops, image_flops_per_image=cost.image.flops,
         forward_flops_per_sample=forward,
         train_flops=3.0 * forward * spec.budget.steps * spec.budget.batch_size,
-        final_loss=loss_curve[-1][1], loss_curve=loss_curve,
+        final_loss=tail_mean_loss(loss_curve, spec.budget.steps), loss_curve=loss_curve,
         trainer_images_per_s=median_window_rate(scalars.get("perf/images_per_s", [])),
         peak_memory_mib=(max(v for _, v in peak) if peak else None) if launcher.mode == "subprocess" else None,
         top1=top1, top5=top5, eval_samples=int(record["num_samples"]),
@@ -716,7 +724,7 @@ def plot_scaling(results: Sequence[RunResult], fits: dict[str, dict], path: Path
             ax.annotate(f"w{r.width}", (r.train_flops, r.final_loss), textcoords="offset points", xytext=(4, 4), fontsize=8)
         grid = np.geomspace(xs.min(), xs.max(), 50)
         ax.plot(grid, fit["coefficient"] * grid ** (-fit["exponent"]), color=color, linestyle="--",
-                label=f"{kind}: L = {fit['coefficient']:.3g}·C^-{fit['exponent']:.3f} (R² {fit['r2']:.2f})")
+                label=f"{kind}: L = {fit['coefficient']:.3g}·C^(-b), b = {fit['exponent']:.3f} (R² {fit['r2']:.2f})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training compute C (FLOPs)")
@@ -788,8 +796,8 @@ def write_report(out: Path, command: str, budget: Budget, results: Sequence[RunR
         "How each column was measured:",
         "",
         "- **zero-shot top-1/top-5**: `python -m ds_linclip.eval --checkpoint R/final` (R/eval/final_zeroshot.json).",
-        f"- **final loss**: the trainer's last logged `train/loss` (mean of the last {b.log_every} steps), read from "
-        "R/tensorboard with TensorBoard's EventAccumulator.",
+        f"- **final loss**: the trainer's `train/loss` averaged over the last {max(1, b.steps // 10)} steps (its logged "
+        f"windows of {b.log_every} steps there), read from R/tensorboard with TensorBoard's EventAccumulator.",
         f"- **img/s interleaved**: one process, {timing_info.get('rounds', 0)} rounds; in each round one training step "
         "(forward, contrastive loss, backward, AdamW) of every kind at that image size, on a batch of "
         f"{timing_info.get('batch_size', '?')} inputs of the training shape, kinds alternating with the order rotated "
@@ -1027,8 +1035,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         for kind in args.scale_kinds:
             points = [r for r in scale_results if r.kind == kind]
             fits[kind] = fit_power_law([r.train_flops for r in points], [r.final_loss for r in points])
-            _log(f"scaling fit {kind}: loss = {fits[kind]['coefficient']:.4g} * C^-{fits[kind]['exponent']:.4f} "
-                 f"(R² {fits[kind]['r2']:.3f})")
+            _log(f"scaling fit {kind}: loss = a * C^(-b), b = {fits[kind]['exponent']:.4f}, "
+                 f"a = {fits[kind]['coefficient']:.4g} (R² {fits[kind]['r2']:.3f})")
 
     meta["load_average_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     meta["wall_seconds"] = round(time.perf_counter() - start, 1)
