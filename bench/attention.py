@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -264,7 +265,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:  # other processes' load distorts CPU timings (OpenMP barriers stall on descheduled threads)
+        where = (f"CPU, {torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f} "
+                 f"on {os.cpu_count()} CPUs at start")
     header = (f"attention fwd+bwd on {where}: B={args.batch} H={args.heads} d={args.head_dim} {args.dtype} "
               f"{args.kind}{' causal' if args.causal else ''}, torch {torch.__version__}")
     rows = run(args)

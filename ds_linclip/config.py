@@ -22,10 +22,12 @@ from typing import Any, Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-ATTENTION_KINDS = ("softmax", "linear-affine", "linear-elu", "linear-relu")
-DENOMINATORS = ("count", "kernel")
+from kernels.reference import DENOMINATORS, LINEAR_KINDS
+
+ATTENTION_KINDS = ("softmax", *LINEAR_KINDS)
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 PRECISIONS = ("bf16", "fp16", "fp32")
+EVAL_CLUSTERS = ("auto", "slurm", "local", "debug")
 DATA_MODES = ("epoch", "resampled")
 RESUME_MODES_HINT = "auto | none | PATH"
 
@@ -121,6 +123,8 @@ class TrainConfig:
     resume: str = "auto"
     # this many non-finite losses in a row stop the run
     max_nonfinite_steps: int = 5
+    # a collective that waits longer than this fails the run (a dead rank must not hold the others)
+    dist_timeout_minutes: int = 10
     # submit an eval job (ds_linclip.eval.submit) after each checkpoint
     eval_after_checkpoint: bool = False
     # append each step's sample keys to R/sample_keys/rank_NNNNN.txt: audits exactly-once data
@@ -179,6 +183,8 @@ _CHOICES: dict[str, Sequence[str]] = {
     "model.attention_backend": ATTENTION_BACKENDS,
     "data.mode": DATA_MODES,
     "train.precision": PRECISIONS,
+    "eval.precision": PRECISIONS,
+    "eval.cluster": EVAL_CLUSTERS,
 }
 
 

@@ -8,7 +8,7 @@ Same maths and API as `kernels.reference.linear_attention_reference`, arranged f
   inverse norms), so saved memory is the inputs plus O(N) + O(d²) per head, as in the kernels.
   The reference instead lets autograd record ~15 elementwise ops on (B, H, N, d) tensors,
   which is what made it slower than SDPA at N=197.
-- causal: below CAUSAL_DENSE_MAX_TOKENS tokens a masked N×N product (one matmul pair; at N=77
+- causal: up to CAUSAL_DENSE_MAX_TOKENS tokens a masked N×N product (one matmul pair; at N=77
   that is cheaper than chunking, whose padding, cumsum over chunk states and reshapes dominate);
   above it the chunked O(N·d²) form of the reference (its autograd graph is O(N·C) per head).
 """
@@ -20,9 +20,10 @@ import torch
 from kernels.reference import DENOMINATORS, LINEAR_KINDS, causal_product, feature_map
 
 NORM_EPS = 1e-6  # F.normalize's eps in the reference
-# Crossover measured on 2 CPU cores (B=8, H=6, d=64): dense masked wins at 77 and 197 tokens,
-# chunks win from ~512. Dense memory is B*H*N² floats, so keep the bound modest.
-CAUSAL_DENSE_MAX_TOKENS = 256
+# Crossover measured on this CPU (1 thread, B=8, H=8, d=64, causal linear-affine fwd+bwd, ms):
+#   N=77: dense 30 vs chunked 62;  N=197: 107 vs 138;  N=256: 164 vs 125;  N=384: 530 vs 204.
+# Dense memory is B*H*N² floats, so the bound also keeps that small.
+CAUSAL_DENSE_MAX_TOKENS = 224
 
 
 def _inverse_norm(x: torch.Tensor) -> torch.Tensor:
@@ -52,6 +53,18 @@ def _feature_grad_(x: torch.Tensor, d_phi: torch.Tensor, kind: str, inv_norm) ->
     if kind == "linear-elu":
         return d_phi.mul_(torch.nn.functional.elu(x).add_(1.0).clamp_(max=1.0))
     return d_phi.mul_(x > 0)
+
+
+def _matmul_add(row: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (+ row broadcast over the token dim) as one baddbmm: one pass over the output, not two.
+
+    a: (B, H, N, K), b: (B, H, K, M), row: (B, H, 1, M) or None -> (B, H, N, M).
+    """
+    if row is None:
+        return a @ b
+    batch, heads, tokens, _ = a.shape
+    out = torch.baddbmm(row.flatten(0, 1).expand(-1, tokens, -1), a.flatten(0, 1), b.flatten(0, 1))
+    return out.view(batch, heads, tokens, b.shape[-1])
 
 
 class _BidirectionalLinearAttention(torch.autograd.Function):
@@ -114,13 +127,9 @@ class _BidirectionalLinearAttention(torch.autograd.Function):
         del phi_q
         d_q = _feature_grad_(q, d_phi_q, kind, inv_q)
         phi_k = _features(k, kind, inv_k)
-        d_v = phi_k @ d_state
+        d_v = _matmul_add(d_value_sum, phi_k, d_state)
         del phi_k
-        if d_value_sum is not None:
-            d_v += d_value_sum
-        d_phi_k = v @ d_state.transpose(-1, -2)
-        if d_key_sum is not None:
-            d_phi_k += d_key_sum.transpose(-1, -2)
+        d_phi_k = _matmul_add(None if d_key_sum is None else d_key_sum.transpose(-1, -2), v, d_state.transpose(-1, -2))
         d_k = _feature_grad_(k, d_phi_k, kind, inv_k)
         return d_q, d_k, d_v, None, None, None
 

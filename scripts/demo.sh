@@ -10,13 +10,14 @@ bash scripts/install.sh
 export DS_ACCELERATOR=cpu            # DeepSpeed's CPU accelerator: gloo, no GPU needed
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one core per rank on a 2-core machine
 CONFIG=configs/demo_fmnist.yaml
-RUN_DIR=runs/demo
+# the run folder as the config (and any overrides) say: train.output_dir/train.run_name
+RUN_DIR=$(python3 -c 'import sys; from ds_linclip.config import load_config; c = load_config([sys.argv[1]], sys.argv[2:]); print(f"{c.train.output_dir}/{c.train.run_name}")' "$CONFIG" "$@")
 
 echo "== 1/3 shards: data/fmnist (Fashion-MNIST from /usr/share/datasets/fashion-mnist)"
 python3 -m ds_linclip.data.writer fashion-mnist --out data/fmnist
 
 echo "== 2/3 train: deepspeed, 2 CPU ranks, ZeRO-2 -> $RUN_DIR"
-if [ -f "$RUN_DIR/DONE" ] && [ $# -eq 0 ]; then
+if [ -f "$RUN_DIR/DONE" ]; then
   echo "   already trained ($RUN_DIR/DONE); delete $RUN_DIR to train again"
 else
   deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29517}" --module ds_linclip.train \
@@ -24,7 +25,7 @@ else
 fi
 
 echo "== 3/3 eval: zero-shot on the 10,000 Fashion-MNIST test images"
-python3 -m ds_linclip.eval --checkpoint "$RUN_DIR/final" --config "$CONFIG"
+python3 -m ds_linclip.eval --checkpoint "$RUN_DIR/final" --config "$CONFIG" "$@"
 
 echo
 echo "TensorBoard logs (training curves and eval/ scalars): tensorboard --logdir $RUN_DIR/tensorboard"

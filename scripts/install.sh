@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   dataset-fashion-mnist           # the demo's real images (70k, offline)
   slurmctld slurmd slurm-client munge   # a real one-node Slurm cluster for tests/test_slurm.py
+  g++                             # DeepSpeed JIT-builds a small CPU communication op on first use
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

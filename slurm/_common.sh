@@ -5,7 +5,7 @@
 #                                         resume=auto; exit code 75 -> `scontrol requeue`
 #   linclip_eval [eval args ...]          srun one eval task
 # Environment knobs (all optional; export them before `sbatch`, which passes the environment on):
-#   LINCLIP_DEVICE=cpu   no GPU: DeepSpeed's CPU accelerator with gloo (tests, laptops)
+#   DS_ACCELERATOR=cpu   no GPU: DeepSpeed's CPU accelerator with gloo (tests, laptops)
 #   LINCLIP_PYTHON       the Python to run (default: python3 on PATH, e.g. your venv's)
 #   LINCLIP_ROOT         the repository (default: the one this file is in)
 
@@ -47,15 +47,14 @@ linclip_setup_env() {
   # is fixed for this job id (so a requeued job uses the same) and differs between jobs that
   # share a node.
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-  MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+  MASTER_PORT=$((20000 + SLURM_JOB_ID % 40000))  # as ds_linclip.train.engine.dist_env derives it
   export MASTER_ADDR MASTER_PORT
 
   # one OpenMP pool per task, sized to its CPUs
   export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 
-  if [[ "${LINCLIP_DEVICE:-gpu}" == "cpu" ]]; then
-    # DeepSpeed's CPU accelerator; torch.distributed falls back to gloo there
-    export DS_ACCELERATOR=cpu
+  if [[ "${DS_ACCELERATOR:-}" == "cpu" ]]; then
+    # DeepSpeed's CPU accelerator (sbatch passes the submitter's environment); gloo there
     export CUDA_VISIBLE_DEVICES=""
   fi
 
@@ -148,7 +147,7 @@ linclip_train() {
     esac
   done
   linclip_setup_env
-  linclip_log "job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-}) restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NTASKS} tasks on ${SLURM_JOB_NUM_NODES} node(s) [${SLURM_JOB_NODELIST}], master ${MASTER_ADDR}:${MASTER_PORT}, device ${LINCLIP_DEVICE:-gpu}"
+  linclip_log "job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-}) restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NTASKS} tasks on ${SLURM_JOB_NUM_NODES} node(s) [${SLURM_JOB_NODELIST}], master ${MASTER_ADDR}:${MASTER_PORT}, accelerator ${DS_ACCELERATOR:-auto}"
   linclip_log "config: ${configs[*]}; overrides: ${overrides[*]}"
   if [[ $LINCLIP_GOT_TERM == 1 ]]; then
     linclip_log "SIGTERM before the trainer started: nothing to do"

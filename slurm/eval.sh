@@ -7,7 +7,7 @@
 #   sbatch slurm/eval.sh --watch runs/vit_b16_linear_laion400m --config configs/vit_b16_laion400m.yaml
 #
 # Every argument is passed to `python -m ds_linclip.eval` (see its --help); #SBATCH lines can be
-# overridden on the sbatch command line. No GPU: LINCLIP_DEVICE=cpu sbatch --gpus-per-node=0 ...
+# overridden on the sbatch command line. No GPU: DS_ACCELERATOR=cpu sbatch --gpus-per-node=0 ...
 #SBATCH --job-name=linclip-eval
 #SBATCH --nodes=1
 #SBATCH --ntasks=1

@@ -9,7 +9,7 @@
 # configs/vit_l16_laion400m.yaml (an extra `--config FILE` there is layered on top too).
 # Preemption / time limit: Slurm sends USR1 120 s before the end, the trainer checkpoints and
 # exits 75, and this job requeues itself; the requeued run resumes from the checkpoint.
-# No GPU (tests): LINCLIP_DEVICE=cpu sbatch --gpus-per-node=0 --cpus-per-task=1 ...
+# No GPU (tests): DS_ACCELERATOR=cpu sbatch --gpus-per-node=0 --cpus-per-task=1 ...
 #SBATCH --job-name=linclip-vitl16
 #SBATCH --nodes=16
 #SBATCH --ntasks-per-node=8

@@ -30,6 +30,7 @@ def _free_port() -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # real training: minutes on an idle 2-core machine, far more on a shared one
 def test_trained_tiny_model_scores_well_above_chance(fmnist_shards, tmp_path):
     env = dict(
         os.environ, PYTHONPATH=str(REPO_ROOT), DS_ACCELERATOR="cpu", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",

@@ -189,6 +189,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from ds_linclip.models.flops import (  # noqa: E402
+    attention_flops,
     attention_flops_per_image,
     chunked_causal_linear_flops,
     measure_forward_flops,
@@ -224,13 +225,18 @@ def test_linear_attention_flops_match_the_model(preset, image_size, kind):
     cfg = model_config(preset, {"image.image_size": image_size, "image.attention": kind, "text.attention": kind})
     cost, measured = model_cost(cfg), measure_forward_flops(cfg)
     assert cost.image.flops == measured["image"]  # bidirectional: Kᵀ·V then Q·state, exactly as analysed
-    # causal: the reference runs the chunked form; the table counts the recurrent one
+    # causal: the CPU path runs a dense masked product for short texts and the chunked form for long
+    # ones, its normaliser as row/cumulative sums (no matmul); the table counts the recurrent form
+    from kernels.torch_path import CAUSAL_DENSE_MAX_TOKENS
+
     text = cfg.text
-    chunk_overhead = text.layers * (
-        chunked_causal_linear_flops(text.context_length, text.width, text.heads, CAUSAL_CHUNK)
-        - 4 * text.context_length * (text.width // text.heads) * text.width
-    )
-    assert measured["text"] == cost.text.flops + chunk_overhead
+    tokens = text.context_length
+    if tokens <= CAUSAL_DENSE_MAX_TOKENS:
+        run_flops = 4 * tokens * tokens * text.width  # Q·Kᵀ and A·V, 2·N²·d each, over all heads
+    else:
+        run_flops = chunked_causal_linear_flops(tokens, text.width, text.heads, CAUSAL_CHUNK)
+    overhead = text.layers * (run_flops - attention_flops(kind, tokens, text.width, text.heads))
+    assert measured["text"] == cost.text.flops + overhead
     # linear attention is O(N) in tokens: doubling the side quadruples tokens-1, and the cost with it
     softmax_cfg = model_config(preset, {"image.image_size": image_size})
     assert attention_flops_per_image(cfg) < attention_flops_per_image(softmax_cfg) or preset == "tiny"

@@ -96,7 +96,7 @@ def tiny_overrides(shards: Path, output_dir: Path, run_name: str) -> list[str]:
 
 def cpu_env(cluster) -> dict:
     env = cluster.env()
-    env["LINCLIP_DEVICE"] = "cpu"
+    env["DS_ACCELERATOR"] = "cpu"
     env.pop("LINCLIP_PYTHON", None)
     return env
 
@@ -317,25 +317,7 @@ def test_eval_sh_scores_the_deepspeed_checkpoint_like_the_export(submitit_eval, 
 
 
 # ------------------------------------------------------------------- scancel is not a preemption
-def _loader_workers_survive_sigterm() -> bool:
-    """Slurm signals every process of a step, DataLoader workers included; torch's workers die of
-    SIGTERM (their C handler re-raises it) unless the loader's worker_init_fn ignores it, and a dead
-    worker makes the trainer raise instead of checkpointing."""
-    import inspect
-
-    try:
-        from ds_linclip.data import pipeline
-    except ImportError:
-        return False
-    return "SIGTERM" in inspect.getsource(pipeline)
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(
-    not _loader_workers_survive_sigterm(), strict=True,
-    reason="ds_linclip/data/pipeline.py: DataLoader workers die of Slurm's SIGTERM (no worker_init_fn "
-           "ignoring SIGTERM/SIGUSR1), so the trainer crashes instead of checkpointing on scancel/preemption",
-)
 def test_cancelled_job_checkpoints_and_is_not_requeued(slurm, fmnist_shards, tmp_path):
     """scancel sends SIGTERM: the trainer still checkpoints and exits 75, but the script must not
     requeue a job its user cancelled."""

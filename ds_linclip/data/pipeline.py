@@ -514,6 +514,19 @@ class TrainStream(IterableDataset):
         return self.worker_batches(worker)
 
 
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """DataLoader worker init: ignore SIGTERM/SIGUSR1.
+
+    Slurm (scancel, preemption, time limits) signals every process of a job step, workers included;
+    a worker killed by it makes the trainer raise instead of checkpointing. The main process
+    handles the signal (checkpoint, exit 75) and shuts its workers down itself.
+    """
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class TrainLoader:
     """Iterate for one epoch of `batches_per_epoch` batches of (images (B,3,S,S) float32, tokens
     (B,ctx) int64); the next `iter()` starts the next epoch. Resumes exactly from `state_dict()`.
@@ -636,6 +649,7 @@ class TrainLoader:
         loader = DataLoader(
             s, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
             prefetch_factor=4 if self.num_workers else None, pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_worker_ignores_stop_signals,
         )
         for item in loader:
             w = int(item["worker"])
@@ -773,7 +787,7 @@ class EvalLoader:
     def _in_order(self):
         workers = min(self.workers, len(self.stream.urls))
         loader = DataLoader(self.stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                            prefetch_factor=4 if workers else None)
+                            prefetch_factor=4 if workers else None, worker_init_fn=_worker_ignores_stop_signals)
         waiting: dict[tuple[int, int], dict] = {}
         shard, part = 0, 0
         for item in loader:

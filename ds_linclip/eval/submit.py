@@ -25,13 +25,13 @@ import submitit
 from omegaconf import DictConfig, OmegaConf
 
 import ds_linclip
+from ds_linclip.config import EVAL_CLUSTERS as CLUSTERS
 from ds_linclip.config import ConfigError, add_config_arguments
 from ds_linclip.eval.checkpoint import resolve_checkpoint
 from ds_linclip.eval.errors import EvalError
 
 log = logging.getLogger("ds_linclip.eval.submit")
 
-CLUSTERS = ("auto", "slurm", "local", "debug")
 # the folder that holds the `ds_linclip` package, so the job's python imports this same code
 CODE_ROOT = Path(ds_linclip.__file__).resolve().parent.parent
 

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ds_linclip.config import ATTENTION_KINDS
 from kernels import linear_attention
-
-ATTENTION_KINDS = ("softmax", "linear-affine", "linear-elu", "linear-relu")
 
 
 class Attention(nn.Module):

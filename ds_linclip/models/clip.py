@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_linclip.models.text import TextTransformer
+from kernels.reference import DENOMINATORS
 from ds_linclip.models.vit import VisionTransformer
 
 # Parameter names (leaf part) kept out of weight decay besides every 1-d parameter
@@ -68,7 +69,7 @@ class CLIP(nn.Module):
         for kind in (image, text):
             if kind is not None and kind not in ATTENTION_KINDS:
                 raise ValueError(f"unknown attention kind '{kind}' (known: {', '.join(ATTENTION_KINDS)})")
-        if denominator is not None and denominator not in ("count", "kernel"):
+        if denominator is not None and denominator not in DENOMINATORS:
             raise ValueError(f"unknown denominator '{denominator}' (known: count, kernel)")
         for tower, kind in ((self.visual, image), (self.text, text)):
             for block in tower.blocks:

@@ -57,12 +57,17 @@ class ModelCost:
         return out
 
 
-def attention_flops(kind: str, tokens: int, width: int, heads: int) -> int:
-    """Token-mixing FLOPs of one attention layer for one sequence of `tokens`."""
+def attention_flops(kind: str, tokens: int, width: int, heads: int, denominator: str = "count") -> int:
+    """Token-mixing FLOPs of one attention layer for one sequence of `tokens`.
+
+    Linear kinds: the state Kᵀ·V and Q·state (4·N·d per head and value column), plus, when the
+    denominator depends on the keys (elu, relu, affine with `kernel`), φ(q)·Σφ(k): 2·N·d per head.
+    """
     head_dim = width // heads
     if kind == "softmax":
         return 4 * tokens * tokens * width
-    return 4 * tokens * head_dim * width
+    normaliser = 2 * tokens * width if (kind != "linear-affine" or denominator == "kernel") else 0
+    return 4 * tokens * head_dim * width + normaliser
 
 
 def chunked_causal_linear_flops(tokens: int, width: int, heads: int, chunk: int) -> int:
@@ -115,7 +120,9 @@ def model_cost(model_cfg: Any, image_size: int | None = None) -> ModelCost:
         attention=image_attention,
         tokens=tokens,
         params=image_params,
-        attention_flops=image["layers"] * attention_flops(image_attention, tokens, width, image["heads"]),
+        attention_flops=image["layers"] * attention_flops(
+            image_attention, tokens, width, image["heads"], image.get("denominator", "count")
+        ),
         other_flops=2 * patches * (3 * patch * patch) * width
         + image["layers"] * _block_other_flops(tokens, width, mlp_width)
         + 2 * width * embed_dim,
@@ -134,7 +141,9 @@ def model_cost(model_cfg: Any, image_size: int | None = None) -> ModelCost:
         attention=text_attention,
         tokens=context,
         params=text_params,
-        attention_flops=text["layers"] * attention_flops(text_attention, context, width, text["heads"]),
+        attention_flops=text["layers"] * attention_flops(
+            text_attention, context, width, text["heads"], text.get("denominator", "count")
+        ),
         other_flops=text["layers"] * _block_other_flops(context, width, mlp_width) + 2 * width * embed_dim,
     )
     return ModelCost(image=image_cost, text=text_cost, other_params=1)

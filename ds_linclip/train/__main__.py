@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
             "checkpoints/ (tags step_NNNNNNNN, `latest`), final/model.safetensors + config.yaml, DONE. "
             "Exit codes: 0 done; 75 stopped by SIGTERM/SIGUSR1 after a checkpoint (requeue me); "
             "3 too many non-finite losses in a row; 2 config error. "
-            "Example: DS_ACCELERATOR=cpu python -m ds_linclip.train --config configs/fashion_mnist.yaml "
+            "Example: DS_ACCELERATOR=cpu python -m ds_linclip.train --config configs/demo_fmnist.yaml "
             "train.steps=200 model.image.attention=linear-affine"
         ),
     )

@@ -8,6 +8,7 @@ DeepSpeed key can still be set. The dict is written to `R/ds_config.json` for th
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import os
 import re
@@ -99,7 +100,7 @@ def accelerator_name() -> str:
     return get_accelerator().device_name()
 
 
-def init_distributed(env: DistEnv) -> None:
+def init_distributed(env: DistEnv, timeout_minutes: float = 10) -> None:
     """Process group over all ranks: gloo on CPU, DeepSpeed's choice (nccl, ...) on accelerators."""
     import deepspeed
 
@@ -110,7 +111,9 @@ def init_distributed(env: DistEnv) -> None:
     if accel.device_name() != "cpu":
         accel.set_device(env.local_rank)
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes)
+    )
 
 
 def deep_merge(base: dict, override: Mapping) -> dict:

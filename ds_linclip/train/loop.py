@@ -225,7 +225,7 @@ def train(cfg: DictConfig) -> int:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     stop = StopRequest()  # before the loader's worker processes fork, so they inherit it
     env = dist_env()
-    init_distributed(env)
+    init_distributed(env, cfg.train.dist_timeout_minutes)
     rank, world = env.rank, env.world_size
     is_main = rank == 0
     tc = cfg.train
@@ -233,7 +233,7 @@ def train(cfg: DictConfig) -> int:
     save_dir = root / "checkpoints"
     config_yaml = to_yaml(cfg)
 
-    from ds_linclip.data.pipeline import build_train_loader
+    from ds_linclip.data.pipeline import build_train_loader, merge_rank_states
     from ds_linclip.models import build_model
 
     torch.manual_seed(int(tc.seed))  # the same initial weights on every rank
@@ -278,8 +278,14 @@ def train(cfg: DictConfig) -> int:
     key_log = _KeyLog(root / "sample_keys" / f"rank_{rank:05d}.txt" if tc.log_sample_keys else None)
 
     def client_state() -> dict[str, Any]:
+        # every rank's loader position in every rank's file: any one file resumes the whole job
+        data_states = [None] * world
+        if world > 1:
+            dist.all_gather_object(data_states, loader.state_dict())
+        else:
+            data_states = [loader.state_dict()]
         return {
-            "step": state.step, "epoch": int(loader.epoch), "data": loader.state_dict(),
+            "step": state.step, "epoch": int(loader.epoch), "data": merge_rank_states(data_states),
             "nonfinite_total": guard.total, "samples_seen": state.samples_seen, "config": config_yaml,
         }
 
@@ -302,6 +308,9 @@ def train(cfg: DictConfig) -> int:
         while state.step < tc.steps:
             step_start = time.perf_counter()
             accumulated, step_loss = 0, 0.0
+            # decided only from the all-reduced flag: a signal landing on one rank after the
+            # collective is picked up by the next step's, so every rank leaves at the same step
+            stop_agreed = False
             while accumulated < tc.grad_accum_steps:
                 wait_start = time.perf_counter()
                 batch = next(batches)
@@ -314,8 +323,10 @@ def train(cfg: DictConfig) -> int:
                 nonfinite_any, stop_any = _all_reduce(
                     [0.0 if torch.isfinite(loss) else 1.0, 1.0 if stop.requested else 0.0], op=dist.ReduceOp.MAX
                 )
-                if stop_any and not stop.requested:
-                    stop.signum = signal.SIGTERM  # another rank got it: leave together
+                if stop_any:
+                    stop_agreed = True
+                    if not stop.requested:
+                        stop.signum = signal.SIGTERM  # another rank got it: leave together
                 guard.update(not nonfinite_any, state.step + 1)
                 if nonfinite_any:
                     # no backward, no engine.step(): the gradient accumulation is untouched and the
@@ -336,11 +347,11 @@ def train(cfg: DictConfig) -> int:
             window.samples += tc.micro_batch_size * tc.grad_accum_steps
             window.grad_norm = _grad_norm(engine)
 
-            if state.step % tc.log_every == 0 or state.step == tc.steps or stop.requested:
+            if state.step % tc.log_every == 0 or state.step == tc.steps or stop_agreed:
                 _log_window(engine, writer, loader, window, state, guard, scale, tc, world, global_batch,
                             run_start, run_start_step)
                 window.reset()
-            if stop.requested:
+            if stop_agreed:
                 save()
                 exit_code = REQUEUE_EXIT_CODE
                 if is_main:
