@@ -32,6 +32,7 @@ a run whose R/DONE exists with the same resolved config is reused, not retrained
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -39,6 +40,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -194,10 +196,13 @@ def free_port() -> int:
 
 
 def child_env() -> dict[str, str]:
-    """Environment for the trainer/eval subprocesses: this repo importable, CPU accelerator without CUDA."""
+    """Environment for the trainer/eval subprocesses: this repo importable, CPU accelerator without
+    CUDA, and the same intra-op thread count as this process (see --threads)."""
     import torch
 
     env = dict(os.environ)
+    threads = str(torch.get_num_threads())
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -308,16 +313,24 @@ class Launcher:
         with open(log_path, "w") as log_file:
             log_file.write("$ " + shlex.join(cmd) + "\n")
             log_file.flush()
+            # its own process group: if we are stopped, the trainer and its loader workers go too, instead
+            # of finishing (and checkpointing) into a run folder the next invocation is about to reuse
             process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                       env=child_env(), cwd=str(REPO_ROOT))
+                                       env=child_env(), cwd=str(REPO_ROOT), start_new_session=True)
             assert process.stdout is not None
-            for line in process.stdout:
-                log_file.write(line)
-                lines.append(line.rstrip())
-                lines = lines[-40:]
-                if echo(line):
-                    _log(f"  {name}: {line.strip()}")
-            code = process.wait()
+            try:
+                for line in process.stdout:
+                    log_file.write(line)
+                    lines.append(line.rstrip())
+                    lines = lines[-40:]
+                    if echo(line):
+                        _log(f"  {name}: {line.strip()}")
+                code = process.wait()
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                raise
         if code != 0:
             tail = "\n".join(lines[-25:])
             raise CompareError(f"{what} of {name} failed with exit code {code}; log {log_path}; last lines:\n{tail}")
@@ -931,8 +944,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="tiny everything for tests: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
                              + " (explicit options still win)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op CPU threads of every process (trainer, eval, timing; default %(default)s): on a "
+                             "shared machine OpenMP threads that wait for each other under load make a step many times "
+                             "slower (measured here: 2 threads 10x slower than 1 at load 8 on 2 cores); 0 = torch's default")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+def _terminate_on_sigterm() -> None:
+    """SIGTERM -> KeyboardInterrupt-like exit, so a running trainer subprocess group is killed too."""
+    def handler(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _explicit(argv: Sequence[str], option: str) -> bool:
@@ -950,6 +975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    _terminate_on_sigterm()
     if args.quick:
         for key, value in QUICK.items():
             if not _explicit(argv, "--" + key.replace("_", "-")):
@@ -970,6 +996,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     import torch
     from tqdm import tqdm
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported (in-process runs)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -997,11 +1025,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
     done: dict[RunSpec, RunResult] = {}
     start = time.perf_counter()
-    bar = tqdm(all_specs, desc="runs", unit="run", disable=args.no_progress)
-    for spec in bar:
+    # the comparison's runs first, timed and reported; the scaling runs after, then the report again
+    # with them: a long --scale never holds back the comparison's results
+    bar = tqdm(total=len(all_specs), desc="runs", unit="run", disable=args.no_progress)
+    for spec in specs:
         bar.set_postfix_str(spec.name)
         done[spec] = run_one(spec, launcher)
-    bar.close()
+        bar.update()
 
     timing: dict[str, dict] = {}
     timing_batch = args.timing_batch or args.batch_size
@@ -1029,6 +1059,25 @@ def _main(argv: Sequence[str] | None = None) -> int:
             _log(f"  {size} px ({points[args.kinds[0]]['tokens']} tokens): " + ", ".join(
                 f"{k} {p['images_per_s']:.1f} img/s" for k, p in points.items()))
 
+    results = [done[s] for s in specs]
+
+    def report(scale_results: list[RunResult], fits: dict[str, dict]) -> None:
+        meta["load_average_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+        meta["wall_seconds"] = round(time.perf_counter() - start, 1)
+        paths = write_report(args.out, command, budget, results, timing, timing_info, scale_results, fits, meta, sweep)
+        _log("wrote " + ", ".join(str(p) for p in paths.values()) + f" ({meta['wall_seconds']:.0f} s)")
+
+    report([], {})
+    print(markdown_table(TABLE_COLUMNS, table_rows(results, timing)))
+    if not scale_specs:
+        bar.close()
+        return 0
+    for spec in scale_specs:
+        bar.set_postfix_str(spec.name)
+        if spec not in done:
+            done[spec] = run_one(spec, launcher)
+            bar.update()
+    bar.close()
     fits: dict[str, dict] = {}
     scale_results = [done[s] for s in scale_specs]
     if scale_specs:
@@ -1038,12 +1087,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             _log(f"scaling fit {kind}: loss = a * C^(-b), b = {fits[kind]['exponent']:.4f}, "
                  f"a = {fits[kind]['coefficient']:.4g} (R² {fits[kind]['r2']:.3f})")
 
-    meta["load_average_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-    meta["wall_seconds"] = round(time.perf_counter() - start, 1)
-    results = [done[s] for s in specs]
-    paths = write_report(args.out, command, budget, results, timing, timing_info, scale_results, fits, meta, sweep)
-    print(markdown_table(TABLE_COLUMNS, table_rows(results, timing)))
-    _log("wrote " + ", ".join(str(p) for p in paths.values()) + f" ({meta['wall_seconds']:.0f} s)")
+    report(scale_results, fits)
     return 0
 
 
