@@ -761,8 +761,11 @@ def machine_note() -> dict[str, Any]:
 
 def git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT,
-                              timeout=10, check=True).stdout.strip() or None
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=REPO_ROOT, timeout=10).stdout.strip()
+        return (commit + ("+uncommitted changes" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
 
