@@ -23,6 +23,7 @@ sums them (`TrainLoader.skipped`), so they are exact across DataLoader worker pr
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import logging
@@ -512,6 +513,23 @@ class TrainStream(IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         return self.worker_batches(worker)
+
+
+def _kill_leftover_workers() -> None:
+    """At exit, SIGKILL daemonic children (loader workers whose iterator was never released, e.g. held
+    by a traceback): multiprocessing would SIGTERM and join them, and our workers ignore SIGTERM."""
+    import multiprocessing
+    import signal
+
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report them as failures
+        for process in children:
+            process.kill()
+
+
+# atexit runs handlers last-in first-out: this one runs before multiprocessing's join of children
+atexit.register(_kill_leftover_workers)
 
 
 def _worker_ignores_stop_signals(worker_id: int) -> None:
