@@ -100,15 +100,6 @@ def export(tag_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     return out_dir
 
 
-def ensure_exported(tag_dir: str | Path) -> Path:
-    """TAG_DIR/fp32 (exported on first call): for consumers like the eval job."""
-    tag_dir = resolve_tag_dir(tag_dir)
-    out = tag_dir / DEFAULT_SUBDIR
-    if not (out / WEIGHTS).is_file():
-        export(tag_dir, out)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ds_linclip.train.export",
