@@ -92,6 +92,32 @@ class DataConfig:
 
 
 @dataclass
+class LinearizeConfig:
+    """train.linearize: turn a pretrained softmax CLIP (model.pretrained) into the linear attention
+    of model.*.attention in two stages (ds_linclip/train/linearize.py). Steps 1..transfer_steps
+    are stage 1 (attention transfer: per-layer loss against a frozen softmax teacher, only attention
+    parameters train); the rest of train.steps is stage 2 (contrastive fine-tune of everything)."""
+
+    enabled: bool = False
+    # stage 1 length, counted in train.steps (stage 2 = train.steps - transfer_steps)
+    transfer_steps: int = 100
+    # stage 1 learning rate (warmup + cosine over stage 1); stage 2 uses train.lr / train.warmup_steps
+    transfer_lr: float = 1.0e-3
+    transfer_warmup_steps: int = 10
+    # what trains in stage 1: attention (qkv, out_proj and the variant's own parameters) |
+    # qkv (qkv + variant parameters; out_proj frozen) | variant (only the parameters the variant adds)
+    transfer_params: str = "attention"
+    # stage 1 loss = transfer_weight x mean over layers of the per-layer transfer loss
+    transfer_weight: float = 1.0
+    # stage 2 loss = contrastive + finetune_transfer_weight x transfer loss (on the student's own inputs)
+    finetune_transfer_weight: float = 0.0
+    # per-layer loss: mean squared error, divided by the teacher output's mean square when true
+    normalize_loss: bool = True
+    # TensorBoard: one transfer-loss curve per this many consecutive layers of a tower
+    log_layers_per_group: int = 4
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs"
     run_name: str = "linclip"
@@ -130,6 +156,8 @@ class TrainConfig:
     # append each step's sample keys to R/sample_keys/rank_NNNNN.txt: audits exactly-once data
     # order across restarts (tests, debugging); off by default since it costs a little I/O per step
     log_sample_keys: bool = False
+    # two-stage linearisation of a pretrained softmax CLIP (off by default)
+    linearize: LinearizeConfig = field(default_factory=LinearizeConfig)
 
 
 @dataclass

@@ -131,7 +131,9 @@ def _read_deepspeed(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except Exception as err:
         raise EvalError(f"cannot reconstruct fp32 weights from DeepSpeed checkpoint {tag_dir}: "
                         f"{type(err).__name__}: {err}") from err
-    return dict(state_dict), model_states
+    from ds_linclip.train.linearize import strip_teacher  # train.linearize's frozen teachers: not the model
+
+    return strip_teacher(state_dict), model_states
 
 
 def _read_export(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -251,14 +251,17 @@ def promote_scalar_parameters(model: torch.nn.Module) -> list[str]:
     return promoted
 
 
-def build_engine(cfg: DictConfig, model: torch.nn.Module, ds_config: dict):
-    """deepspeed.initialize with our param groups; returns the engine (optimizer and scheduler inside).
-    0-dim parameters become 1-element ones first (see `promote_scalar_parameters`)."""
+def build_engine(cfg: DictConfig, model: torch.nn.Module, ds_config: dict, groups: list[dict] | None = None):
+    """deepspeed.initialize with our param groups (or `groups`, e.g. train.linearize's); returns the
+    engine (optimizer and scheduler inside). 0-dim parameters become 1-element ones first
+    (see `promote_scalar_parameters`)."""
     import deepspeed
 
     promote_scalar_parameters(model)
-    groups = [g for g in param_groups(model, cfg.train.weight_decay) if g["params"]]
+    if groups is None:
+        groups = param_groups(model, cfg.train.weight_decay)
+    groups = [g for g in groups if g["params"]]
     for g in groups:
-        g.pop("name")
+        g.pop("name", None)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     return engine

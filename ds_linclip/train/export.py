@@ -52,7 +52,9 @@ def fp32_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
     else:  # stage 0 in fp32: DeepSpeed keeps no partitions, the module is whole in the model states
         model_states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         state = torch.load(model_states[0], map_location="cpu", weights_only=False)["module"]
-    return {name: tensor.detach().float().contiguous().clone() for name, tensor in state.items()}
+    from ds_linclip.train.linearize import strip_teacher  # train.linearize's frozen teachers are not exported
+
+    return {name: tensor.detach().float().contiguous().clone() for name, tensor in strip_teacher(state).items()}
 
 
 def to_model_shapes(state: dict[str, torch.Tensor], config_yaml: str | Path) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ from ds_linclip.train import checkpoint as ckpt
 from ds_linclip.train.engine import (
     build_ds_config, build_engine, dist_env, global_batch_size, init_distributed, write_ds_config,
 )
+from ds_linclip.train.linearize import Linearizer
 from ds_linclip.train.loss import ClipLoss
 
 REQUEUE_EXIT_CODE = 75
@@ -239,12 +240,16 @@ def train(cfg: DictConfig) -> int:
     torch.manual_seed(int(tc.seed))  # the same initial weights on every rank
     model = build_model(cfg.model)
     model.set_grad_checkpointing(int(tc.grad_checkpointing))
+    # train.linearize: frozen softmax teachers join the model before the engine (ZeRO partitions them too)
+    linearizer = Linearizer(cfg, model) if tc.linearize.enabled else None
     ds_config = build_ds_config(cfg, world)
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
         (root / "config.yaml").write_text(config_yaml)
         write_ds_config(ds_config, root)
-    engine = build_engine(cfg, model, ds_config)
+    engine = build_engine(cfg, model, ds_config, linearizer.param_groups(tc.weight_decay) if linearizer else None)
+    if linearizer is not None:
+        linearizer.attach()
     loss_fn = ClipLoss(local_loss=bool(tc.local_loss), gather_with_grad=bool(tc.gather_with_grad))
     input_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
 
@@ -256,6 +261,8 @@ def train(cfg: DictConfig) -> int:
         state = TrainState(step=int(client["step"]), nonfinite_total=int(client.get("nonfinite_total", 0)),
                            samples_seen=int(client.get("samples_seen", 0)))
         data_state = client["data"]
+        if linearizer is not None:
+            linearizer.load_state_dict(client.get("linearize"))
         if is_main:
             log.info("resumed from %s at step %d", resume[0] / resume[1], state.step)
     loader = build_train_loader(cfg, rank, world, start_state=data_state, with_keys=bool(tc.log_sample_keys))
@@ -287,6 +294,7 @@ def train(cfg: DictConfig) -> int:
         return {
             "step": state.step, "epoch": int(loader.epoch), "data": merge_rank_states(data_states),
             "nonfinite_total": guard.total, "samples_seen": state.samples_seen, "config": config_yaml,
+            **({"linearize": linearizer.state_dict()} if linearizer is not None else {}),
         }
 
     def save() -> str:
@@ -304,6 +312,8 @@ def train(cfg: DictConfig) -> int:
     exit_code = 0
     last_saved = state.step if resume is not None else -1
     run_start, run_start_step = time.perf_counter(), state.step
+    if linearizer is not None:
+        linearizer.prepare(engine.optimizer, state.step + 1)
     try:
         while state.step < tc.steps:
             step_start = time.perf_counter()
@@ -318,6 +328,8 @@ def train(cfg: DictConfig) -> int:
                 images, tokens = batch[0], batch[1]
                 image_features, text_features, logit_scale = engine(images.to(engine.device, input_dtype), tokens.to(engine.device))
                 loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
+                if linearizer is not None:
+                    loss = linearizer.objective(loss)
                 state.samples_seen += images.shape[0]
                 # one collective decides for all ranks: skip a non-finite micro-batch, stop on a signal
                 nonfinite_any, stop_any = _all_reduce(
@@ -339,6 +351,8 @@ def train(cfg: DictConfig) -> int:
                 if tc.log_sample_keys:
                     key_log.write(state.step + 1, batch[2])
             state.step += 1
+            if linearizer is not None and state.step < tc.steps:  # stage and lr of the next step, saved with it
+                linearizer.prepare(engine.optimizer, state.step + 1)
             scale = clamp_logit_scale(engine)
             elapsed = time.perf_counter() - step_start
             window.steps += 1
@@ -350,6 +364,10 @@ def train(cfg: DictConfig) -> int:
             if state.step % tc.log_every == 0 or state.step == tc.steps or stop_agreed:
                 _log_window(engine, writer, loader, window, state, guard, scale, tc, world, global_batch,
                             run_start, run_start_step)
+                if linearizer is not None:
+                    summary = linearizer.log_window(writer, state.step)
+                    if is_main:
+                        print(summary, flush=True)
                 window.reset()
             if stop_agreed:
                 save()
