@@ -164,7 +164,9 @@ def test_transfer_params_choices_and_config_errors(softmax_file):
 def test_lr_schedule_per_stage():
     assert warmup_cosine(1, 10, 2, 1.0, 0.0) == 0.5
     assert warmup_cosine(2, 10, 2, 1.0, 0.0) == 1.0
-    assert warmup_cosine(10, 10, 2, 1.0, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(3, 10, 2, 1.0, 0.1) == 1.0
+    rates = [warmup_cosine(step, 10, 2, 1.0, 0.1) for step in range(3, 11)]
+    assert rates == sorted(rates, reverse=True) and 0.1 < rates[-1] < 0.2  # the last step still learns
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])
     optimizer.zero_grad()
     optimizer.param_groups[0]["params"][0].grad = torch.ones(2)
@@ -172,3 +174,203 @@ def test_lr_schedule_per_stage():
     reset_optimizer_state(optimizer)
     state = next(iter(optimizer.state.values()))
     assert float(state["step"]) == 0 and state["exp_avg"].abs().sum() == 0 and state["exp_avg_sq"].abs().sum() == 0
+
+
+# ------------------------------------------------------------------------------------ deepspeed launcher
+# open_clip's ViT-S-16 (patch 16, head width 64, MLP ratio 4, vocab 49408), shrunk to 2 layers of width 128
+VITS16_SHRUNK = {"image_size": 64, "width": 128, "layers": 2, "text_width": 128, "text_heads": 2, "embed_dim": 128}
+TRANSFER_STEPS, STEPS = 6, 12
+RUN_TIMEOUT_S = 900
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def open_clip_file(tmp_path_factory) -> Path:
+    """A randomly initialised open_clip ViT-S-16 (shrunk) saved the way open_clip saves (`state_dict`)."""
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.model import CLIP as OpenClipCLIP
+
+    config = open_clip.get_model_config("ViT-S-16")
+    shrunk = VITS16_SHRUNK
+    config["embed_dim"] = shrunk["embed_dim"]
+    config["vision_cfg"].update(image_size=shrunk["image_size"], width=shrunk["width"], layers=shrunk["layers"])
+    config["text_cfg"].update(width=shrunk["text_width"], heads=shrunk["text_heads"], layers=shrunk["layers"])
+    torch.manual_seed(0)
+    model = OpenClipCLIP(**config)
+    path = tmp_path_factory.mktemp("open_clip") / "open_clip_vit_s16_shrunk.pt"
+    torch.save({"epoch": 1, "name": "ViT-S-16-shrunk", "state_dict": model.state_dict()}, path)
+    return path
+
+
+def launcher_overrides(shards: Path, output_dir: Path, run_name: str, pretrained: Path) -> list[str]:
+    s = VITS16_SHRUNK
+    return [
+        "model.preset=vit_s16", f"model.pretrained={pretrained}", f"model.embed_dim={s['embed_dim']}",
+        f"model.image.image_size={s['image_size']}", f"model.image.width={s['width']}",
+        f"model.image.heads={s['width'] // 64}", f"model.image.layers={s['layers']}",
+        f"model.text.width={s['text_width']}", f"model.text.heads={s['text_heads']}",
+        f"model.text.layers={s['layers']}", "model.text.context_length=16",
+        "model.image.attention=linear-affine", "model.text.attention=linear-affine",
+        f"data.train_shards={shards}/train/shard-{{000000..000011}}.tar", "data.workers=1",
+        f"train.output_dir={output_dir}", f"train.run_name={run_name}", f"train.steps={STEPS}",
+        "train.micro_batch_size=8", "train.precision=fp32", "train.zero_stage=2", "train.lr=5e-4",
+        "train.warmup_steps=2", "train.log_every=1", "train.checkpoint_every=3", "train.keep_last=4",
+        "train.log_sample_keys=true", "train.resume=auto",
+        "train.linearize.enabled=true", f"train.linearize.transfer_steps={TRANSFER_STEPS}",
+        "train.linearize.transfer_lr=1e-3", "train.linearize.transfer_warmup_steps=2",
+        "train.linearize.log_layers_per_group=1",
+    ]
+
+
+class Launch:
+    """`deepspeed --num_gpus 2 --module ds_linclip.train OVERRIDES` in its own process group."""
+
+    def __init__(self, overrides: list[str], log: Path):
+        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        self.log = log
+        self.proc = subprocess.Popen(
+            ["deepspeed", "--num_gpus", str(WORLD), "--master_port", str(_free_port()), "--module",
+             "ds_linclip.train", *overrides],
+            env=env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text().splitlines()[-lines:])
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the launcher, both ranks, their loader workers
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=60)
+
+    def run(self) -> None:
+        try:
+            code = self.proc.wait(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"no finish in {RUN_TIMEOUT_S}s\n{self.tail()}")
+        assert code == 0, f"exit code {code}\n{self.tail()}"
+
+    def kill_when(self, predicate, what: str) -> None:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not predicate():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the run ended while waiting for {what}\n{self.tail()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"timed out waiting for {what}\n{self.tail()}")
+            time.sleep(0.1)
+        self.kill()
+
+
+def steps_logged(run_dir: Path) -> int:
+    path = run_dir / "sample_keys" / "rank_00000.txt"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return int(lines[-1].split("\t")[0]) if lines else 0
+
+
+def latest_step(run_dir: Path) -> int:
+    path = run_dir / "checkpoints" / "latest"
+    return int(path.read_text().strip().split("_")[1]) if path.is_file() else 0
+
+
+def scalars(run_dir: Path) -> list[dict[str, dict[int, float]]]:
+    """Per event file (oldest first): tag -> {step: value}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = []
+    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        out.append({tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def launcher_runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("linearize_runs")
+
+
+@pytest.fixture(scope="module")
+def reference_run(fmnist_shards, launcher_runs, open_clip_file) -> Path:
+    name = "reference"
+    Launch(launcher_overrides(fmnist_shards, launcher_runs, name, open_clip_file), launcher_runs / f"{name}.log").run()
+    return launcher_runs / name
+
+
+@pytest.mark.slow
+def test_both_stages_through_the_deepspeed_launcher_zero2_from_open_clip(reference_run, open_clip_file):
+    from ds_linclip.models.convert import from_open_clip_state_dict, read_state_dict
+    from ds_linclip.train.export import fp32_state_dict
+
+    run = reference_run
+    done = json.loads((run / "DONE").read_text())
+    assert done["step"] == STEPS
+    (series,) = scalars(run)
+    stage = series["linearize/stage"]
+    assert stage == {s: float(1 if s <= TRANSFER_STEPS else 2) for s in range(1, STEPS + 1)}
+    # stage 1: the transfer loss falls, in every layer group of both towers
+    transfer = series["linearize/transfer_loss"]
+    assert sorted(transfer) == list(range(1, TRANSFER_STEPS + 1))
+    assert transfer[TRANSFER_STEPS] < 0.8 * transfer[1], transfer
+    groups = [t for t in series if t.startswith("linearize/transfer/")]
+    assert sorted(groups) == [f"linearize/transfer/{tower}/layers_{i}-{i}" for tower in ("image", "text") for i in (0, 1)]
+    for tag in groups:
+        assert series[tag][TRANSFER_STEPS] < series[tag][1], (tag, series[tag])
+    assert sorted(series["linearize/contrastive_loss"]) == list(range(1, STEPS + 1))
+    # the optimised loss is the transfer loss in stage 1 and the contrastive loss in stage 2
+    for step in range(1, STEPS + 1):
+        want = transfer[step] if step <= TRANSFER_STEPS else series["linearize/contrastive_loss"][step]
+        assert series["train/loss"][step] == pytest.approx(want, rel=1e-5)
+    # stage 1 changed only attention parameters (bitwise): compare the checkpoint at its end with the file
+    pretrained = from_open_clip_state_dict(read_state_dict(open_clip_file))
+    end_of_transfer = fp32_state_dict(run / "checkpoints" / f"step_{TRANSFER_STEPS:08d}")
+    assert not any(TEACHER_KEY in k for k in end_of_transfer)
+    changed = {k for k, v in end_of_transfer.items()
+               if not torch.equal(v.reshape(-1), pretrained[k].reshape(-1)[: v.numel()] if k.endswith("positional_embedding") and k.startswith("text") else pretrained[k].reshape(-1))}
+    assert changed and all(".attn." in k for k in changed), sorted(changed)
+    assert {k.rsplit(".attn.", 1)[1] for k in changed} <= {"qkv.weight", "qkv.bias", "out_proj.weight", "out_proj.bias"}
+    # stage 2 trained everything; the export is the linear student and loads into the plain model
+    from safetensors.torch import load_file
+
+    final = load_file(run / "final" / "model.safetensors")
+    assert not torch.equal(final["visual.ln_pre.weight"], pretrained["visual.ln_pre.weight"])
+    cfg = load_config([run / "final" / "config.yaml"])
+    cfg.model.pretrained = None
+    build_model(cfg.model).load_state_dict(final, strict=True)
+
+
+@pytest.mark.slow
+def test_kill9_in_each_stage_then_resume_matches_uninterrupted(fmnist_shards, launcher_runs, open_clip_file, reference_run):
+    name = "killed"
+    run = launcher_runs / name
+    overrides = launcher_overrides(fmnist_shards, launcher_runs, name, open_clip_file)
+    # kill -9 in stage 1 (after the step-3 checkpoint), then in stage 2 (after step 9's)
+    Launch(overrides, launcher_runs / f"{name}_1.log").kill_when(
+        lambda: latest_step(run) == 3 and steps_logged(run) >= 4, "checkpoint 3 and step 4")
+    Launch(overrides, launcher_runs / f"{name}_2.log").kill_when(
+        lambda: latest_step(run) == 9 and steps_logged(run) >= 10, "checkpoint 9 and step 10")
+    assert not (run / "DONE").exists()
+    Launch(overrides, launcher_runs / f"{name}_3.log").run()
+    assert f"resumed from {run / 'checkpoints' / 'step_00000003'} at step 3" in (launcher_runs / f"{name}_2.log").read_text()
+    assert f"resumed from {run / 'checkpoints' / 'step_00000009'} at step 9" in (launcher_runs / f"{name}_3.log").read_text()
+
+    (reference,) = scalars(reference_run)
+    segments = scalars(run)
+    assert len(segments) == 3
+    stitched: dict[str, dict[int, float]] = {}
+    for segment in segments:  # a later segment's steps replace an earlier one's (steps redone after a kill)
+        for tag, values in segment.items():
+            stitched.setdefault(tag, {}).update(values)
+    for tag in ("train/loss", "linearize/contrastive_loss", "linearize/transfer_loss", "linearize/stage",
+                "linearize/transfer/image/layers_1-1", "train/lr"):
+        assert stitched[tag] == reference[tag], tag  # bit for bit
+    assert sorted(segments[1]["train/loss"]) == list(range(4, 10)) or min(segments[1]["train/loss"]) == 4

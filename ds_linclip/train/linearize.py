@@ -90,11 +90,12 @@ def stage_for_step(step: int, transfer_steps: int) -> int:
 
 
 def warmup_cosine(step: int, steps: int, warmup: int, peak: float, min_ratio: float) -> float:
-    """LR of the `step`-th (1-based) of `steps` steps: linear warmup to `peak`, cosine to min_ratio * peak."""
+    """LR of the `step`-th (1-based) of `steps` steps: linear warmup to `peak` over `warmup` steps, then
+    cosine towards min_ratio * peak (open_clip's schedule: the last step still gets a non-zero rate)."""
     warmup = max(1, min(warmup, steps))
     if step <= warmup:
         return peak * step / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    progress = min(1.0, (step - 1 - warmup) / max(1, steps - warmup))
     return peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
