@@ -374,3 +374,39 @@ def test_kill9_in_each_stage_then_resume_matches_uninterrupted(fmnist_shards, la
                 "linearize/transfer/image/layers_1-1", "train/lr"):
         assert stitched[tag] == reference[tag], tag  # bit for bit
     assert sorted(segments[1]["train/loss"]) == list(range(4, 10)) or min(segments[1]["train/loss"]) == 4
+
+
+@pytest.mark.slow
+def test_zero3_teacher_is_partitioned_like_the_model(fmnist_shards, launcher_runs, open_clip_file):
+    """ZeRO-3: the teachers are frozen parameters that DeepSpeed partitions: each rank's checkpoint holds
+    1/world of every teacher tensor, both stages run, and the export is the plain student."""
+    name = "zero3"
+    overrides = [o for o in launcher_overrides(fmnist_shards, launcher_runs, name, open_clip_file)
+                 if not o.startswith(("train.zero_stage=", "train.steps=", "train.linearize.transfer_steps=",
+                                      "train.checkpoint_every="))]
+    overrides += ["train.zero_stage=3", "train.steps=4", "train.linearize.transfer_steps=2", "train.checkpoint_every=2"]
+    Launch(overrides, launcher_runs / f"{name}.log").run()
+    run = launcher_runs / name
+    (series,) = scalars(run)
+    assert series["linearize/stage"] == {1: 1.0, 2: 1.0, 3: 2.0, 4: 2.0}
+    full = from_open_clip_state_dict_of(open_clip_file)
+    for rank in range(WORLD):
+        states = torch.load(run / "checkpoints/step_00000002" / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
+                            map_location="cpu", weights_only=False)
+        fragments = states["frozen_param_fragments"]
+        teacher = {k: v for k, v in fragments.items() if TEACHER_KEY in k}
+        assert len(teacher) == 4 * 2 * 2  # 4 tensors x 2 layers x 2 towers
+        for key, fragment in teacher.items():
+            student_key = key.replace(TEACHER_KEY, ".attn.")
+            assert fragment.numel() == -(-full[student_key].numel() // WORLD), key
+    from safetensors.torch import load_file
+
+    cfg = load_config([run / "final" / "config.yaml"])
+    cfg.model.pretrained = None
+    build_model(cfg.model).load_state_dict(load_file(run / "final" / "model.safetensors"), strict=True)
+
+
+def from_open_clip_state_dict_of(path: Path) -> dict[str, torch.Tensor]:
+    from ds_linclip.models.convert import from_open_clip_state_dict, read_state_dict
+
+    return from_open_clip_state_dict(read_state_dict(path))
