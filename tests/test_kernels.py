@@ -234,3 +234,26 @@ def test_bad_arguments_name_the_value(bad, message):
         with pytest.raises(ValueError, match=message):
             linear_attention(q, k, v, **{"backend": backend, **bad})
     assert set(BACKENDS) == {"auto", "torch", "triton"}
+
+
+def test_focused_map_rows_without_positive_entries_match_reference():
+    """relu(x) = 0 for a whole row (φ = 0) and a row with one tiny positive entry (‖y^p‖ < eps):
+    the hand-written backward of the focused map must agree with autograd through the reference."""
+    q, k, v = random_qkv(1, 2, 6, 8, dtype=torch.float64)
+    scale = random_scale(2, 8, torch.float64)
+    with torch.no_grad():
+        q[0, 0, 1] = -q[0, 0, 1].abs()  # no positive entry
+        k[0, 1, 3] = -k[0, 1, 3].abs()
+        k[0, 1, 3, 0] = 1e-4  # one small positive entry: ‖y³‖ ~ 1e-12 < eps
+    for causal in (False, True):
+        for power in (3.0, 2.5):
+            ours = linear_attention_torch(q, k, v, feature_map="focused", denominator="kernel", causal=causal,
+                                          scale=scale, power=power)
+            ref = linear_attention_reference(q, k, v, feature_map="focused", denominator="kernel", causal=causal,
+                                             scale=scale, power=power)
+            torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+            upstream = torch.randn_like(ours)
+            inputs = (q, k, v, scale)
+            for got, want in zip(torch.autograd.grad(ours, inputs, upstream), torch.autograd.grad(ref, inputs, upstream)):
+                assert torch.isfinite(got).all()
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
