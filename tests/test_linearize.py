@@ -36,7 +36,11 @@ WORLD = 2
 
 # ------------------------------------------------------------------------------------ in-process
 def small_overrides(attention: str, pretrained: str | None = None, **train) -> list[str]:
-    out = ["model.preset=tiny", "model.embed_dim=32", "model.image.image_size=16", "model.text.context_length=8"]
+    """Both towers `attention`; a `-local3` suffix adds the local branch to the image tower."""
+    local = attention.endswith("-local3")
+    attention = attention.removesuffix("-local3")
+    out = ["model.preset=tiny", "model.embed_dim=32", "model.image.image_size=16", "model.text.context_length=8",
+           f"model.image.local_kernel={3 if local else 0}"]
     for tower in ("image", "text"):
         out += [f"model.{tower}.width=32", f"model.{tower}.heads=2", f"model.{tower}.layers=2",
                 f"model.{tower}.attention={attention}"]
@@ -81,8 +85,9 @@ def recipe(softmax_file: Path, attention: str = "linear-affine", **linearize):
     return cfg, model, linearizer, optimizer
 
 
-def test_stage1_stream_is_the_softmax_model_and_only_attention_gets_gradients(softmax_file):
-    cfg, model, linearizer, optimizer = recipe(softmax_file)
+@pytest.mark.parametrize("attention", ["linear-affine", "linear-focused-local3"])
+def test_stage1_stream_is_the_softmax_model_and_only_attention_gets_gradients(softmax_file, attention):
+    cfg, model, linearizer, optimizer = recipe(softmax_file, attention)
     teacher = build_model(load_config([], small_overrides("softmax", str(softmax_file))).model)
     images, tokens = batch()
     linearizer.prepare(optimizer, 1)
@@ -96,6 +101,10 @@ def test_stage1_stream_is_the_softmax_model_and_only_attention_gets_gradients(so
     assert loss.item() > 0
     loss.backward()
     names = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    if attention == "linear-focused-local3":  # the variant's own parameters train too
+        assert {n for n in linearizer.trainable if "focus_scale" in n or "local_conv" in n} == {
+            *(f"{t}.blocks.{i}.attn.focus_scale" for t in ("visual", "text") for i in (0, 1)),
+            *(f"visual.blocks.{i}.attn.local_conv.{w}" for i in (0, 1) for w in ("weight", "bias"))}
     assert names == linearizer.trainable
     assert all(".attn." in n and TEACHER_KEY not in n for n in names)
     assert {n.split(".attn.")[0] for n in names} == {f"{t}.blocks.{i}" for t in ("visual", "text") for i in (0, 1)}
@@ -152,6 +161,8 @@ def test_transfer_params_choices_and_config_errors(softmax_file):
     assert qkv_only.trainable and all(".attn.qkv." in n for n in qkv_only.trainable)
     with pytest.raises(ConfigError, match="transfer_params"):
         recipe(softmax_file, transfer_params="variant")  # affine adds no parameters of its own
+    _, _, variant, _ = recipe(softmax_file, "linear-focused-local3", transfer_params="variant")
+    assert variant.trainable and all(n.endswith("focus_scale") or ".local_conv." in n for n in variant.trainable)
     with pytest.raises(ConfigError, match="transfer_steps"):
         recipe(softmax_file, transfer_steps=21)
     with pytest.raises(ConfigError, match="both towers are softmax"):

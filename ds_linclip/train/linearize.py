@@ -78,10 +78,8 @@ class SoftmaxTeacher(nn.Module):
 
 
 def is_linear(attn: nn.Module) -> bool:
-    """True when an Attention module computes linear attention (either API: `spec` or `kind`)."""
-    if hasattr(attn, "spec"):
-        return attn.spec is not None
-    return getattr(attn, "kind", "softmax") != "softmax"
+    """True when an Attention module computes linear attention (its AttentionSpec has a LinearSpec)."""
+    return attn.spec.linear is not None
 
 
 def stage_for_step(step: int, transfer_steps: int) -> int:
