@@ -41,13 +41,43 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ds_linclip.experiments.compare import (
-    KINDS, Budget, CompareError, Launcher, RunSpec, _log, contrastive_loss, ensure_shards, free_port,
+    HEAD_DIM, Budget, CompareError, Launcher, RunSpec, _log, contrastive_loss, ensure_shards, free_port,
     git_commit, machine_note, markdown_table, read_scalars, run_one,
 )
 
 
+def variant_overrides(kind: str) -> list[str]:
+    """Both towers' attention keys for a variant name (`softmax`, `linear-affine`, `linear-focused-local3`,
+    ...: ds_linclip.models.attention's NAME_GRAMMAR); the local branch goes to the image tower only."""
+    from ds_linclip.models.attention import parse_attention_name
+
+    spec = parse_attention_name(kind)
+    out = []
+    for tower in ("image", "text"):
+        out.append(f"model.{tower}.attention={'softmax' if spec.linear is None else 'linear-' + spec.linear.feature_map}")
+        if spec.linear is not None:
+            out.append(f"model.{tower}.denominator={spec.linear.denominator}")
+    if spec.local_kernel:
+        out.append(f"model.image.local_kernel={spec.local_kernel}")
+    return out
+
+
 @dataclass(frozen=True)
-class FromTeacherSpec(RunSpec):
+class Spec(RunSpec):
+    """compare's run (same shapes, budget, trainer overrides) for any attention variant name."""
+
+    def model_overrides(self) -> list[str]:
+        heads, b = max(1, self.width // HEAD_DIM), self.budget
+        out = ["model.preset=tiny", f"model.embed_dim={self.width}"]
+        for tower in ("image", "text"):
+            out += [f"model.{tower}.width={self.width}", f"model.{tower}.heads={heads}", f"model.{tower}.layers={b.layers}"]
+        return out + variant_overrides(self.kind) + [
+            f"model.image.image_size={self.image_size}", f"model.image.patch_size={b.patch_size}",
+            f"model.text.context_length={b.context_length}"]
+
+
+@dataclass(frozen=True)
+class FromTeacherSpec(Spec):
     """A run that starts from the teacher's weights: ordinary fine-tune, or train.linearize if transfer_steps > 0."""
 
     pretrained: str = ""
@@ -75,7 +105,7 @@ class FromTeacherSpec(RunSpec):
 
 
 @dataclass(frozen=True)
-class NoRecipeSpec(RunSpec):
+class NoRecipeSpec(Spec):
     """(c): a run folder holding only the teacher's export, its config naming the linear kind."""
 
     @property
@@ -83,7 +113,7 @@ class NoRecipeSpec(RunSpec):
         return f"{self.kind}-norecipe-{self.image_size}px-w{self.width}"
 
 
-def score_without_training(kind_spec: RunSpec, teacher_dir: Path, launcher: Launcher) -> dict[str, Any]:
+def score_without_training(kind_spec: Spec, teacher_dir: Path, launcher: Launcher) -> dict[str, Any]:
     """(c): the teacher's exported weights scored by the eval job as a model of `kind_spec`'s attention."""
     from ds_linclip.config import load_config, to_yaml
 
@@ -162,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "weights loaded without the recipe (scored as is, and after ordinary fine-tuning).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--kinds", nargs="+", default=["linear-affine"], choices=list(KINDS), metavar="KIND",
-                        help=f"linear kinds to linearise into (choices: {', '.join(KINDS)}; default %(default)s)")
+    parser.add_argument("--kinds", nargs="+", default=["linear-affine", "linear-focused"], metavar="KIND",
+                        help="linear variants to linearise into, both towers (names as ds_linclip.models.attention's "
+                             "NAME_GRAMMAR, e.g. linear-affine, linear-focused-local3; default %(default)s)")
     parser.add_argument("--teacher-steps", type=int, default=600, help="teacher and scratch steps (default %(default)s)")
     parser.add_argument("--linearize-steps", type=int, default=60,
                         help="steps of the recipe in all, and of (c') (default %(default)s: 10%% of the teacher's)")
@@ -226,7 +257,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     finetune_steps = args.linearize_steps - args.transfer_steps
     finetune_warmup = max(1, finetune_steps // 10)
 
-    teacher_spec = RunSpec("softmax", args.image_size, args.width, full)
+    teacher_spec = Spec("softmax", args.image_size, args.width, full)
     teacher = run_one(teacher_spec, launcher)
     teacher_dir = runs_dir / teacher_spec.name
     teacher_file = teacher_dir / "final" / "model.safetensors"
@@ -235,10 +266,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
                                    "final_loss": teacher.final_loss}]
     timing: dict[str, Any] = {}
     for kind in args.kinds:
-        scratch_spec = RunSpec(kind, args.image_size, args.width, full)
-        scratch = run_one(scratch_spec, launcher)
-        rows.append({"label": "(b) from scratch", "kind": kind, "steps": args.teacher_steps, "transfer_steps": 0,
-                     "top1": scratch.top1, "top5": scratch.top5, "final_loss": scratch.final_loss})
+        scratch_spec = Spec(kind, args.image_size, args.width, full)
         record = score_without_training(scratch_spec, teacher_dir, launcher)
         _log(f"{kind} with the teacher's weights, no training: top-1 {100 * record['metrics']['top1']:.2f}%")
         rows.append({"label": "(c) teacher weights, no training", "kind": kind, "steps": 0, "transfer_steps": 0,
@@ -254,6 +282,10 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
                                       transfer_lr=args.transfer_lr, transfer_warmup_steps=max(1, args.transfer_steps // 10),
                                       finetune_warmup_steps=finetune_warmup)
         linearized = run_one(recipe_spec, launcher)
+        # (b) last: the longest run, after the cheap rows of this kind
+        scratch = run_one(scratch_spec, launcher)
+        rows.append({"label": "(b) from scratch", "kind": kind, "steps": args.teacher_steps, "transfer_steps": 0,
+                     "top1": scratch.top1, "top5": scratch.top5, "final_loss": scratch.final_loss})
         scalars = read_scalars(runs_dir / recipe_spec.name / "tensorboard")
         transfer_curve = scalars.get("linearize/transfer_loss", [])
         rows.append({"label": "(d) linearised (train.linearize)", "kind": kind, "steps": args.linearize_steps,
@@ -271,6 +303,9 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
                                          args.batch_size)
             _log(f"  ordinary {timing[kind]['ordinary_s']:.3f} s, stage 1 {timing[kind]['stage1_s']:.3f} s "
                  f"({timing[kind]['ratio']:.2f}x)")
+    order = {"(a)": 0, "(b)": 1, "(c)": 2, "(c')": 3, "(d)": 4}
+    kinds = ["softmax", *args.kinds]
+    rows.sort(key=lambda row: (kinds.index(row["kind"]), order[row["label"].split()[0]]))
     for row in rows:
         row["of_teacher_pct"] = 100 * row["top1"] / teacher.top1
     report = {"command": command, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
