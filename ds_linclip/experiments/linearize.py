@@ -87,6 +87,7 @@ class FromTeacherSpec(Spec):
     transfer_lr: float = 1.0e-3
     transfer_warmup_steps: int = 3
     finetune_warmup_steps: int | None = None
+    finetune_transfer_weight: float = 0.0
 
     @property
     def name(self) -> str:
@@ -100,6 +101,7 @@ class FromTeacherSpec(Spec):
             out += ["train.linearize.enabled=true", f"train.linearize.transfer_steps={self.transfer_steps}",
                     f"train.linearize.transfer_lr={self.transfer_lr}",
                     f"train.linearize.transfer_warmup_steps={self.transfer_warmup_steps}",
+                    f"train.linearize.finetune_transfer_weight={self.finetune_transfer_weight}",
                     "train.linearize.log_layers_per_group=1"]
         return out
 
@@ -202,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--transfer-lr", type=float, default=1.0e-3, help="stage-1 peak lr (default %(default)s)")
     parser.add_argument("--finetune-lr", type=float, default=5.0e-4,
                         help="peak lr of the fine-tune, (c') and stage 2 of (d) (default %(default)s)")
+    parser.add_argument("--finetune-transfer-weight", type=float, default=0.0,
+                        help="stage-2 weight of the transfer loss (default %(default)s)")
+    parser.add_argument("--recipe-only", action="store_true",
+                        help="only the teacher's rows (a), (c') and (d): for trying recipe settings while (b) trains elsewhere")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2.0e-3, help="teacher/scratch peak lr (default %(default)s)")
     parser.add_argument("--width", type=int, default=64)
@@ -267,24 +273,28 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     timing: dict[str, Any] = {}
     for kind in args.kinds:
         scratch_spec = Spec(kind, args.image_size, args.width, full)
-        record = score_without_training(scratch_spec, teacher_dir, launcher)
-        _log(f"{kind} with the teacher's weights, no training: top-1 {100 * record['metrics']['top1']:.2f}%")
-        rows.append({"label": "(c) teacher weights, no training", "kind": kind, "steps": 0, "transfer_steps": 0,
+        if not args.recipe_only:
+            record = score_without_training(scratch_spec, teacher_dir, launcher)
+            _log(f"{kind} with the teacher's weights, no training: top-1 {100 * record['metrics']['top1']:.2f}%")
+            rows.append({"label": "(c) teacher weights, no training", "kind": kind, "steps": 0, "transfer_steps": 0,
                      "top1": float(record["metrics"]["top1"]), "top5": float(record["metrics"]["top5"]),
                      "final_loss": None})
         plain = run_one(FromTeacherSpec(kind, args.image_size, args.width, short, pretrained=str(teacher_file),
-                                        label="finetune", finetune_warmup_steps=max(1, args.linearize_steps // 10)),
+                                        label=f"finetune-flr{args.finetune_lr:g}", finetune_warmup_steps=max(1, args.linearize_steps // 10)),
                         launcher)
         rows.append({"label": "(c') teacher weights + ordinary fine-tune", "kind": kind, "steps": args.linearize_steps,
                      "transfer_steps": 0, "top1": plain.top1, "top5": plain.top5, "final_loss": plain.final_loss})
         recipe_spec = FromTeacherSpec(kind, args.image_size, args.width, short, pretrained=str(teacher_file),
-                                      label="linearized", recipe=True, transfer_steps=args.transfer_steps,
+                                      label=f"linearized-t{args.transfer_steps}-tlr{args.transfer_lr:g}-flr{args.finetune_lr:g}"
+                                      + (f"-ftw{args.finetune_transfer_weight:g}" if args.finetune_transfer_weight else ""),
+                                      recipe=True, finetune_transfer_weight=args.finetune_transfer_weight, transfer_steps=args.transfer_steps,
                                       transfer_lr=args.transfer_lr, transfer_warmup_steps=max(1, args.transfer_steps // 10),
                                       finetune_warmup_steps=finetune_warmup)
         linearized = run_one(recipe_spec, launcher)
         # (b) last: the longest run, after the cheap rows of this kind
-        scratch = run_one(scratch_spec, launcher)
-        rows.append({"label": "(b) from scratch", "kind": kind, "steps": args.teacher_steps, "transfer_steps": 0,
+        scratch = None if args.recipe_only else run_one(scratch_spec, launcher)
+        if scratch is not None:
+            rows.append({"label": "(b) from scratch", "kind": kind, "steps": args.teacher_steps, "transfer_steps": 0,
                      "top1": scratch.top1, "top5": scratch.top5, "final_loss": scratch.final_loss})
         scalars = read_scalars(runs_dir / recipe_spec.name / "tensorboard")
         transfer_curve = scalars.get("linearize/transfer_loss", [])
@@ -296,7 +306,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
                      "trainer_stage1_step_s": trainer_step_times(runs_dir / recipe_spec.name, 2, args.transfer_steps),
                      "trainer_stage2_step_s": trainer_step_times(runs_dir / recipe_spec.name, args.transfer_steps + 2,
                                                                  args.linearize_steps),
-                     "trainer_scratch_step_s": trainer_step_times(runs_dir / scratch_spec.name, 2, args.teacher_steps)})
+                     "trainer_scratch_step_s": None if scratch is None else
+                     trainer_step_times(runs_dir / scratch_spec.name, 2, args.teacher_steps)})
         if args.timing_rounds > 0:
             _log(f"{kind}: interleaved timing, ordinary step vs stage-1 step, {args.timing_rounds} rounds")
             timing[kind] = stage1_timing(scratch_spec, teacher_file, args.transfer_steps, args.timing_rounds,
