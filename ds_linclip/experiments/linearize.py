@@ -179,6 +179,21 @@ def stage1_timing(kind_spec: RunSpec, teacher_file: Path, transfer_steps: int, r
             "stage1_s": median["stage1"], "ratio": median["stage1"] / median["ordinary"]}
 
 
+def other_settings(runs_dir: Path, args: argparse.Namespace, shown: set) -> list[dict[str, Any]]:
+    """Finished, scored runs from the teacher with other recipe / fine-tune settings (name, top-1), so a
+    table shows every setting that was tried, not only the chosen one."""
+    out = []
+    for kind in args.kinds:
+        for pattern in (f"{kind}-linearized-*-{args.image_size}px-w{args.width}",
+                        f"{kind}-finetune-*-{args.image_size}px-w{args.width}"):
+            for run in sorted(runs_dir.glob(pattern)):
+                result = run / "eval" / "final_zeroshot.json"
+                if run.name in shown or not (run / "DONE").is_file() or not result.is_file():
+                    continue
+                out.append({"run": run.name, "top1": float(json.loads(result.read_text())["metrics"]["top1"])})
+    return out
+
+
 def trainer_step_times(run_dir: Path, first: int, last: int) -> float | None:
     """Median of the trainer's logged perf/step_time_s over steps first..last."""
     series = read_scalars(run_dir / "tensorboard").get("perf/step_time_s", [])
@@ -282,7 +297,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         plain = run_one(FromTeacherSpec(kind, args.image_size, args.width, short, pretrained=str(teacher_file),
                                         label=f"finetune-flr{args.finetune_lr:g}", finetune_warmup_steps=max(1, args.linearize_steps // 10)),
                         launcher)
-        rows.append({"label": "(c') teacher weights + ordinary fine-tune", "kind": kind, "steps": args.linearize_steps,
+        rows.append({"label": "(c') teacher weights + ordinary fine-tune", "kind": kind, "run": plain.name,
+                     "steps": args.linearize_steps,
                      "transfer_steps": 0, "top1": plain.top1, "top5": plain.top5, "final_loss": plain.final_loss})
         recipe_spec = FromTeacherSpec(kind, args.image_size, args.width, short, pretrained=str(teacher_file),
                                       label=f"linearized-t{args.transfer_steps}-tlr{args.transfer_lr:g}-flr{args.finetune_lr:g}"
@@ -298,7 +314,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
                      "top1": scratch.top1, "top5": scratch.top5, "final_loss": scratch.final_loss})
         scalars = read_scalars(runs_dir / recipe_spec.name / "tensorboard")
         transfer_curve = scalars.get("linearize/transfer_loss", [])
-        rows.append({"label": "(d) linearised (train.linearize)", "kind": kind, "steps": args.linearize_steps,
+        rows.append({"label": "(d) linearised (train.linearize)", "kind": kind, "run": recipe_spec.name,
+                     "steps": args.linearize_steps,
                      "transfer_steps": args.transfer_steps, "top1": linearized.top1, "top5": linearized.top5,
                      "final_loss": linearized.final_loss,
                      "transfer_loss_first": transfer_curve[0][1] if transfer_curve else None,
@@ -330,13 +347,22 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         [[r["label"], r["kind"], f"{r['steps']}" + (f" ({r['transfer_steps']})" if r["transfer_steps"] else ""),
           f"{100 * r['top1']:.2f}", f"{100 * r['top5']:.2f}", f"{r['of_teacher_pct']:.1f}",
           "-" if r["final_loss"] is None else f"{r['final_loss']:.3f}"] for r in rows])
+    tried = other_settings(runs_dir, args, {row.get("run") for row in rows})
+    if tried:
+        report["other_settings"] = tried
     timing_lines = [f"- {kind}: ordinary step {t['ordinary_s'] * 1000:.0f} ms, stage-1 step {t['stage1_s'] * 1000:.0f} ms "
                     f"= {t['ratio']:.2f}x (interleaved, median of {t['rounds']}, batch {t['batch_size']})"
                     for kind, t in timing.items()]
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "linearize.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = "\n".join([f"`{command}`", "", table, "", *timing_lines, ""])
+    parts = [f"`{command}`", "", table, "", *timing_lines, ""]
+    if tried:
+        parts += ["Other settings tried (same teacher, same 60-step budget; every run of this runs dir):", "",
+                  markdown_table(["run", "zero-shot top-1 %", "% of teacher top-1"],
+                                 [[t["run"], f"{100 * t['top1']:.2f}", f"{100 * t['top1'] / teacher.top1:.1f}"]
+                                  for t in tried]), ""]
+    markdown = "\n".join(parts)
     (out / "linearize.md").write_text(markdown)
     print(markdown)
     return 0
