@@ -32,7 +32,6 @@ import datetime as dt
 import json
 import os
 import shlex
-import shutil
 import statistics
 import sys
 import time
@@ -116,14 +115,21 @@ class NoRecipeSpec(Spec):
 
 
 def score_without_training(kind_spec: Spec, teacher_dir: Path, launcher: Launcher) -> dict[str, Any]:
-    """(c): the teacher's exported weights scored by the eval job as a model of `kind_spec`'s attention."""
+    """(c): the teacher's weights loaded the way `model.pretrained` loads them into the linear model (the
+    parameters a variant adds start at their neutral init), saved as an export, scored by the eval job."""
+    from safetensors.torch import save_file
+
     from ds_linclip.config import load_config, to_yaml
+    from ds_linclip.models import build_model
 
     spec = NoRecipeSpec(kind_spec.kind, kind_spec.image_size, kind_spec.width, kind_spec.budget)
     final = launcher.runs_dir / spec.name / "final"
     final.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(teacher_dir / "final" / "model.safetensors", final / "model.safetensors")
-    cfg = load_config([teacher_dir / "final" / "config.yaml"], kind_spec.model_overrides())
+    cfg = load_config([teacher_dir / "final" / "config.yaml"],
+                      kind_spec.model_overrides() + [f"model.pretrained={teacher_dir / 'final' / 'model.safetensors'}"])
+    model = build_model(cfg.model)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(final / "model.safetensors"))
+    cfg.model.pretrained = None
     (final / "config.yaml").write_text(to_yaml(cfg))
     return launcher.evaluate(spec)
 
