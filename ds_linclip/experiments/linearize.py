@@ -301,13 +301,13 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
                      "top1": float(record["metrics"]["top1"]), "top5": float(record["metrics"]["top5"]),
                      "final_loss": None})
         plain = run_one(FromTeacherSpec(kind, args.image_size, args.width, short, pretrained=str(teacher_file),
-                                        label=f"finetune-flr{args.finetune_lr:g}", finetune_warmup_steps=max(1, args.linearize_steps // 10)),
+                                        label=f"finetune-n{args.linearize_steps}-flr{args.finetune_lr:g}", finetune_warmup_steps=max(1, args.linearize_steps // 10)),
                         launcher)
         rows.append({"label": "(c') teacher weights + ordinary fine-tune", "kind": kind, "run": plain.name,
                      "steps": args.linearize_steps,
                      "transfer_steps": 0, "top1": plain.top1, "top5": plain.top5, "final_loss": plain.final_loss})
         recipe_spec = FromTeacherSpec(kind, args.image_size, args.width, short, pretrained=str(teacher_file),
-                                      label=f"linearized-t{args.transfer_steps}-tlr{args.transfer_lr:g}-flr{args.finetune_lr:g}"
+                                      label=f"linearized-n{args.linearize_steps}-t{args.transfer_steps}-tlr{args.transfer_lr:g}-flr{args.finetune_lr:g}"
                                       + (f"-ftw{args.finetune_transfer_weight:g}" if args.finetune_transfer_weight else ""),
                                       recipe=True, finetune_transfer_weight=args.finetune_transfer_weight, transfer_steps=args.transfer_steps,
                                       transfer_lr=args.transfer_lr, transfer_warmup_steps=max(1, args.transfer_steps // 10),
