@@ -53,12 +53,12 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.train.output_dir) / cfg.train.run_name
 
 
-def stop_agreed(stop: StopRequest) -> bool:
+def agree_to_stop(stop: StopRequest) -> bool:
     """Collective (every rank, same order): True on every rank if any rank got a stop signal."""
-    (any_stop,) = _all_reduce([1.0 if stop.requested else 0.0], op=dist.ReduceOp.MAX)
-    if any_stop and not stop.requested:
-        stop.signum = signal.SIGTERM  # another rank got it: leave together
-    return bool(any_stop)
+    (signum,) = _all_reduce([float(stop.signum or 0)], op=dist.ReduceOp.MAX)
+    if signum and not stop.requested:
+        stop.signum = int(signum)  # another rank got it: leave together, under its signal's name
+    return bool(signum)
 
 
 def _stop_before_training(stop: StopRequest, is_main: bool, where: str) -> int:
@@ -233,7 +233,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     init_distributed(env, cfg.train.dist_timeout_minutes)
     rank, world = env.rank, env.world_size
     is_main = rank == 0
-    if stop_agreed(stop):  # a signal during start-up: leave before building anything
+    if agree_to_stop(stop):  # a signal during start-up: leave before building anything
         return _stop_before_training(stop, is_main, "during start-up")
     tc = cfg.train
     root = run_dir(cfg)
@@ -266,7 +266,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         if is_main:
             log.info("resumed from %s at step %d", resume[0] / resume[1], state.step)
     loader = build_train_loader(cfg, rank, world, start_state=data_state, with_keys=bool(tc.log_sample_keys))
-    if stop_agreed(stop):  # a signal while the model, engine or loader were built
+    if agree_to_stop(stop):  # a signal while the model, engine or loader were built
         return _stop_before_training(stop, is_main, "while the engine was built")
 
     global_batch = global_batch_size(tc, world)

@@ -4,7 +4,7 @@ Imports nothing but the standard library, so `python -m ds_linclip.train` can in
 handlers before it imports torch, DeepSpeed or the config (seconds, during which Python's
 default action for SIGTERM/SIGUSR1 would kill the rank and leave the others waiting in their
 next collective). The handler only records the signal: what to do is decided by all ranks
-together at the trainer's agreement points (`loop.stop_agreed`), so ranks that got the signal
+together at the trainer's agreement points (`loop.agree_to_stop` and the step loop), so ranks that got the signal
 at different moments still leave at the same point.
 
 Only the interpreter's own start-up (before `ds_linclip/train/__main__.py` runs, a fraction of a
