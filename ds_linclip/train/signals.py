@@ -30,6 +30,9 @@ class StopRequest:
         self.signum: int | None = None
         for sig in signals:
             signal.signal(sig, self._handle)
+            # SA_RESTART: a blocking call in torch's C++ (a rendezvous connect, a gloo read) carries on
+            # instead of failing with EINTR; the flag is only read at the agreement points anyway
+            signal.siginterrupt(sig, False)
 
     def _handle(self, signum, frame):  # noqa: ARG002 - signal handler signature
         if self.signum is None:
