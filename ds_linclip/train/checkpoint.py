@@ -105,7 +105,8 @@ def mark_scored(run_dir: str | Path, tag: str, status: str = "ok") -> None:
 def scored_tags(run_dir: str | Path) -> set[str]:
     """Tags the eval job is done with: its markers, and the watcher's state file."""
     eval_dir = Path(run_dir) / EVAL_DIR
-    tags = {p.name for p in (eval_dir / SCORED_DIR).iterdir()} if (eval_dir / SCORED_DIR).is_dir() else set()
+    folder = eval_dir / SCORED_DIR
+    tags = {p.name for p in folder.iterdir() if not p.name.startswith(".")} if folder.is_dir() else set()
     try:
         tags |= set(json.loads((eval_dir / WATCH_STATE).read_text())["checkpoints"])
     except (OSError, ValueError, KeyError, TypeError):

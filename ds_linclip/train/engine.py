@@ -218,9 +218,14 @@ def _check_merged(ds: dict[str, Any], passthrough: Mapping) -> None:
     key = "deepspeed.zero_optimization" if "zero_optimization" in passthrough else "train.zero_stage"
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"stage {stage!r} is not a ZeRO stage (0-3)", key)
-    if zero.get("offload_param") and zero["offload_param"].get("device", "none") != "none" and stage != 3:
+
+    def offloads(name: str) -> bool:
+        value = zero.get(name)
+        return bool(value) and (not isinstance(value, Mapping) or value.get("device", "none") != "none")
+
+    if offloads("offload_param") and stage != 3:
         raise ConfigError(f"offload_param needs ZeRO stage 3, the merged stage is {stage}", key)
-    if zero.get("offload_optimizer") and zero["offload_optimizer"].get("device", "none") != "none" and stage == 0:
+    if offloads("offload_optimizer") and stage == 0:
         raise ConfigError("offload_optimizer needs ZeRO stage 1, 2 or 3, the merged stage is 0", key)
     enabled = [name for name in ("bf16", "fp16") if (ds.get(name) or {}).get("enabled")]
     if len(enabled) > 1:
