@@ -158,11 +158,13 @@ def test_signal_during_a_checkpoint_save_keeps_latest_complete(fmnist_shards, tm
     exit 75, and `latest` never named a half-written tag."""
     launch = Launch(fmnist_shards, tmp_path, "save", "train.checkpoint_every=3")
     save_dir = launch.run / "checkpoints"
+    launch.wait_until(lambda: len(launch.ranks()) == 2, "the two rank processes")
+    ranks = launch.ranks()  # looked up now: the signals below must not wait for a process scan
     launch.wait_until(lambda: (save_dir / "step_00000003").is_dir(), "the save of step 3", poll=0.002)
-    latest_at_signal = _latest(launch.run)
-    launch.signal(1, signal.SIGTERM)
+    ranks[1].send_signal(signal.SIGTERM)
+    latest_at_signal = _latest(launch.run)  # read after the signal: still unset = it landed mid-save
     time.sleep(0.05)
-    launch.signal(0, signal.SIGTERM)
+    ranks[0].send_signal(signal.SIGTERM)
     code = launch.wait()
     log = launch.text()
     assert code == 75, f"exit {code}\n{launch.tail()}"
