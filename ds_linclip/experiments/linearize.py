@@ -364,7 +364,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     (out / "linearize.json").write_text(json.dumps(report, indent=2) + "\n")
     parts = [f"`{command}`", "", table, "", *timing_lines, ""]
     if tried:
-        parts += ["Other settings tried (same teacher, same 60-step budget; every run of this runs dir):", "",
+        parts += ["Other settings tried from the same teacher (every finished run of this runs dir; n = steps in all, "
+                  "t = transfer steps, tlr / flr = stage-1 / fine-tune peak lr):", "",
                   markdown_table(["run", "zero-shot top-1 %", "% of teacher top-1"],
                                  [[t["run"], f"{100 * t['top1']:.2f}", f"{100 * t['top1'] / teacher.top1:.1f}"]
                                   for t in tried]), ""]
