@@ -1,4 +1,4 @@
-"""The Triton kernels (kernels/linear_attention.py) against a float64 O(N²) oracle.
+"""The Triton kernels (kernels/linear_attention.py) against the float64 oracle (kernels/reference.py).
 
 On a CPU-only machine every launch runs through Triton's interpreter: `kernels.linear_attention`
 loads its kernel file in interpreter mode for CPU tensors itself, so these tests neither need
@@ -6,9 +6,8 @@ TRITON_INTERPRET=1 nor care which module imported triton first (test_import_orde
 checks that in a fresh process). On a CUDA machine (bench/gpu_check.sh) the same tests run the
 compiled kernels on the GPU; the gradchecks stay on CPU (float64, interpreted).
 
-The oracle below builds the full N×N similarity matrix from the maths in the contract
-(kernels/reference.py is the O(N·d²) definition; this is written independently of it), and
-autograd through it gives every gradient, the focused map's scale included.
+The oracle is `linear_attention_reference` in float64 (tests/test_kernels.py checks it against a
+naive N×N form); autograd through it gives every gradient, the focused map's scale included.
 
 Interpreted Triton is slow, so shapes are small: every feature map × denominator × causality at
 d = 32 for N ∈ {1, 50, 197}; N = 1025 (causal: the chunk-parallel form) for a few (marked slow).
@@ -23,52 +22,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kernels.linear_attention import CHUNKED_MIN_TOKENS, linear_attention_triton
+from kernels.reference import DENOMINATORS, FEATURE_MAPS, linear_attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FEATURE_MAPS = ("affine", "focused", "elu", "relu")
-DENOMINATORS = ("count", "kernel")
 VARIANTS = [(f, d) for f in FEATURE_MAPS for d in DENOMINATORS]
 VARIANT_IDS = [f"{f}-{d}" for f, d in VARIANTS]
-EPS, NORM_EPS = 1e-6, 1e-6
 FP32_TOL, FP32_GRAD_TOL = 1e-5, 1e-4
 # gradients are compared relative to max(max |reference|, FLOOR): with one token, outputs are ≈ v
 # and dq, dk ≈ 0, where fp32 rounding (~1e-7) is all there is
 FLOOR = 1e-2
-
-
-def naive_features(x, feature_map, scale, power):
-    if feature_map == "affine":
-        return x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    if feature_map == "focused":
-        y = F.relu(x) / scale[:, None, :]
-        y_power = y.pow(power)
-        return y_power * (y.norm(dim=-1, keepdim=True) / y_power.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS))
-    if feature_map == "elu":
-        return F.elu(x) + 1.0
-    return F.relu(x)
-
-
-def naive_linear_attention(q, k, v, feature_map, denominator, causal, scale=None, power=3.0):
-    """out_i = Σ_j A_ij v_j / normaliser_i with the full (N, N) matrix A (float64 oracle)."""
-    tokens = q.shape[-2]
-    similarity = naive_features(q, feature_map, scale, power) @ naive_features(k, feature_map, scale, power).transpose(-1, -2)
-    if feature_map == "affine":
-        similarity = similarity + 1.0
-    if causal:
-        similarity = similarity * torch.ones(tokens, tokens, dtype=torch.bool, device=q.device).tril()
-    numerator = similarity @ v
-    if denominator == "count":
-        if causal:
-            counts = torch.arange(1, tokens + 1, dtype=q.dtype, device=q.device).view(tokens, 1)
-        else:
-            counts = torch.full((tokens, 1), float(tokens), dtype=q.dtype, device=q.device)
-        return numerator / counts
-    rowsum = similarity.sum(-1, keepdim=True)
-    return numerator / (rowsum if feature_map == "affine" else rowsum + EPS)
 
 
 def random_inputs(batch, heads, tokens, head_dim, dtype=torch.float32, seed=0, value_dim=None, focused=False):
@@ -93,8 +58,8 @@ def check_against_oracle(q, k, v, scale, feature_map, denominator, causal, tol, 
                                   scale=scale, power=power)
     inputs = [q, k, v] + ([scale] if scale is not None else [])
     inputs64 = [t.detach().cpu().double().requires_grad_() for t in inputs]
-    expected = naive_linear_attention(*inputs64[:3], feature_map, denominator, causal,
-                                      scale=inputs64[3] if scale is not None else None, power=power)
+    expected = linear_attention_reference(*inputs64[:3], feature_map=feature_map, denominator=denominator,
+                                          causal=causal, scale=inputs64[3] if scale is not None else None, power=power)
     assert out.shape == v.shape and out.dtype == v.dtype
     assert rel_err(out, expected) < tol, f"output: rel err {rel_err(out, expected):.2e} >= {tol}"
     generator = torch.Generator().manual_seed(seed)
