@@ -66,8 +66,10 @@ class Case:
 
 def _switches(kernel: str):
     """(rowsum_den, chunked) values that change the kernel's code."""
-    rowsum = (False, True) if kernel not in ("_bidir_state_kernel", "_bidir_bwd_key_kernel") else (False,)
-    chunked = (False, True) if kernel.startswith("_causal") else (False,)
+    from kernels.linear_attention import _NO_ROWSUM_SWITCH
+
+    rowsum = (False,) if kernel in _NO_ROWSUM_SWITCH else (False, True)
+    chunked = (False, True) if kernel.startswith("_causal") and kernel != "_causal_reverse_state_kernel" else (False,)
     return itertools.product(rowsum, chunked)
 
 
@@ -75,7 +77,7 @@ def cases(grid: str = "ci") -> list[Case]:
     """The launchable cases of one grid.
 
     full: every kernel × sm_80/sm_90 × fp32/bf16/fp16 × head dim 32/64/80/96/128 × feature map ×
-    ROWSUM_DEN × CHUNKED (2160 compiles). worst: per kernel × arch × dtype × head dim only the
+    ROWSUM_DEN × CHUNKED (2280 compiles). worst: per kernel × arch × dtype × head dim only the
     variant with the most live tiles (focused map, ROWSUM_DEN, CHUNKED). ci: every kernel and arch
     at the head dims and dtypes the presets use (bf16 d64, all variants of the kernel's switches
     with the focused map) plus the extremes of the shared-memory table (fp32 and bf16 at d128,

@@ -316,7 +316,7 @@ def _bidir_bwd_key_kernel(
 # BLOCK_N). splits == 1: one program per (batch, head) over all tokens (short inputs, e.g. 77 text
 # tokens). CHUNKED (long inputs): the range starts from a state passed in (forward / dq: the
 # prefix of the chunk states before it, from _bidir_state_kernel + a cumulative sum on the host;
-# dk/dv: the suffix of the later ranges' reverse states, written by the dq kernel).
+# dk/dv: the suffix of the later ranges' reverse states, from _causal_reverse_state_kernel).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -396,15 +396,14 @@ def _causal_fwd_kernel(
 
 @triton.jit
 def _causal_bwd_query_kernel(
-    Q, K, V, DO, SCALE, S0, Z0, SV0, DQ, DEN, R, DS_part, DZ_part, DSV_part,
+    Q, K, V, DO, SCALE, S0, Z0, SV0, DQ, DEN, R,
     H, N, tokens_per_split, eps,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
     D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, POWER: tl.constexpr, ROWSUM_DEN: tl.constexpr,
     CHUNKED: tl.constexpr, NORM_EPS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """dq by a forward sweep (recomputing the forward); writes the O(N) stats den and r and, CHUNKED,
-    this range's reverse states Σ φq gᵀ, Σ r φq, Σ g (for the dk/dv sweep). Grid (B*H, splits)."""
+    """dq by a forward sweep (recomputing the forward); writes the O(N) stats den and r. Grid (B*H, splits)."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     slot = pid_bh * tl.num_programs(1) + split
@@ -425,9 +424,6 @@ def _causal_bwd_query_kernel(
         state = tl.full((BLOCK_D, BLOCK_E), 0.0, dtype=ACC)
         key_sum = tl.full((BLOCK_D,), 0.0, dtype=ACC)
         value_sum = tl.full((BLOCK_E,), 0.0, dtype=ACC)
-    rev_state = tl.full((BLOCK_D, BLOCK_E), 0.0, dtype=ACC)
-    rev_r_phi_q = tl.full((BLOCK_D,), 0.0, dtype=ACC)
-    rev_g = tl.full((BLOCK_E,), 0.0, dtype=ACC)
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, N)
     for n0 in range(start, end, BLOCK_N):
@@ -455,14 +451,51 @@ def _causal_bwd_query_kernel(
         state = tl.dot(tl.trans(phi_k), v, state, input_precision=PRECISION)
         key_sum += _sum(phi_k, axis=0)
         value_sum += _sum(v, axis=0)
-        if CHUNKED:
-            rev_state = tl.dot(tl.trans(phi_q), g, rev_state, input_precision=PRECISION)
-            rev_r_phi_q += _sum(r[:, None] * phi_q, axis=0)
-            rev_g += _sum(g, axis=0)
-    if CHUNKED:
-        tl.store(DS_part + slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :], rev_state)
-        tl.store(DZ_part + slot * BLOCK_D + offs_d, rev_r_phi_q)
-        tl.store(DSV_part + slot * BLOCK_E + offs_e, rev_g)
+
+
+@triton.jit
+def _causal_reverse_state_kernel(
+    Q, DO, SCALE, DEN, R, RS_part, RZ_part, RSV_part,
+    H, N, tokens_per_split,
+    sqb, sqh, sqn, sdob, sdoh, sdon,
+    D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, POWER: tl.constexpr, NORM_EPS: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """Chunk-parallel causal backward: one token range's reverse sums Σ φq gᵀ, Σ r φq, Σ g (g = do/den),
+    from the row statistics of the dq sweep; suffix-summed on the host for the dk/dv sweep. A pass of
+    its own (not accumulated in the dq sweep) to keep that kernel's registers. Grid (B*H, splits)."""
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    slot = pid_bh * tl.num_programs(1) + split
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    inv_s = _inverse_scale(SCALE, h, offs_d, D, KIND, ACC)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    rev_state = tl.full((BLOCK_D, BLOCK_E), 0.0, dtype=ACC)
+    rev_r_phi_q = tl.full((BLOCK_D,), 0.0, dtype=ACC)
+    rev_g = tl.full((BLOCK_E,), 0.0, dtype=ACC)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, N)
+    for n0 in range(start, end, BLOCK_N):
+        rows = n0 + offs_n
+        row_valid = rows < end
+        q, q_mask = _load_rows(q_base, rows, sqn, offs_d, D, end, ACC)
+        do, _ = _load_rows(do_base, rows, sdon, offs_e, E, end, ACC)
+        den = tl.load(DEN + pid_bh * N + rows, mask=row_valid, other=1.0)
+        r = tl.load(R + pid_bh * N + rows, mask=row_valid, other=0.0)
+        phi_q = _feature(q, q_mask, inv_s, KIND, NORM_EPS, POWER)
+        g = do / den[:, None]
+        rev_state = tl.dot(tl.trans(phi_q), g, rev_state, input_precision=PRECISION)
+        rev_r_phi_q += _sum(r[:, None] * phi_q, axis=0)
+        rev_g += _sum(g, axis=0)
+    tl.store(RS_part + slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :], rev_state)
+    tl.store(RZ_part + slot * BLOCK_D + offs_d, rev_r_phi_q)
+    tl.store(RSV_part + slot * BLOCK_E + offs_e, rev_g)
 
 
 @triton.jit

@@ -4,7 +4,8 @@ Forward, bidirectional: one pass over K, V builds Σ φk vᵀ, Σ φk, Σ v per 
 (affine / focused / elu+1 / relu) applied in registers, then a second pass writes the outputs.
 Causal: chunks of BLOCK_N tokens, masked intra-chunk product plus the running state; one program
 per (batch, head) for short inputs, chunk-parallel (range states in parallel, a prefix sum on the
-host, then every range in parallel) for long ones (`CHUNKED_MIN_TOKENS`).
+host, then every range in parallel; the backward likewise with suffix sums of reverse states) for
+long ones (`CHUNKED_MIN_TOKENS`).
 Backward recomputes φ and the outputs; it saves only q, k, v, the d×d state(s) and, inside the
 causal backward, two O(N) row statistics (denominator and dO·O/den). The focused map's scale
 gradient is computed here from dq, dk (see `_scale_grad`).
@@ -104,10 +105,12 @@ def _block(size: int) -> int:
 
 KERNELS = (
     "_bidir_state_kernel", "_bidir_out_kernel", "_bidir_bwd_query_kernel", "_bidir_bwd_key_kernel",
-    "_causal_fwd_kernel", "_causal_bwd_query_kernel", "_causal_bwd_key_kernel",
+    "_causal_fwd_kernel", "_causal_bwd_query_kernel", "_causal_reverse_state_kernel", "_causal_bwd_key_kernel",
 )
-# the two streaming kernels hold ~3 (BLOCK_N, BLOCK_D) tiles; the others ~10
-_LIGHT_KERNELS = ("_bidir_state_kernel", "_bidir_out_kernel")
+# the streaming kernels hold ~3 (BLOCK_N, BLOCK_D) tiles; the others ~10
+_LIGHT_KERNELS = ("_bidir_state_kernel", "_bidir_out_kernel", "_causal_reverse_state_kernel")
+# kernels without the ROWSUM_DEN / CHUNKED switches
+_NO_ROWSUM_SWITCH = ("_bidir_state_kernel", "_bidir_bwd_key_kernel", "_causal_reverse_state_kernel")
 # dynamic shared memory one block may use (opt-in maximum), bytes: A100, H100/H200
 SHARED_MEMORY_LIMITS = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -160,9 +163,9 @@ def kernel_constexprs(
         BLOCK_D=_block(head_dim),
         BLOCK_E=_block(value_dim),
     )
-    if kernel not in ("_bidir_state_kernel", "_bidir_bwd_key_kernel"):
+    if kernel not in _NO_ROWSUM_SWITCH:
         meta["ROWSUM_DEN"] = rowsum_den
-    if kernel.startswith("_causal"):
+    if kernel.startswith("_causal") and kernel != "_causal_reverse_state_kernel":
         meta["CHUNKED"] = chunked
     options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
     return meta, options
@@ -273,16 +276,18 @@ def _backward(q, k, v, scale, grad_out, saved_state, launch: _Launch):
     if launch.causal:
         den = torch.empty(bh, tokens, device=q.device, dtype=launch.acc_dtype)
         r = torch.empty_like(den)
-        if launch.chunked:
-            prefix = saved_state
-            rev_parts = launch.state_buffers(q.device, launch.splits)
-        else:
-            prefix = rev_parts = (scale,) * 3  # unused (CHUNKED is false)
+        prefix = saved_state if launch.chunked else (scale,) * 3  # unused unless CHUNKED
         launch.launch("_causal_bwd_query_kernel", (bh, launch.splits), q, k, v, grad_out, scale, *prefix, dq, den, r,
-                      *rev_parts, heads, tokens, tps, launch.eps,
+                      heads, tokens, tps, launch.eps,
                       *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq))
-        # exclusive suffix over the ranges: the reverse sums of every token after each range
-        suffix = tuple(t.flip(1).cumsum(1).flip(1) - t for t in rev_parts) if launch.chunked else rev_parts
+        if launch.chunked:
+            rev_parts = launch.state_buffers(q.device, launch.splits)
+            launch.launch("_causal_reverse_state_kernel", (bh, launch.splits), q, grad_out, scale, den, r, *rev_parts,
+                          heads, tokens, tps, *_strides(q), *_strides(grad_out))
+            # exclusive suffix over the ranges: the reverse sums of every token after each range
+            suffix = tuple(t.flip(1).cumsum(1).flip(1) - t for t in rev_parts)
+        else:
+            suffix = (scale,) * 3  # unused (CHUNKED is false)
         launch.launch("_causal_bwd_key_kernel", (bh, launch.splits), q, k, v, grad_out, scale, den, r, *suffix, dk, dv,
                       heads, tokens, tps, *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
                       *_strides(dk), *_strides(dv))
