@@ -73,37 +73,46 @@ def _switches(kernel: str):
     return itertools.product(rowsum, chunked)
 
 
+# CI extras: (kernel, arch, dtype, head dim) with the most shared memory per block in the worst
+# grid, each compiled in its largest variant
+CI_EXTREMES = (
+    ("_bidir_bwd_query_kernel", 80, "bf16", 128),
+    ("_causal_bwd_key_kernel", 80, "fp16", 80),
+    ("_causal_fwd_kernel", 80, "fp32", 128),
+    ("_bidir_state_kernel", 90, "fp32", 32),
+)
+
+
 def cases(grid: str = "ci") -> list[Case]:
     """The launchable cases of one grid.
 
     full: every kernel × sm_80/sm_90 × fp32/bf16/fp16 × head dim 32/64/80/96/128 × feature map ×
     ROWSUM_DEN × CHUNKED (2280 compiles). worst: per kernel × arch × dtype × head dim only the
-    variant with the most live tiles (focused map, ROWSUM_DEN, CHUNKED). ci: every kernel and arch
-    at the head dims and dtypes the presets use (bf16 d64, all variants of the kernel's switches
-    with the focused map) plus the extremes of the shared-memory table (fp32 and bf16 at d128,
-    fp16 at d80, fp32 at d32), each with its largest variant.
+    variant with the most live tiles (focused map, ROWSUM_DEN, CHUNKED), bf16 d64 first. ci: every
+    kernel × sm_80/sm_90 at the presets' case (bf16, head dim 64) in its largest variant, every
+    switch of every kernel on sm_90, and `CI_EXTREMES` (the closest to the shared-memory limits).
     """
     from kernels.linear_attention import KERNELS
 
     out = []
-    for kernel in KERNELS:
-        for arch in ARCHS:
+    if grid == "full":
+        for kernel, arch in itertools.product(KERNELS, ARCHS):
+            for dtype, dim, fmap, (rowsum, chunked) in itertools.product(DTYPES, HEAD_DIMS, FEATURE_MAPS, _switches(kernel)):
+                out.append(Case(kernel, arch, dtype, dim, fmap, rowsum, chunked))
+    elif grid == "worst":
+        order = sorted(itertools.product(DTYPES, HEAD_DIMS), key=lambda p: p != ("bf16", 64))
+        for (dtype, dim), kernel, arch in itertools.product(order, KERNELS, ARCHS):
+            out.append(Case(kernel, arch, dtype, dim, "focused", *list(_switches(kernel))[-1]))
+    elif grid == "ci":
+        for kernel, arch in itertools.product(KERNELS, ARCHS):
             switches = list(_switches(kernel))
-            if grid == "full":
-                for dtype, dim, fmap, (rowsum, chunked) in itertools.product(DTYPES, HEAD_DIMS, FEATURE_MAPS, switches):
-                    out.append(Case(kernel, arch, dtype, dim, fmap, rowsum, chunked))
-            elif grid == "worst":
-                for dtype, dim in itertools.product(DTYPES, HEAD_DIMS):
-                    out.append(Case(kernel, arch, dtype, dim, "focused", *switches[-1]))
-            elif grid == "ci":
-                for rowsum, chunked in switches:
-                    out.append(Case(kernel, arch, "bf16", 64, "focused", rowsum, chunked))
-                out.append(Case(kernel, arch, "bf16", 64, "affine", *switches[0]))
-                for dtype, dim, fmap in (("fp32", 128, "focused"), ("bf16", 128, "elu"), ("fp16", 80, "relu"),
-                                         ("fp32", 32, "affine")):
-                    out.append(Case(kernel, arch, dtype, dim, fmap, *switches[-1]))
-            else:
-                raise ValueError(f"unknown grid '{grid}' (known: ci, worst, full)")
+            out.append(Case(kernel, arch, "bf16", 64, "focused", *switches[-1]))
+            if arch == 90:
+                out += [Case(kernel, arch, "bf16", 64, "affine", *sw) for sw in switches[:-1]]
+        for kernel, arch, dtype, dim in CI_EXTREMES:
+            out.append(Case(kernel, arch, dtype, dim, "focused", *list(_switches(kernel))[-1]))
+    else:
+        raise ValueError(f"unknown grid '{grid}' (known: ci, worst, full)")
     return out
 
 
