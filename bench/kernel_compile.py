@@ -204,14 +204,22 @@ def compile_case(case: Case) -> dict:
     }
 
 
-def compile_all(selected: list[Case], jobs: int = 2) -> list[dict]:
+def compile_all(selected: list[Case], jobs: int = 2, progress: bool = False) -> list[dict]:
     """Compile cases in `jobs` processes (ptxas and LLVM hold the GIL-free part; stdout capture needs processes)."""
-    if jobs <= 1:
-        return [compile_case(c) for c in selected]
     import multiprocessing
 
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(compile_case, selected, chunksize=1))
+    results = []
+    with contextlib.ExitStack() as stack:
+        if jobs <= 1:
+            stream = map(compile_case, selected)
+        else:
+            pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")))
+            stream = pool.map(compile_case, selected, chunksize=1)
+        for result in stream:  # one JSON line per case on stderr, as they finish (for long grids)
+            results.append(result)
+            if progress:
+                print(json.dumps(result), file=sys.stderr, flush=True)
+    return results
 
 
 def table(results: list[dict]) -> str:
@@ -252,7 +260,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     selected = [c for c in cases(args.grid) if args.kernel is None or args.kernel in c.kernel]
     started = time.perf_counter()
-    results = compile_all(selected, args.jobs)
+    results = compile_all(selected, args.jobs, progress=True)
     elapsed = time.perf_counter() - started
     over = [r for r in results if r["shared"] > r["shared_limit"] or not r["cubin_bytes"]]
     text = (f"{len(results)} cases ({args.grid} grid) compiled in {elapsed:.0f} s; {len(over)} do not fit\n\n"
