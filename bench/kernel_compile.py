@@ -182,10 +182,14 @@ def compile_case(case: Case) -> dict:
     signature, attrs = _signature(fn, constexprs, {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[case.dtype], "fp32")
     started = time.perf_counter()
     log = io.StringIO()
+    dump_before = knobs.nvidia.dump_ptxas_log
     knobs.nvidia.dump_ptxas_log = True  # triton prints ptxas -v output on a fresh compile
-    with contextlib.redirect_stdout(log):
-        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", case.arch, 32),
-                                options=options)
+    try:
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                                    target=GPUTarget("cuda", case.arch, 32), options=options)
+    finally:
+        knobs.nvidia.dump_ptxas_log = dump_before
     seconds = time.perf_counter() - started
     sidecar = _sidecar(kernel.metadata.hash)
     if sidecar.exists():

@@ -8,8 +8,9 @@ Asserted: a cubin exists, the dynamic shared memory fits the target (A100 163 Ki
 227 KiB), and on sm_90 the half-precision kernels at the presets' head dim (64) do not spill.
 The module fixture prints the per-kernel table (shared memory, registers, spills; `pytest -s`).
 
-Grid: LINCLIP_COMPILE_GRID = ci (default, ~100 compiles; the list is `bench.kernel_compile.cases`),
-worst, or full (2280 compiles; hours on 2 cores — `python bench/kernel_compile.py --grid full`).
+Grid: LINCLIP_COMPILE_GRID = ci (default, 31 compiles, ~2.5 min on 2 cores; the list is
+`bench.kernel_compile.cases`), worst (240), or full (2280 compiles; hours on 2 cores; also
+`python bench/kernel_compile.py --grid full`).
 Compiled kernels are cached in TRITON_CACHE_DIR (default /tmp/ds_linclip_triton_cache), so reruns
 take seconds; the cache is safe to share between parallel runs.
 """
