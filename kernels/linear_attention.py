@@ -139,6 +139,8 @@ def launch_config(kernel: str, dtype: torch.dtype, head_dim: int, value_dim: int
         return {"BLOCK_N": block_n, "num_warps": 4 if width <= 32 else 8, "num_stages": 2}
     if light:
         return {"BLOCK_N": 32 if width <= 64 else 16, "num_warps": 4 if width <= 32 else 8, "num_stages": 2}
+    if kernel.startswith("_causal"):
+        return {"BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
     return {"BLOCK_N": 32 if width <= 32 else 16, "num_warps": 4 if width <= 32 else 8, "num_stages": 1}
 
 
