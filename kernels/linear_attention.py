@@ -36,8 +36,11 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 CHUNKED_MIN_TOKENS = 1024
 # token ranges are multiples of this (every kernel's BLOCK_N divides it)
 RANGE_QUANTUM = 64
-# the interpreter runs programs one after another: its chunked ranges are this long
+# the interpreter runs programs one after another: its chunked ranges are this long, and its
+# blocks this tall (its cost is per block; the GPU's smaller BLOCK_N made the CPU tests ~3x slower).
+# None: launch_config's (tests/test_kernels_triton.py runs some cases so).
 INTERPRETED_RANGE_TOKENS = 256
+INTERPRETED_BLOCK_N = 64
 
 _KERNEL_SOURCE = Path(__file__).with_name("_triton_kernels.py")
 _modules: dict[bool, ModuleType] = {}
@@ -118,14 +121,15 @@ SHARED_MEMORY_LIMITS = {80: 163 * 1024, 90: 227 * 1024}
 def launch_config(kernel: str, dtype: torch.dtype, head_dim: int, value_dim: int, arch: int = 90) -> dict:
     """BLOCK_N, num_warps, num_stages of one kernel launch: the one place they are chosen.
 
-    arch: compute capability as 10*major + minor (80 = A100, 90 = H100/H200; others get sm_80's
-    choice). Measured with tests/test_kernels_compile.py / bench/kernel_compile.py (compiled for
-    sm_80 and sm_90 without a GPU; shared memory, registers, spills), not yet timed on a GPU.
-    Half-precision inputs use tensor-core dots, whose operands are staged in shared memory and whose
-    accumulators live in registers: the (BLOCK_N, width) tiles of the heavy kernels fit 255 registers
-    per thread without spilling only with fewer rows as the width grows. fp32/fp64 inputs use exact
-    FMA dots (no tensor cores), which spill at any useful tile size past width 32; small BLOCK_N and
-    one stage keep them inside shared memory.
+    arch: compute capability as 10*major + minor (80 = A100, 90 = H100/H200). The choice does not
+    depend on it yet: these fit both targets' shared memory; arch is here so a target can get its own.
+    Chosen from compile sweeps for sm_80 and sm_90 without a GPU (tests/test_kernels_compile.py,
+    bench/kernel_compile.py: shared memory, registers, spills), not yet timed on a GPU.
+    Half-precision inputs use tensor-core dots whose accumulators and operands live in registers:
+    the causal kernels (~12 live (BLOCK_N, width) tiles plus the d×d state in two operand layouts)
+    stop spilling on sm_90 at width 64 only with 16 rows and 8 warps. fp32/fp64 inputs use exact
+    FMA dots (no tensor cores): 16 rows and one stage keep them inside shared memory; past width 64
+    (padded to 128) ptxas still spills kilobytes.
     """
     width = max(_block(head_dim), _block(value_dim))
     half = dtype in (torch.bfloat16, torch.float16)
@@ -210,6 +214,8 @@ class _Launch:
         for kernel in KERNELS:
             meta, options = kernel_constexprs(kernel, q.dtype, self.dim, self.value_dim, feature_map,
                                               self.rowsum_den, power, self.chunked, self.arch)
+            if self.interpret and INTERPRETED_BLOCK_N is not None:
+                meta["BLOCK_N"] = INTERPRETED_BLOCK_N
             self.constexprs[kernel] = meta
             self.options[kernel] = {} if self.interpret else options
 

@@ -112,6 +112,19 @@ def test_triton_chunk_parallel_causal_matches_oracle_in_float64(feature_map, den
     check_against_oracle(q, k, v, scale, feature_map, denominator, causal, 1e-12, 1e-10)
 
 
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 32), (torch.bfloat16, 64)], ids=["fp32-d32", "bf16-d64"])
+def test_triton_gpu_block_sizes(dtype, head_dim, monkeypatch):
+    """The interpreter normally runs 64-token blocks (fast); here it runs launch_config's BLOCK_N
+    (16 for the causal kernels at these sizes), so the GPU's tiling is checked on CPU too."""
+    wrapper = sys.modules["kernels.linear_attention"]
+    monkeypatch.setattr(wrapper, "INTERPRETED_BLOCK_N", None)
+    tol, grad_tol = (FP32_TOL, FP32_GRAD_TOL) if dtype == torch.float32 else (2e-2, 3e-2)
+    q, k, v, scale = random_inputs(1, 1, 100, head_dim, dtype=dtype, seed=13, focused=True)
+    for causal in (False, True):
+        check_against_oracle(q, k, v, scale, "focused", "kernel", causal, tol, grad_tol)
+        check_against_oracle(q, k, v, None, "affine", "count", causal, tol, grad_tol)
+
+
 @pytest.mark.parametrize("power", [2.0, 2.5])
 def test_triton_focused_other_powers(power):
     q, k, v, scale = random_inputs(1, 2, 50, 32, seed=11, focused=True)
