@@ -131,6 +131,10 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     keep_last: int = 3
+    # with an eval watcher on the run (R/eval/watch_state.json or its lock) or eval_after_checkpoint,
+    # pruning also keeps checkpoints the eval job has not scored yet (R/eval/scored/<tag>), at most
+    # this many beyond keep_last (the oldest; newer ones beyond it are pruned and logged); 0: off
+    keep_unscored_max: int = 5
     # auto (resume from latest if any) | none | a checkpoint dir
     resume: str = "auto"
     # this many non-finite losses in a row stop the run

@@ -127,9 +127,15 @@ class _BidirectionalLinearAttention(torch.autograd.Function):
         state = phi_k.transpose(-1, -2) @ v  # (B, H, D, E)
         value_sum = v.sum(dim=-2, keepdim=True) if affine else None
         key_sum = phi_k.sum(dim=-2, keepdim=True).transpose(-1, -2) if not count else None
-        if count:
-            # (φq S [+ Σv]) / N as one matmul into the broadcast mean: no N×E temporaries
-            out = _matmul_add(None if value_sum is None else value_sum / tokens, phi_q, state / tokens)
+        if count and affine:
+            # (φq S + Σv) / N as one matmul into the broadcast mean: no N×E temporaries
+            out = torch.baddbmm(
+                (value_sum / tokens).flatten(0, 1).expand(-1, tokens, -1),
+                phi_q.flatten(0, 1), state.flatten(0, 1), alpha=1.0 / tokens,
+            ).view(v.shape)
+            den = None
+        elif count:
+            out = (phi_q @ state).div_(tokens)
             den = None
         else:
             num = phi_q @ state

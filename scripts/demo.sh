@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README demo, on a fresh machine: install, write Fashion-MNIST shards, train a tiny linear-affine
+# The README demo, on a fresh machine: install, write Fashion-MNIST shards, train a tiny linear-attention
 # CLIP with the DeepSpeed launcher on 2 CPU ranks (ZeRO-2), score it zero-shot on the 10,000 test
 # images, print the table. Re-running reuses what is installed, written and trained.
 # Extra arguments are config overrides for training, e.g. `bash scripts/demo.sh train.steps=300`.

@@ -117,3 +117,29 @@ def test_cli_print_config_round_trips(capsys):
 
     assert OmegaConf.create(printed).model.image.width == 384
     assert printed == to_yaml(load_config([REPO / "configs/vit_s16_laion400m.yaml"]))
+
+
+def test_every_shipped_top_level_config_resolves_and_the_recipes_pair_up():
+    """Each configs/*.yaml loads against the schema; every paper recipe (linear-affine) has a
+    focused-variant twin that differs only in the attention description and the run name."""
+    from omegaconf import OmegaConf
+
+    from ds_linclip.config import load_config
+    from ds_linclip.models.attention import resolve_attention
+
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(configs) >= 7
+    for path in configs:
+        load_config([path])
+    for size in ("s16", "b16", "l16"):
+        paper = load_config([REPO / f"configs/vit_{size}_laion400m.yaml"])
+        focused = load_config([REPO / f"configs/vit_{size}_laion400m_focused.yaml"])
+        assert resolve_attention(paper.model.image).name == "linear-affine"
+        assert resolve_attention(focused.model.image).name == "linear-focused-local3"
+        assert resolve_attention(focused.model.text, causal=True).name == "linear-focused"
+        a, b = OmegaConf.to_container(paper), OmegaConf.to_container(focused)
+        for tower in ("image", "text"):
+            for key in ("attention", "local_kernel"):
+                a["model"][tower].pop(key, None), b["model"][tower].pop(key, None)
+        a["train"].pop("run_name"), b["train"].pop("run_name")
+        assert a == b, size

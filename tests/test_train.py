@@ -5,7 +5,8 @@ RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT), each in its own process gro
 kill -9 a rank together with its data-loader worker.
 
 Runs (each ~1 min on 2 busy cores), shared between tests through module fixtures:
-- ZeRO-1 (image linear-affine, text softmax): 20 uninterrupted steps = the reference run
+- ZeRO-1 (image linear-focused with the 3x3 local branch, text softmax): 20 uninterrupted steps = the
+  reference run
 - the same config killed with SIGKILL on every rank after a checkpoint, resumed with `auto`
 - ZeRO-2 (image softmax, text linear-affine), bf16: 20 steps
 - ZeRO-3 (linear-affine both towers, activation checkpointing): SIGUSR1 mid-run -> exit 75
@@ -151,6 +152,11 @@ def loss_goes_down(losses: dict[int, float]) -> tuple[float, float]:
     return sum(ordered[:4]) / 4, sum(ordered[-4:]) / 4
 
 
+# a variant with parameters of its own (focused scale, local conv), so exact resume covers them too
+Z1_ATTENTION = ["train.zero_stage=1", "model.image.attention=linear-focused", "model.image.local_kernel=3",
+                "model.text.attention=softmax"]
+
+
 # ------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def runs_root(tmp_path_factory) -> Path:
@@ -159,10 +165,8 @@ def runs_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference_run(fmnist_shards, runs_root) -> Path:
-    """ZeRO-1, image linear-affine + text softmax, 20 steps uninterrupted."""
-    overrides = base_overrides(fmnist_shards, runs_root, "z1_reference") + [
-        "train.zero_stage=1", "model.image.attention=linear-affine", "model.text.attention=softmax",
-    ]
+    """ZeRO-1, image linear-focused-local3 + text softmax, 20 steps uninterrupted."""
+    overrides = base_overrides(fmnist_shards, runs_root, "z1_reference") + Z1_ATTENTION
     Ranks(overrides, runs_root, "z1_reference").run()
     return runs_root / "z1_reference"
 
@@ -214,9 +218,7 @@ def test_tensorboard_tags(reference_run):
 
 def test_kill9_every_rank_then_resume_auto_matches_uninterrupted(fmnist_shards, runs_root, reference_run):
     name = "z1_killed"
-    overrides = base_overrides(fmnist_shards, runs_root, name) + [
-        "train.zero_stage=1", "model.image.attention=linear-affine", "model.text.attention=softmax",
-    ]
+    overrides = base_overrides(fmnist_shards, runs_root, name) + Z1_ATTENTION
     run = runs_root / name
     ranks = Ranks(overrides, runs_root, name + "_1")
     # kill -9 every rank once a checkpoint exists and training has gone past it

@@ -107,3 +107,127 @@ def test_cli_accepts_the_deepspeed_launchers_local_rank_and_names_bad_keys(capsy
     with pytest.raises(SystemExit) as exit_info:
         cli_config(build_parser().parse_args(["model.preset=tiny"]), required=["data.train_shards"])
     assert exit_info.value.code == 2 and "data.train_shards" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- pruning vs the eval job
+
+
+def _run_with_tags(tmp_path: Path, steps) -> Path:
+    save_dir = tmp_path / "run" / "checkpoints"
+    for step in steps:
+        _tag(save_dir, step)
+    ckpt.write_latest(save_dir, ckpt.tag_for_step(max(steps)))
+    return save_dir
+
+
+def test_unscored_checkpoints_survive_pruning_only_when_the_run_is_evaluated(tmp_path):
+    save_dir = _run_with_tags(tmp_path, (1, 2, 3, 4))
+    run = save_dir.parent
+    assert ckpt.unscored_cap(run, eval_after_checkpoint=False, keep_unscored_max=5) is None  # nobody evaluates
+    assert ckpt.unscored_cap(run, eval_after_checkpoint=True, keep_unscored_max=5) == 5
+    assert ckpt.unscored_cap(run, eval_after_checkpoint=True, keep_unscored_max=0) is None  # switched off
+    (run / "eval").mkdir()
+    (run / "eval" / ckpt.WATCH_LOCK).touch()  # a watcher was started on the run
+    cap = ckpt.unscored_cap(run, eval_after_checkpoint=False, keep_unscored_max=5)
+    assert cap == 5
+    ckpt.mark_scored(run, "step_00000002")
+    assert ckpt.prune(save_dir, keep_last=1, keep_unscored=cap) == ["step_00000002"]
+    assert ckpt.list_tags(save_dir) == ["step_00000001", "step_00000003", "step_00000004"]
+    # the watcher's state file counts as scored too (a watcher from before the markers existed)
+    (run / "eval" / ckpt.WATCH_STATE).write_text('{"checkpoints": {"step_00000001": {"status": "failed"}}}')
+    assert ckpt.prune(save_dir, keep_last=1, keep_unscored=cap) == ["step_00000001"]
+    ckpt.mark_scored(run, "step_00000003")
+    assert ckpt.prune(save_dir, keep_last=1, keep_unscored=cap) == ["step_00000003"]
+    assert ckpt.list_tags(save_dir) == ["step_00000004"]
+
+
+def test_the_unscored_cap_keeps_the_oldest_and_says_so(tmp_path, caplog):
+    save_dir = _run_with_tags(tmp_path, range(1, 8))
+    with caplog.at_level("WARNING", logger="ds_linclip.train"):
+        deleted = ckpt.prune(save_dir, keep_last=2, keep_unscored=3)
+    # the watcher scores oldest first: 1-3 are next in its queue; 4 and 5 go; 6, 7 are the last two
+    assert deleted == ["step_00000004", "step_00000005"]
+    assert ckpt.list_tags(save_dir) == ["step_00000001", "step_00000002", "step_00000003", "step_00000006",
+                                        "step_00000007"]
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "train.keep_unscored_max=3 reached" in message and "step_00000004, step_00000005" in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ds_linclip.train"):
+        assert ckpt.prune(save_dir, keep_last=2, keep_unscored=3) == []
+    assert not caplog.records  # under the cap: silent
+
+
+def test_eval_reads_deepspeed_checkpoints_through_the_trainers_fp32_path(tmp_path, monkeypatch):
+    """One reconstruction: the eval loader calls train.export.fp32_state_dict and its scalar-shape
+    restore, so what is scored is what export writes."""
+    import torch
+
+    from ds_linclip.config import load_config, to_yaml
+    from ds_linclip.eval import checkpoint as eval_ckpt
+    from ds_linclip.models import build_model
+    from ds_linclip.train import export
+
+    cfg = load_config([], ["model.preset=tiny"])
+    state = build_model(cfg.model, load_pretrained_weights=False).state_dict()
+    state["logit_scale"] = state["logit_scale"].reshape(1)  # as DeepSpeed holds it
+    tag = tmp_path / "run" / "checkpoints" / "step_00000004"
+    tag.mkdir(parents=True)
+    torch.save({"module": state, "global_steps": 4}, tag / "mp_rank_00_model_states.pt")
+    (tag / "config.yaml").write_text(to_yaml(cfg))
+    calls = []
+    real = export.fp32_state_dict
+    monkeypatch.setattr(export, "fp32_state_dict", lambda path: calls.append(Path(path)) or real(path))
+    loaded = eval_ckpt.load_checkpoint(tag)
+    assert calls == [tag] and loaded.step == 4 and loaded.model.logit_scale.shape == ()
+    assert "get_fp32_state_dict_from_zero_checkpoint" not in Path(eval_ckpt.__file__).read_text()
+    assert export.restore_scalar_shapes({"a": torch.ones(1), "b": torch.ones(2)},
+                                        {"a": torch.Size([]), "b": torch.Size([1, 2])})["b"].shape == (2,)
+
+
+@pytest.mark.slow
+def test_watcher_beside_a_run_with_keep_last_1_scores_every_checkpoint(fmnist_shards, tmp_path):
+    """A real trainer (keep_last=1, a checkpoint every 2 steps) and a real watcher started first
+    on its run folder: the watcher lags behind (each score loads the model and encodes), yet it
+    scores every checkpoint, because pruning keeps what it has not scored yet."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    run = tmp_path / "watched"
+    run.mkdir()
+    eval_yaml = tmp_path / "eval.yaml"
+    eval_yaml.write_text(
+        f"eval:\n  zeroshot_data: {fmnist_shards}/test/shard-000000.tar\n  classnames: {fmnist_shards}/classnames.txt\n"
+        "  templates: simple\n  max_samples: 64\n  batch_size: 32\n  workers: 0\n  device: cpu\n")
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "ds_linclip.eval", "--watch", str(run), "--config", str(eval_yaml), "--poll-seconds",
+         "0.5", "--no-progress"], env=env, cwd=repo, stdout=open(tmp_path / "watcher.log", "w"),
+        stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "eval" / ckpt.WATCH_LOCK).exists():
+            assert watcher.poll() is None and time.monotonic() < deadline, (tmp_path / "watcher.log").read_text()
+            time.sleep(0.2)
+        trainer = subprocess.run(
+            [sys.executable, "-m", "ds_linclip.train", "model.preset=tiny",
+             f"data.train_shards={fmnist_shards}/train/shard-{{000000..000011}}.tar", "data.workers=1",
+             f"train.output_dir={tmp_path}", "train.run_name=watched", "train.steps=8", "train.micro_batch_size=8",
+             "train.precision=fp32", "train.zero_stage=1", "train.warmup_steps=2", "train.log_every=1",
+             "train.checkpoint_every=2", "train.keep_last=1"],
+            env=env, cwd=repo, capture_output=True, text=True, timeout=900)
+        assert trainer.returncode == 0, trainer.stdout[-3000:] + trainer.stderr[-3000:]
+        assert watcher.wait(timeout=600) == 0, (tmp_path / "watcher.log").read_text()[-3000:]
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+    state = json.loads((run / "eval" / ckpt.WATCH_STATE).read_text())["checkpoints"]
+    expected = [ckpt.tag_for_step(step) for step in (2, 4, 6, 8)]
+    assert {tag: entry["status"] for tag, entry in state.items()} == {tag: "ok" for tag in expected}
+    assert sorted(p.name for p in (run / "eval").glob("step_*_zeroshot.json")) == [f"{t}_zeroshot.json" for t in expected]
+    assert "keep_unscored_max" not in trainer.stderr + trainer.stdout  # the cap (5) was never reached
+    # the markers the trainer's pruning read: every checkpoint it deleted had been scored first
+    assert sorted(p.name for p in (run / "eval" / ckpt.SCORED_DIR).iterdir()) == expected

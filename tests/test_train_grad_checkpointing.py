@@ -18,23 +18,28 @@ from ds_linclip.train.loss import ClipLoss
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _loss_and_grads(every: int, images, tokens):
+def _loss_and_grads(every: int, images, tokens, attention=("model.image.attention=linear-affine",)):
     torch.manual_seed(0)
-    model = build_model(load_config([], ["model.preset=tiny", "model.image.attention=linear-affine"]).model)
+    model = build_model(load_config([], ["model.preset=tiny", *attention]).model)
     model.set_grad_checkpointing(every)
     loss = ClipLoss()(*model(images, tokens))
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_same_loss_and_gradients():
+@pytest.mark.parametrize("attention", [
+    ("model.image.attention=linear-affine",),
+    # the local branch needs the patch grid, which must reach the recomputed blocks too
+    ("model.image.attention=linear-focused", "model.image.local_kernel=3", "model.text.attention=linear-focused"),
+], ids=["affine", "focused-local3"])
+def test_same_loss_and_gradients(attention):
     torch.manual_seed(1)
     images = torch.randn(6, 3, 32, 32)
     tokens = torch.randint(1, 49000, (6, 32))
     tokens[:, -1] = 49407  # EOT: the pooled position
-    loss_off, grads_off = _loss_and_grads(0, images, tokens)
+    loss_off, grads_off = _loss_and_grads(0, images, tokens, attention)
     for every in (1, 2):
-        loss_on, grads_on = _loss_and_grads(every, images, tokens)
+        loss_on, grads_on = _loss_and_grads(every, images, tokens, attention)
         assert torch.equal(loss_on, loss_off) or torch.allclose(loss_on, loss_off, rtol=0, atol=1e-6)
         assert grads_on.keys() == grads_off.keys()
         for name in grads_off:

@@ -3,9 +3,9 @@
 Accepted paths (see `resolve_checkpoint`):
 - an exported `model.safetensors` file, or the folder holding it (`R/final`);
 - a DeepSpeed tag folder (`R/checkpoints/step_00000100`), or the save folder (`R/checkpoints`,
-  its `latest` tag is used); ZeRO 1-3 go through DeepSpeed's own
-  `zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`, stage 0 (no ZeRO optimizer files)
-  through the module weights in `mp_rank_00_model_states.pt`;
+  its `latest` tag is used); the fp32 weights come from the trainer's own reconstruction
+  (`ds_linclip.train.export.fp32_state_dict`: DeepSpeed's ZeRO-to-fp32 tooling, stage 0 from the
+  module weights in `mp_rank_00_model_states.pt`), so eval scores exactly what export writes;
 - a run folder `R` (its `final/` export if there is one, else `checkpoints/latest`).
 
 The model config comes from the `config.yaml` beside the weights (or the run's `R/config.yaml`),
@@ -14,8 +14,6 @@ with the user's config files and overrides on top.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -115,19 +113,12 @@ def _read_deepspeed(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise EvalError(f"cannot read DeepSpeed checkpoint file {states_file}: {type(err).__name__}: {err}") from err
     if not isinstance(model_states, dict):
         raise EvalError(f"{states_file} does not hold a DeepSpeed checkpoint dict")
-    try:
-        if list(tag_dir.glob("*optim_states.pt")):
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if not list(tag_dir.glob("*optim_states.pt")) and not isinstance(model_states.get("module"), dict):
+        raise EvalError(f"{states_file} has no `module` weights and the folder has no ZeRO optimizer files")
+    from ds_linclip.train.export import fp32_state_dict
 
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints per-file progress lines
-                state_dict = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        else:  # ZeRO stage 0: the full module is in the model states file
-            module = model_states.get("module")
-            if not isinstance(module, dict):
-                raise EvalError(f"{states_file} has no `module` weights and the folder has no ZeRO optimizer files")
-            state_dict = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-    except EvalError:
-        raise
+    try:
+        state_dict = fp32_state_dict(tag_dir)
     except Exception as err:
         raise EvalError(f"cannot reconstruct fp32 weights from DeepSpeed checkpoint {tag_dir}: "
                         f"{type(err).__name__}: {err}") from err
@@ -168,14 +159,11 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], so
     """Strictly load `state_dict`; EvalError listing missing/unexpected keys and shape mismatches."""
     if state_dict and all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    from ds_linclip.train.export import restore_scalar_shapes
+
     expected = model.state_dict()
     # the trainer holds 0-dim parameters (logit_scale) as 1-element ones under DeepSpeed
-    # (`ds_linclip.train.engine.promote_scalar_parameters`): give those the model's shape back
-    state_dict = {
-        k: v.reshape(expected[k].shape)
-        if k in expected and v.shape != expected[k].shape and v.numel() == 1 == expected[k].numel() else v
-        for k, v in state_dict.items()
-    }
+    state_dict = restore_scalar_shapes(state_dict, {k: v.shape for k, v in expected.items()})
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [

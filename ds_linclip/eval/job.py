@@ -6,6 +6,12 @@ scalars `eval/<task>/<metric>` at the checkpoint's training step into `R/tensorb
 a folder of its own inside the run's log dir, so `tensorboard --logdir R/tensorboard` shows them
 beside the training curves while the trainer's event file stays the only one in `R/tensorboard`
 (TensorBoard only keeps polling the newest event file of a folder).
+
+Before anything is loaded, the config and the file system are checked
+(`ds_linclip.train.preflight.check_eval_inputs`): an eval data spec that matches nothing or a
+class-name/template file that does not exist is one line naming the key, exit 2. Each DeepSpeed
+checkpoint of a run the job is done with is marked `R/eval/scored/<tag>`, which the trainer's
+pruning reads (train.keep_unscored_max) so it never deletes a checkpoint before it was scored.
 """
 
 from __future__ import annotations
@@ -37,11 +43,13 @@ from ds_linclip.eval.checkpoint import (
     tag_step,
 )
 from ds_linclip.eval.errors import EvalError
+from ds_linclip.train import checkpoint as train_ckpt
+from ds_linclip.train.preflight import check_eval_inputs
 
 log = logging.getLogger("ds_linclip.eval")
 
 TASKS = ("zeroshot", "retrieval")
-STATE_FILE = "watch_state.json"
+STATE_FILE = train_ckpt.WATCH_STATE
 STOP_FILE = "STOP"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -282,7 +290,32 @@ def score_checkpoint(
     progress: bool = True,
     sink: ResultSink | None = None,
 ) -> list[dict[str, Any]]:
-    """Load a checkpoint, run every configured task, write JSON + TensorBoard; return the records."""
+    """Load a checkpoint, run every configured task, write JSON + TensorBoard; return the records.
+
+    Config and inputs are checked before the weights are loaded (ConfigError). A DeepSpeed
+    checkpoint of a run is marked scored (ok, or failed on an EvalError) for the trainer's pruning.
+    """
+    ref = resolve_checkpoint(path)
+    cfg, _ = checkpoint_config(ref, config_files, overrides)
+    check_eval_inputs(cfg, tasks_for(cfg))
+    try:
+        records = _score_loaded(path, config_files, overrides, results_dir, progress, sink)
+    except EvalError as err:
+        _mark_scored(ref, f"failed: {err}")
+        raise
+    _mark_scored(ref, "ok")
+    return records
+
+
+def _mark_scored(ref, status: str) -> None:
+    if ref.kind == "deepspeed" and ref.run_dir is not None:
+        try:
+            train_ckpt.mark_scored(ref.run_dir, ref.tag, status.splitlines()[0][:500])
+        except OSError as err:  # a read-only run folder: the results are what matters
+            log.warning("could not mark %s scored in %s: %s", ref.tag, ref.run_dir, err)
+
+
+def _score_loaded(path, config_files, overrides, results_dir, progress, sink) -> list[dict[str, Any]]:
     loaded = load_checkpoint(path, config_files, overrides)
     tasks = tasks_for(loaded.cfg)
     device = pick_device(loaded.cfg.eval.device)
@@ -404,7 +437,8 @@ def watch(
         raise EvalError(f"run folder not found: {run_dir}")
     # A config problem (no eval data set, a bad key) would fail every checkpoint alike: refuse to
     # start instead of recording each one as failed.
-    tasks_for(run_config(run_dir, config_files, overrides))
+    cfg = run_config(run_dir, config_files, overrides)
+    check_eval_inputs(cfg, tasks_for(cfg))
     results_dir, tensorboard_dir = output_dirs(run_dir, run_dir, None)
     stop_file = results_dir / STOP_FILE
     stop_requested = {"signal": None}
@@ -418,7 +452,8 @@ def watch(
     sink = ResultSink(results_dir, tensorboard_dir)
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with _exclusive(results_dir / ".watch.lock"):
+        # the lock file also tells the trainer's pruning that a watcher follows this run
+        with _exclusive(results_dir / train_ckpt.WATCH_LOCK):
             state = WatchState(results_dir / STATE_FILE)
 
             def score(tag: str, step: int | None, path: Path) -> None:
@@ -447,7 +482,8 @@ def watch(
                 for step, tag in complete_checkpoints(run_dir):
                     if stopping():
                         break
-                    if tag not in state:
+                    # a tag pruned since the scan (train.keep_unscored_max reached) is not a failure
+                    if tag not in state and (run_dir / "checkpoints" / tag).is_dir():
                         score(tag, step, run_dir / "checkpoints" / tag)
                 if stopping():
                     if stop_file.exists():  # honoured: the next watcher must not stop at once
@@ -490,8 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m ds_linclip.eval --checkpoint runs/demo/final eval.zeroshot_data='shards/test/shard-{000000..000009}.tar' "
             "eval.classnames=shards/classnames.txt\n"
             "  python -m ds_linclip.eval --watch runs/demo eval.zeroshot_data=... eval.templates=simple\n"
-            "exit codes: 0 ok; 1 a checkpoint/dataset/class-file problem (the watcher: any checkpoint failed); "
-            "2 a config error"
+            "exit codes: 0 ok; 1 a checkpoint problem, or data/class file contents (the watcher: any checkpoint "
+            "failed); 2 a config error, including an eval data spec or class-name/template file that does not exist"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

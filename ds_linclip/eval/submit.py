@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from ds_linclip.eval.checkpoint import checkpoint_config
     from ds_linclip.eval.job import run_config, tasks_for
+    from ds_linclip.train.preflight import check_eval_inputs
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -152,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_config:
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
-        tasks_for(cfg)  # fail here, not in the queue, when there is nothing to evaluate
+        # fail here, not in the queue, when there is nothing to evaluate or an input does not exist
+        check_eval_inputs(cfg, tasks_for(cfg))
         folder = Path(cfg.eval.submitit_folder or default_folder(target, watch=bool(args.watch)))
         job = submit(cfg.eval, eval_command(flag, target, args.config, args.overrides), folder, args.cluster)
         print(f"submitted eval job {job.job_id}; logs: {folder}")

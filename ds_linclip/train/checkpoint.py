@@ -9,10 +9,20 @@ Layout under `R/checkpoints/` (DeepSpeed's save_dir):
 `latest` is written by rank 0 only after a barrier that every rank reaches once its own files
 are on disk, and atomically (temp file + rename): a crash at any point of a save leaves
 `latest` naming the previous, complete checkpoint.
+
+Pruning and the eval job: the eval job marks each checkpoint it is done with as
+`R/eval/scored/<tag>` (`mark_scored`; the watcher's `R/eval/watch_state.json` counts too). When
+the run is being evaluated (train.eval_after_checkpoint, or a watcher has been started on it:
+its state file or lock exists), `prune` keeps unscored checkpoints beyond `keep_last`, up to
+train.keep_unscored_max of them, so the watcher never finds a checkpoint gone that it has not
+seen; at the cap the newer unscored ones go (the watcher works oldest first) and a warning says
+which.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +35,13 @@ import torch.distributed as dist
 TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
 LATEST = "latest"
 CLIENT_STATE_DIR = "client_state"
+# under R/eval: the eval job's markers and the watcher's state and lock (ds_linclip.eval.job)
+EVAL_DIR = "eval"
+SCORED_DIR = "scored"
+WATCH_STATE = "watch_state.json"
+WATCH_LOCK = ".watch.lock"
+
+log = logging.getLogger("ds_linclip.train")
 
 
 def tag_for_step(step: int) -> str:
@@ -75,23 +92,72 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def prune(save_dir: str | Path, keep_last: int) -> list[str]:
+def mark_scored(run_dir: str | Path, tag: str, status: str = "ok") -> None:
+    """The eval job is done with checkpoint `tag` of run `run_dir` (scored, or failed for good):
+    pruning may delete it now. Atomic; idempotent."""
+    folder = Path(run_dir) / EVAL_DIR / SCORED_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{tag}.tmp{os.getpid()}"
+    tmp.write_text(status + "\n")
+    os.replace(tmp, folder / tag)
+
+
+def scored_tags(run_dir: str | Path) -> set[str]:
+    """Tags the eval job is done with: its markers, and the watcher's state file."""
+    eval_dir = Path(run_dir) / EVAL_DIR
+    folder = eval_dir / SCORED_DIR
+    tags = {p.name for p in folder.iterdir() if not p.name.startswith(".")} if folder.is_dir() else set()
+    try:
+        tags |= set(json.loads((eval_dir / WATCH_STATE).read_text())["checkpoints"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return tags
+
+
+def unscored_cap(run_dir: str | Path, eval_after_checkpoint: bool, keep_unscored_max: int) -> int | None:
+    """How many unscored checkpoints pruning keeps beyond keep_last: `keep_unscored_max` when the
+    run is being evaluated (eval_after_checkpoint, or a watcher's state or lock exists), else None."""
+    if keep_unscored_max <= 0:
+        return None
+    eval_dir = Path(run_dir) / EVAL_DIR
+    watched = (eval_dir / WATCH_STATE).exists() or (eval_dir / WATCH_LOCK).exists()
+    return int(keep_unscored_max) if eval_after_checkpoint or watched else None
+
+
+def prune(save_dir: str | Path, keep_last: int, keep_unscored: int | None = None) -> list[str]:
     """Delete all but the `keep_last` newest tags up to `latest`; tags newer than `latest` are
-    leftovers of an abandoned (crashed, not resumed-from) save and go too. Returns deleted tags."""
+    leftovers of an abandoned (crashed, not resumed-from) save and go too. With `keep_unscored`
+    (see `unscored_cap`), up to that many of the older tags the eval job has not marked scored
+    (`R/eval/scored/<tag>`, R = save_dir's parent) are kept as well, the oldest first; the cap is
+    logged when it is hit. Returns deleted tags."""
     latest = read_latest(save_dir)
     if latest is None:
         return []
     latest_step = step_of_tag(latest)
     tags = list_tags(save_dir)
-    kept = [t for t in tags if step_of_tag(t) <= latest_step][-max(1, keep_last):]
+    complete = [t for t in tags if step_of_tag(t) <= latest_step]
+    kept = complete[-max(1, keep_last):]
+    if keep_unscored is not None:
+        scored = scored_tags(Path(save_dir).parent)
+        unscored = [t for t in complete[:-max(1, keep_last)] if t not in scored]
+        kept = unscored[:keep_unscored] + kept
+        if len(unscored) > keep_unscored:
+            log.warning(
+                "train.keep_unscored_max=%d reached: keeping the oldest checkpoints the eval job has not scored "
+                "yet (%s) and deleting the newer unscored %s so the disk cannot fill; the eval job is behind "
+                "(give it more resources, checkpoint less often, or raise train.keep_unscored_max)",
+                keep_unscored, ", ".join(unscored[:keep_unscored]) or "none", ", ".join(unscored[keep_unscored:]),
+            )
     deleted = [t for t in tags if t not in kept]
     for tag in deleted:
         shutil.rmtree(Path(save_dir) / tag, ignore_errors=True)
     return deleted
 
 
-def save(engine, save_dir: str | Path, step: int, client_state: dict[str, Any], config_yaml: str, keep_last: int) -> str:
-    """Save on ALL ranks; returns the tag. `client_state` is this rank's (data state differs by rank)."""
+def save(engine, save_dir: str | Path, step: int, client_state: dict[str, Any], config_yaml: str, keep_last: int,
+         keep_unscored: int | None = None) -> str:
+    """Save on ALL ranks; returns the tag. `client_state` is this rank's (data state differs by rank).
+    `keep_last`, `keep_unscored`: see `prune` (rank 0, after `latest` names the new tag)."""
     rank, world = _rank_world()
     tag = tag_for_step(step)
     save_dir = Path(save_dir)
@@ -106,7 +172,7 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict[str, Any], 
     _barrier()  # every rank's files are written
     if rank == 0:
         write_latest(save_dir, tag)
-        prune(save_dir, keep_last)
+        prune(save_dir, keep_last, keep_unscored)
     _barrier()  # nobody moves on (or exits) before `latest` names the new tag
     return tag
 

@@ -139,10 +139,12 @@ def build_ds_config(cfg: DictConfig, world_size: int, device: str | None = None)
     device = device or accelerator_name()
     if train.offload_param and train.zero_stage != 3:
         raise ConfigError(
-            f"parameter offload needs ZeRO stage 3 (train.zero_stage is {train.zero_stage})", "train.offload_param"
+            f"true: parameter offload needs ZeRO stage 3, but train.zero_stage is {train.zero_stage}",
+            "train.offload_param",
         )
     if train.offload_optimizer and train.zero_stage == 0:
-        raise ConfigError("optimizer offload needs ZeRO stage 1, 2 or 3", "train.offload_optimizer")
+        raise ConfigError("true: optimizer offload needs ZeRO stage 1, 2 or 3, but train.zero_stage is 0",
+                          "train.offload_optimizer")
     for key in ("micro_batch_size", "grad_accum_steps", "steps"):
         if train[key] < 1:
             raise ConfigError(f"must be >= 1, got {train[key]}", f"train.{key}")
@@ -203,7 +205,31 @@ def build_ds_config(cfg: DictConfig, world_size: int, device: str | None = None)
                 "(the global batch is derived); remove it from the deepspeed section",
                 f"deepspeed.{key}",
             )
-    return deep_merge(ds, passthrough)
+    merged = deep_merge(ds, passthrough)
+    _check_merged(merged, passthrough)
+    return merged
+
+
+def _check_merged(ds: dict[str, Any], passthrough: Mapping) -> None:
+    """Conflicts the `deepspeed:` section can introduce on top of what train.* generated (DeepSpeed
+    itself reports them only inside deepspeed.initialize, after the model is built)."""
+    zero = ds.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    key = "deepspeed.zero_optimization" if "zero_optimization" in passthrough else "train.zero_stage"
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"stage {stage!r} is not a ZeRO stage (0-3)", key)
+
+    def offloads(name: str) -> bool:
+        value = zero.get(name)
+        return bool(value) and (not isinstance(value, Mapping) or value.get("device", "none") != "none")
+
+    if offloads("offload_param") and stage != 3:
+        raise ConfigError(f"offload_param needs ZeRO stage 3, the merged stage is {stage}", key)
+    if offloads("offload_optimizer") and stage == 0:
+        raise ConfigError("offload_optimizer needs ZeRO stage 1, 2 or 3, the merged stage is 0", key)
+    enabled = [name for name in ("bf16", "fp16") if (ds.get(name) or {}).get("enabled")]
+    if len(enabled) > 1:
+        raise ConfigError("bf16 and fp16 are both enabled; choose one with train.precision", "deepspeed")
 
 
 def write_ds_config(ds_config: dict, run_dir: str | Path) -> Path:

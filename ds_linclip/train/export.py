@@ -8,11 +8,16 @@ The weights come from DeepSpeed's own ZeRO-to-fp32 tooling
 master partitions of every rank (ZeRO 1, 2, 3, and the bf16 optimizer of stage 0). Only a
 stage-0 fp32 run has no optimizer partitions; there the model-states file already holds the
 full fp32 module. The result loads into `build_model(cfg.model)` without DeepSpeed.
+
+This is the one fp32 reconstruction of the package: the eval job (`ds_linclip.eval.checkpoint`)
+reads DeepSpeed checkpoints through `fp32_state_dict` and `restore_scalar_shapes` too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import math
 import os
 import shutil
@@ -43,16 +48,37 @@ def resolve_tag_dir(path: str | Path) -> Path:
 
 
 def fp32_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 state dict (parameter and buffer names as in the plain model)."""
+    """Consolidated fp32 state dict of a DeepSpeed tag folder (parameter and buffer names as in
+    the plain model; 0-dim parameters still 1-element, see `restore_scalar_shapes`).
+    Floating tensors come back as fp32, others as they were saved. Raises what DeepSpeed raises
+    (or FileNotFoundError/KeyError for a folder that is not a checkpoint)."""
     tag_dir = Path(tag_dir)
     if any(tag_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints per-file progress lines
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     else:  # stage 0 in fp32: DeepSpeed keeps no partitions, the module is whole in the model states
         model_states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-        state = torch.load(model_states[0], map_location="cpu", weights_only=False)["module"]
-    return {name: tensor.detach().float().contiguous().clone() for name, tensor in state.items()}
+        if not model_states:
+            raise FileNotFoundError(f"{tag_dir} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
+        state = torch.load(model_states[0], map_location="cpu", weights_only=False, mmap=True)["module"]
+    return {
+        name: (tensor.detach().float() if tensor.is_floating_point() else tensor.detach()).contiguous().clone()
+        for name, tensor in state.items()
+    }
+
+
+def restore_scalar_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Give 0-dim parameters their shape back: the trainer holds them (logit_scale) as 1-element
+    tensors under DeepSpeed (`engine.promote_scalar_parameters`). Only 1-element <-> 0-dim
+    differences are undone; any other mismatch is left for the caller to report."""
+    return {
+        name: tensor.reshape(expected[name])
+        if name in expected and tensor.shape != expected[name] and tensor.numel() == 1 == math.prod(expected[name])
+        else tensor
+        for name, tensor in state.items()
+    }
 
 
 def to_model_shapes(state: dict[str, torch.Tensor], config_yaml: str | Path) -> dict[str, torch.Tensor]:
@@ -69,13 +95,10 @@ def to_model_shapes(state: dict[str, torch.Tensor], config_yaml: str | Path) -> 
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model of {config_yaml}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    out = {}
-    for name, tensor in state.items():
+    out = restore_scalar_shapes(state, expected)
+    for name, tensor in out.items():
         if tensor.shape != expected[name]:
-            if tensor.numel() != math.prod(expected[name]):
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} vs model {tuple(expected[name])}")
-            tensor = tensor.reshape(expected[name]).clone()
-        out[name] = tensor
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} vs model {tuple(expected[name])}")
     return out
 
 

@@ -5,8 +5,15 @@ Run dir R = {train.output_dir}/{train.run_name}:
 (see CONTRACT.md). A step is one optimizer step = `grad_accum_steps` micro-batches per rank.
 
 Exit codes: 0 done; REQUEUE_EXIT_CODE (75) after SIGTERM/SIGUSR1 -> checkpoint (Slurm
-requeues on it); NONFINITE_EXIT_CODE (3) after `max_nonfinite_steps` non-finite losses in a row
-(the last good checkpoint is left as `latest`).
+requeues on it), or no checkpoint when the signal came before the first step (nothing new to
+save; `latest`, if any, is untouched); NONFINITE_EXIT_CODE (3) after `max_nonfinite_steps`
+non-finite losses in a row (the last good checkpoint is left as `latest`).
+
+Signals: the handlers are installed by the CLI before anything else is imported
+(`signals.install()`); the ranks agree on a stop with an all-reduce right after the process
+group exists, again once the engine and loader are built, and in every micro-step. Each of
+these is a collective every rank reaches in the same order, so ranks that got the signal at
+different moments (or only one of them) leave together and none waits for a departed one.
 """
 
 from __future__ import annotations
@@ -17,7 +24,6 @@ import math
 import os
 import resource
 import signal
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,8 +40,8 @@ from ds_linclip.train.engine import (
     build_ds_config, build_engine, dist_env, global_batch_size, init_distributed, write_ds_config,
 )
 from ds_linclip.train.loss import ClipLoss
+from ds_linclip.train.signals import REQUEUE_EXIT_CODE, StopRequest, install as install_stop_handlers
 
-REQUEUE_EXIT_CODE = 75
 NONFINITE_EXIT_CODE = 3
 # CLIP's cap on the learned temperature: logit_scale <= ln(100)
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -47,23 +53,19 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.train.output_dir) / cfg.train.run_name
 
 
-class StopRequest:
-    """SIGTERM/SIGUSR1 set a flag; the loop finishes the step, checkpoints and exits 75."""
+def agree_to_stop(stop: StopRequest) -> bool:
+    """Collective (every rank, same order): True on every rank if any rank got a stop signal."""
+    (signum,) = _all_reduce([float(stop.signum or 0)], op=dist.ReduceOp.MAX)
+    if signum and not stop.requested:
+        stop.signum = int(signum)  # another rank got it: leave together, under its signal's name
+    return bool(signum)
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
-        self.signum: int | None = None
-        for sig in signals:
-            signal.signal(sig, self._handle)
 
-    def _handle(self, signum, frame):  # noqa: ARG002 - signal handler signature
-        if self.signum is None:
-            self.signum = signum
-            print(f"[ds_linclip.train] got {signal.Signals(signum).name}: finishing this step, then checkpoint "
-                  f"and exit {REQUEUE_EXIT_CODE}", file=sys.stderr, flush=True)
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
+def _stop_before_training(stop: StopRequest, is_main: bool, where: str) -> int:
+    if is_main:
+        log.info("stopped on %s %s, before any training step: nothing new to checkpoint; exit %d",
+                 stop.name, where, REQUEUE_EXIT_CODE)
+    return REQUEUE_EXIT_CODE
 
 
 class NonFiniteGuard:
@@ -219,15 +221,20 @@ class _KeyLog:
             self.handle.close()
 
 
-def train(cfg: DictConfig) -> int:
-    """Train per `cfg` on this process's rank; returns the process exit code."""
+def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
+    """Train per `cfg` on this process's rank; returns the process exit code.
+
+    Expects a config that passed `preflight.check_train` (the CLI runs it on every rank first).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    stop = StopRequest()  # before the loader's worker processes fork, so they inherit it
+    stop = stop or install_stop_handlers()  # before the loader's worker processes fork, so they inherit it
     env = dist_env()
     init_distributed(env, cfg.train.dist_timeout_minutes)
     rank, world = env.rank, env.world_size
     is_main = rank == 0
+    if agree_to_stop(stop):  # a signal during start-up: leave before building anything
+        return _stop_before_training(stop, is_main, "during start-up")
     tc = cfg.train
     root = run_dir(cfg)
     save_dir = root / "checkpoints"
@@ -259,6 +266,8 @@ def train(cfg: DictConfig) -> int:
         if is_main:
             log.info("resumed from %s at step %d", resume[0] / resume[1], state.step)
     loader = build_train_loader(cfg, rank, world, start_state=data_state, with_keys=bool(tc.log_sample_keys))
+    if agree_to_stop(stop):  # a signal while the model, engine or loader were built
+        return _stop_before_training(stop, is_main, "while the engine was built")
 
     global_batch = global_batch_size(tc, world)
     writer = None
@@ -290,7 +299,9 @@ def train(cfg: DictConfig) -> int:
         }
 
     def save() -> str:
-        tag = ckpt.save(engine, save_dir, state.step, client_state(), config_yaml, int(tc.keep_last))
+        tag = ckpt.save(engine, save_dir, state.step, client_state(), config_yaml, int(tc.keep_last),
+                        keep_unscored=ckpt.unscored_cap(root, bool(tc.eval_after_checkpoint),
+                                                        int(tc.keep_unscored_max)))
         if is_main:
             log.info("checkpoint %s", save_dir / tag)
             if tc.eval_after_checkpoint:
@@ -355,8 +366,7 @@ def train(cfg: DictConfig) -> int:
                 save()
                 exit_code = REQUEUE_EXIT_CODE
                 if is_main:
-                    log.info("stopped at step %d on %s; exit %d for requeue", state.step,
-                             signal.Signals(stop.signum).name, exit_code)
+                    log.info("stopped at step %d on %s; exit %d for requeue", state.step, stop.name, exit_code)
                 return exit_code
             if tc.checkpoint_every > 0 and state.step % tc.checkpoint_every == 0 and state.step < tc.steps:
                 save()
