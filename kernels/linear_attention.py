@@ -138,7 +138,8 @@ def launch_config(kernel: str, dtype: torch.dtype, head_dim: int, value_dim: int
         if light:
             return {"BLOCK_N": 64 if width <= 64 else 32, "num_warps": 4 if width <= 32 else 8, "num_stages": 2}
         if kernel.startswith("_causal"):  # ~12 live tiles plus the d×d state in two operand layouts
-            return {"BLOCK_N": 32 if width <= 32 else 16, "num_warps": 8, "num_stages": 2}
+            block_n = 32 if width <= 32 and kernel != "_causal_bwd_key_kernel" else 16
+            return {"BLOCK_N": block_n, "num_warps": 8, "num_stages": 2}
         block_n = {16: 64, 32: 64, 64: 32}.get(width, 16)
         return {"BLOCK_N": block_n, "num_warps": 4 if width <= 32 else 8, "num_stages": 2}
     if light:
