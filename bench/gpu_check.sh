@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# One prepared GPU check for the Triton linear-attention kernels (< 5 min on an H100/H200).
+# One prepared GPU check for the Triton linear-attention kernels (< 10 min on an H100/H200; most of it JIT-compiling the ~100 kernel variants the tests launch).
 #
 #   1. installs requirements.txt (skipped quickly when already satisfied; tolerated offline),
 #   2. runs the kernel tests with the *compiled* kernels on the GPU (TRITON_INTERPRET unset;
-#      tests/test_kernels_triton.py picks device cuda; its gradchecks stay on CPU in float64),
-#   3. runs bench/attention.py in bf16, B=8, H=12, d=64 (Triton vs SDPA/flash vs plain PyTorch).
+#      tests/test_kernels_triton.py picks device cuda: every feature map x denominator x causality,
+#      the chunk-parallel causal form at N=1025, the focused map's scale gradient; its gradchecks
+#      stay on CPU in float64),
+#   3. bench/kernel_resources.py: the launched kernels' shared memory / registers / spills as the
+#      driver reports them (tests/test_kernels_compile.py predicts them without a GPU),
+#   4. runs bench/attention.py in bf16, B=8, H=12, d=64 (Triton vs SDPA/flash vs plain PyTorch):
+#      affine bidirectional, affine causal (text tower), focused bidirectional.
 #
 # Usage: bash bench/gpu_check.sh [OUT_DIR]     (default OUT_DIR: $OUT if set, else bench/results)
 # Targets (issue 3): gradients within bf16 tolerance of the float64 reference; fwd+bwd at least as
@@ -34,8 +39,11 @@ timeout 60 $PYTHON -m pip install --quiet --disable-pip-version-check -r require
   || echo "WARNING: pip install failed or timed out (offline?); continuing with the installed packages"
 
 step "kernel tests on the GPU (compiled Triton, no interpreter)"
-timeout 150 $PYTHON -m pytest -q -p no:cacheprovider --durations=5 \
+timeout 420 $PYTHON -m pytest -q -p no:cacheprovider --durations=5 \
   tests/test_kernels.py tests/test_kernels_triton.py || { echo "FAILED: kernel tests"; status=1; }
+
+step "launched kernels: shared memory, registers, spills (bf16, d=64)"
+timeout 90 $PYTHON bench/kernel_resources.py || { echo "FAILED: resource report"; status=1; }
 
 step "benchmark: bf16, B=8, H=12, d=64, bidirectional"
 timeout 100 $PYTHON bench/attention.py --device cuda --dtype bf16 --batch 8 --heads 12 --head-dim 64 \
@@ -45,6 +53,11 @@ step "benchmark: bf16, B=8, H=12, d=64, causal (text tower)"
 timeout 45 $PYTHON bench/attention.py --device cuda --dtype bf16 --batch 8 --heads 12 --head-dim 64 \
   --tokens 77 197 1025 4097 --causal --reps 20 --min-time 1 --no-plot --out-dir "$OUT_DIR" \
   || { echo "FAILED: causal benchmark"; status=1; }
+
+step "benchmark: bf16, B=8, H=12, d=64, focused map (kernel normaliser), bidirectional"
+timeout 45 $PYTHON bench/attention.py --device cuda --dtype bf16 --batch 8 --heads 12 --head-dim 64 \
+  --tokens 197 1025 4097 --kind linear-focused --reps 20 --min-time 1 --no-plot --out-dir "$OUT_DIR" \
+  || { echo "FAILED: focused benchmark"; status=1; }
 
 step "done: status $status; tables, plots and this log in $OUT_DIR"
 exit $status
