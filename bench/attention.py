@@ -35,7 +35,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from kernels import linear_attention  # noqa: E402
-from kernels.reference import LINEAR_KINDS, linear_attention_reference  # noqa: E402
+from ds_linclip.models.attention import SHORTHANDS, parse_attention_name  # noqa: E402
+from kernels.reference import linear_attention_reference  # noqa: E402
 
 METHODS = ("ours", "sdpa", "reference")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,12 +47,23 @@ COST_EXPONENT = {"ours": 1.0, "sdpa": 2.0, "reference": 1.0}
 
 
 def attention_fn(method: str, kind: str, causal: bool):
+    """kind: a linear attention name (`linear-affine`, `linear-focused-count`, ...; no local branch)."""
+    linear = parse_attention_name(kind, causal).linear
+    if linear is None:
+        raise ValueError(f"--kind must name a linear variant, got '{kind}'")
+
+    def scale_for(q):  # the focused map's s at its init, softplus(0), as the model starts
+        if linear.feature_map != "focused":
+            return None
+        return torch.full((q.shape[1], q.shape[3]), 0.6931471805599453, device=q.device, dtype=q.dtype)
+
     if method == "ours":
-        return lambda q, k, v: linear_attention(q, k, v, kind=kind, causal=causal)
+        return lambda q, k, v: linear_attention(q, k, v, causal=causal, scale=scale_for(q), **linear.kernel_kwargs())
     if method == "sdpa":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if method == "reference":
-        return lambda q, k, v: linear_attention_reference(q, k, v, kind=kind, causal=causal)
+        return lambda q, k, v: linear_attention_reference(q, k, v, causal=causal, scale=scale_for(q),
+                                                          **linear.kernel_kwargs())
     raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
 
 
@@ -236,7 +248,8 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--tokens", type=int, nargs="+", help=f"token counts (default {DEFAULT_TOKENS})")
-    parser.add_argument("--kind", default="linear-affine", choices=LINEAR_KINDS)
+    parser.add_argument("--kind", default="linear-affine",
+                        help=f"linear variant: {', '.join(SHORTHANDS)}, optionally -count/-kernel (normaliser)")
     parser.add_argument("--causal", action="store_true", help="causal masks for all methods (text tower)")
     parser.add_argument("--reps", type=int, default=10, help="max timed reps per cell (at least 3)")
     parser.add_argument("--min-time", type=float, default=2.0, help="stop repeating after this many seconds (>= 3 reps)")

@@ -22,9 +22,9 @@ from typing import Any, Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from kernels.reference import DENOMINATORS, LINEAR_KINDS
+from ds_linclip.models.attention import ATTENTION_KINDS, AttentionSpecError, resolve_attention
+from kernels.reference import DENOMINATORS, FEATURE_MAPS
 
-ATTENTION_KINDS = ("softmax", *LINEAR_KINDS)
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 PRECISIONS = ("bf16", "fp16", "fp32")
 EVAL_CLUSTERS = ("auto", "slurm", "local", "debug")
@@ -40,10 +40,19 @@ class VisionConfig:
     layers: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
-    # softmax | linear-affine | linear-elu | linear-relu
+    # softmax | linear (feature map from `feature_map`) | linear-affine (the paper's) | linear-focused
+    # | linear-elu | linear-relu (shorthands naming the feature map)
     attention: str = "softmax"
-    # linear-affine only: `count` divides by the token count (the paper), `kernel` by sum_j(1 + q.k)
-    denominator: str = "count"
+    # linear only: affine | focused | elu | relu; null = the shorthand's (or affine for `linear`)
+    feature_map: Optional[str] = None
+    # linear only, the normaliser: `count` divides by the token count (the paper's), `kernel` by
+    # sum_j sim(q_i, k_j); null = the feature map's default (affine: count, the others: kernel)
+    denominator: Optional[str] = None
+    # focused map: the power p of phi = |y| y^p / |y^p| (FLatten: 3)
+    focused_power: float = 3.0
+    # local branch: 0 (off) | 3 | 5: depthwise k x k conv of V over the patch grid, added to the
+    # attention output of the patch tokens (the CLS token gets nothing)
+    local_kernel: int = 0
 
 
 @dataclass
@@ -54,8 +63,11 @@ class TextConfig:
     layers: int = 12
     heads: int = 8
     mlp_ratio: float = 4.0
+    # as model.image.* (causal; no local branch)
     attention: str = "softmax"
-    denominator: str = "count"
+    feature_map: Optional[str] = None
+    denominator: Optional[str] = None
+    focused_power: float = 3.0
 
 
 @dataclass
@@ -178,8 +190,6 @@ class Config:
 _CHOICES: dict[str, Sequence[str]] = {
     "model.image.attention": ATTENTION_KINDS,
     "model.text.attention": ATTENTION_KINDS,
-    "model.image.denominator": DENOMINATORS,
-    "model.text.denominator": DENOMINATORS,
     "model.attention_backend": ATTENTION_BACKENDS,
     "data.mode": DATA_MODES,
     "train.precision": PRECISIONS,
@@ -271,6 +281,12 @@ def _check_choices(cfg: DictConfig, sources: dict[str, str]) -> None:
     stage = cfg.train.zero_stage
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{stage} is not a ZeRO stage (0-3)", "train.zero_stage", sources.get("train.zero_stage"))
+    for tower in ("image", "text"):
+        try:
+            resolve_attention(cfg.model[tower], causal=tower == "text")
+        except AttentionSpecError as err:
+            key = f"model.{tower}.{err.key}"
+            raise ConfigError(str(err), key, sources.get(key, "default")) from None
     for tower in ("image", "text"):
         t = cfg.model[tower]
         if t.width % t.heads:

@@ -1,9 +1,10 @@
-"""Linear attention kernels: one entry point, `linear_attention`, that picks a backend.
+"""Linear attention kernels: one entry point, `linear_attention`, that checks its arguments and picks a backend.
 
 `backend="auto"`: CUDA tensors -> Triton, anything else -> the fast PyTorch path
 (kernels/torch_path.py). `backend="torch"` / `backend="triton"` force one; Triton on CPU
 tensors runs through Triton's interpreter (slow; for tests), whatever TRITON_INTERPRET says.
-`kernels.reference.linear_attention_reference` stays the plain, readable oracle.
+`kernels.reference.linear_attention_reference` stays the plain, readable oracle. The backends
+take the same keyword arguments and trust this function's check (`check_linear_args`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 # function below: importing a submodule sets it as an attribute of its package, which would
 # otherwise shadow `kernels.linear_attention` (the function) the first time the module is imported.
 import kernels.linear_attention as _triton_wrapper  # noqa: E402,F401
-from kernels.reference import DENOMINATORS, LINEAR_KINDS, linear_attention_reference
+from kernels.reference import DENOMINATORS, FEATURE_MAPS, LinearSpec, check_linear_args, linear_attention_reference
 from kernels.torch_path import linear_attention_torch
 
 BACKENDS = ("auto", "torch", "triton")
@@ -24,20 +25,27 @@ def linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    kind: str = "linear-affine",
-    causal: bool = False,
+    feature_map: str = "affine",
     denominator: str = "count",
+    causal: bool = False,
+    scale: torch.Tensor | None = None,
+    power: float = 3.0,
     backend: str = "auto",
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Linear attention over `(batch, heads, tokens, head_dim)` tensors; returns v's shape."""
-    if kind not in LINEAR_KINDS:
-        raise ValueError(f"unknown linear attention kind '{kind}' (known: {', '.join(LINEAR_KINDS)})")
+    """Linear attention over `(batch, heads, tokens, head_dim)` tensors; returns v's shape.
+
+    feature_map: affine | focused | elu | relu; denominator: count | kernel (see kernels/reference.py).
+    scale: (heads, head_dim) positive tensor, the focused map's s (required for it, else None).
+    """
+    check_linear_args(q, k, v, feature_map, denominator, scale, power)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
+    kwargs = dict(feature_map=feature_map, denominator=denominator, causal=causal, scale=scale, power=power, eps=eps)
     if backend == "triton" or (backend == "auto" and q.is_cuda):
-        return _triton_wrapper.linear_attention_triton(q, k, v, kind=kind, causal=causal, denominator=denominator, eps=eps)
-    return linear_attention_torch(q, k, v, kind=kind, causal=causal, denominator=denominator, eps=eps)
+        return _triton_wrapper.linear_attention_triton(q, k, v, **kwargs)
+    return linear_attention_torch(q, k, v, **kwargs)
 
 
-__all__ = ["linear_attention", "linear_attention_reference", "linear_attention_torch", "LINEAR_KINDS", "DENOMINATORS", "BACKENDS"]
+__all__ = ["linear_attention", "linear_attention_reference", "linear_attention_torch", "LinearSpec",
+           "FEATURE_MAPS", "DENOMINATORS", "BACKENDS"]

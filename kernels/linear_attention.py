@@ -23,7 +23,6 @@ from types import ModuleType
 
 import torch
 
-from kernels.reference import DENOMINATORS, LINEAR_KINDS
 
 KIND_CODES = {"linear-affine": 0, "linear-elu": 1, "linear-relu": 2}
 NORM_EPS = 1e-6  # F.normalize's eps in the reference
@@ -241,29 +240,24 @@ def linear_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    kind: str = "linear-affine",
-    causal: bool = False,
+    feature_map: str = "affine",
     denominator: str = "count",
+    causal: bool = False,
+    scale: torch.Tensor | None = None,
+    power: float = 3.0,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Linear attention through the fused Triton kernels.
+    """Linear attention through the fused Triton kernels (arguments checked by `kernels.linear_attention`).
 
     q, k: (batch, heads, tokens, head_dim); v: (batch, heads, tokens, value_dim); same dtype
     (fp32, bf16, fp16 or fp64) and device. Returns (batch, heads, tokens, value_dim) in v's dtype.
     Any token count >= 1; head dims are padded to a power of two (>= 16) inside the kernels.
     """
-    if kind not in LINEAR_KINDS:
-        raise ValueError(f"unknown linear attention kind '{kind}' (known: {', '.join(LINEAR_KINDS)})")
-    if denominator not in DENOMINATORS:
-        raise ValueError(f"unknown denominator '{denominator}' (known: {', '.join(DENOMINATORS)})")
-    if q.dim() != 4 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(
-            f"expected q, k (batch, heads, tokens, head_dim) and v (batch, heads, tokens, value_dim); "
-            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    kind = {"affine": "linear-affine", "elu": "linear-elu", "relu": "linear-relu"}.get(feature_map)
+    if kind is None or (kind != "linear-affine" and denominator == "count"):
+        raise NotImplementedError(f"the Triton kernels do not run feature map '{feature_map}' with denominator '{denominator}' yet")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"q, k, v must share one of {SUPPORTED_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
     if q.shape[2] == 0 or q.shape[0] * q.shape[1] == 0:
         return v.new_zeros(v.shape)
     return LinearAttentionTriton.apply(q, k, v, kind, causal, denominator, eps)

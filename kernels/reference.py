@@ -6,33 +6,75 @@ masked product inside a chunk plus the running d×d state of the chunks before i
 
 All functions take `(batch, heads, tokens, head_dim)` tensors and return the same shape as `v`.
 
-Kinds (the paper's is `linear-affine`):
-- `linear-affine`: q̂, k̂ = L2-normalised q, k. Similarity 1 + q̂·k̂. Denominator `count`
-  divides by the number of attended tokens (N, or i for causal token i, 1-based); `kernel`
-  divides by Σ_j (1 + q̂_i·k̂_j).
-- `linear-elu`: φ = elu + 1; out_i = φ(q_i)·Σ_j φ(k_j) v_jᵀ / (φ(q_i)·Σ_j φ(k_j) + eps).
-- `linear-relu`: φ = relu, same normaliser (+eps keeps an all-zero row finite).
+A linear-attention variant is a feature map φ times a normaliser (`LinearSpec`):
+- feature maps: `affine` (the paper's: φ(x) = x/‖x‖, similarity 1 + φq·φk), `focused`
+  (FLatten: y = relu(x)/s with a positive per-(head, channel) scale s, φ = ‖y‖·y^p/‖y^p‖,
+  similarity φq·φk), `elu` (φ = elu + 1), `relu` (φ = relu). Only `affine` has the constant 1.
+- normalisers (`denominator`): `count` divides token i's sum by the number of tokens it attends
+  to (N, or i 1-based when causal; the paper's); `kernel` divides by Σ_j sim(q_i, k_j), plus eps
+  for every map but `affine` (whose similarities are ≥ 0 and sum to ≥ N·0).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-LINEAR_KINDS = ("linear-affine", "linear-elu", "linear-relu")
+FEATURE_MAPS = ("affine", "focused", "elu", "relu")
 DENOMINATORS = ("count", "kernel")
 CAUSAL_CHUNK = 64
+NORM_EPS = 1e-6  # F.normalize's eps: the affine and focused maps divide by max(norm, NORM_EPS)
 
 
-def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """φ applied to queries/keys (the L2 normalisation for `linear-affine`)."""
-    if kind == "linear-affine":
-        return F.normalize(x, dim=-1, eps=1e-6)
-    if kind == "linear-elu":
+@dataclass(frozen=True)
+class LinearSpec:
+    """What the kernels need to know about a linear-attention variant (validated by the caller)."""
+
+    feature_map: str = "affine"
+    denominator: str = "count"
+    power: float = 3.0  # focused map only
+
+    def kernel_kwargs(self) -> dict:
+        return {"feature_map": self.feature_map, "denominator": self.denominator, "power": self.power}
+
+
+def check_linear_args(q, k, v, feature_map: str, denominator: str, scale, power: float) -> None:
+    """The one argument check of the public entry point (`kernels.linear_attention`); backends trust it."""
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"unknown feature map '{feature_map}' (known: {', '.join(FEATURE_MAPS)})")
+    if denominator not in DENOMINATORS:
+        raise ValueError(f"unknown denominator '{denominator}' (known: {', '.join(DENOMINATORS)})")
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(
+            f"expected q, k (batch, heads, tokens, head_dim) and v (batch, heads, tokens, value_dim); "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if feature_map == "focused":
+        if scale is None or tuple(scale.shape) != (q.shape[1], q.shape[3]):
+            got = None if scale is None else tuple(scale.shape)
+            raise ValueError(f"the focused map needs scale of shape (heads, head_dim) = {(q.shape[1], q.shape[3])}; got {got}")
+        if not power > 0:
+            raise ValueError(f"focused power must be > 0, got {power}")
+    elif scale is not None:
+        raise ValueError(f"scale is only used by the focused map, not '{feature_map}'")
+
+
+def focused_features(x: torch.Tensor, scale: torch.Tensor, power: float) -> torch.Tensor:
+    """FLatten's focused map: y = relu(x)/s, φ = ‖y‖ · y^p / max(‖y^p‖, eps). x (B,H,N,D), s (H,D)."""
+    y = F.relu(x) / scale[:, None, :]
+    return F.normalize(y.pow(power), dim=-1, eps=NORM_EPS) * torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+
+
+def features(x: torch.Tensor, name: str, scale: torch.Tensor | None = None, power: float = 3.0) -> torch.Tensor:
+    """φ applied to queries/keys."""
+    if name == "affine":
+        return F.normalize(x, dim=-1, eps=NORM_EPS)
+    if name == "focused":
+        return focused_features(x, scale, power)
+    if name == "elu":
         return F.elu(x) + 1.0
-    if kind == "linear-relu":
-        return F.relu(x)
-    raise ValueError(f"unknown linear attention kind '{kind}' (known: {', '.join(LINEAR_KINDS)})")
+    return F.relu(x)
 
 
 def causal_product(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, chunk: int = CAUSAL_CHUNK) -> torch.Tensor:
@@ -58,16 +100,19 @@ def linear_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    kind: str = "linear-affine",
-    causal: bool = False,
+    feature_map: str = "affine",
     denominator: str = "count",
+    causal: bool = False,
+    scale: torch.Tensor | None = None,
+    power: float = 3.0,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Linear attention of one kind, O(N·d²). Shapes `(batch, heads, tokens, head_dim)`."""
-    if denominator not in DENOMINATORS:
-        raise ValueError(f"unknown denominator '{denominator}' (known: {', '.join(DENOMINATORS)})")
-    phi_q, phi_k = feature_map(q, kind), feature_map(k, kind)
+    """Linear attention of one variant, O(N·d²). Shapes `(batch, heads, tokens, head_dim)`; autograd
+    gives every gradient (q, k, v and the focused map's scale)."""
+    phi_q = features(q, feature_map, scale, power)
+    phi_k = features(k, feature_map, scale, power)
     tokens = q.shape[-2]
+    affine = feature_map == "affine"
     if causal:
         numerator = causal_product(phi_q, phi_k, v)
         key_sums = phi_k.cumsum(dim=-2)  # (B,H,N,D): Σ_{j≤i} φk_j
@@ -78,9 +123,9 @@ def linear_attention_reference(
         key_sums = phi_k.sum(dim=-2, keepdim=True)
         counts = torch.full((1, 1, 1, 1), float(tokens), device=q.device, dtype=q.dtype)
         value_sums = v.sum(dim=-2, keepdim=True)
-    if kind == "linear-affine":
+    if affine:
         numerator = numerator + value_sums
-        if denominator == "count":
-            return numerator / counts
-        return numerator / (counts + (phi_q * key_sums).sum(-1, keepdim=True))
-    return numerator / ((phi_q * key_sums).sum(-1, keepdim=True) + eps)
+    if denominator == "count":
+        return numerator / counts
+    rowsum = (phi_q * key_sums).sum(-1, keepdim=True)
+    return numerator / (counts + rowsum) if affine else numerator / (rowsum + eps)

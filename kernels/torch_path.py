@@ -11,15 +11,16 @@ Same maths and API as `kernels.reference.linear_attention_reference`, arranged f
 - causal: up to CAUSAL_DENSE_MAX_TOKENS tokens a masked N×N product (one matmul pair; at N=77
   that is cheaper than chunking, whose padding, cumsum over chunk states and reshapes dominate);
   above it the chunked O(N·d²) form of the reference (its autograd graph is O(N·C) per head).
+- focused map: φ is computed by autograd (so the scale gets its gradient), and the bidirectional
+  Function runs on φq, φk as given (map `identity`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.reference import DENOMINATORS, LINEAR_KINDS, causal_product, feature_map
+from kernels.reference import NORM_EPS, causal_product, features, focused_features
 
-NORM_EPS = 1e-6  # F.normalize's eps in the reference
 # Crossover measured on this CPU (1 thread, B=8, H=8, d=64, causal linear-affine fwd+bwd, ms):
 #   N=77: dense 30 vs chunked 62;  N=197: 107 vs 138;  N=256: 164 vs 125;  N=384: 530 vs 204.
 # Dense memory is B*H*N² floats, so the bound also keeps that small.
@@ -32,10 +33,12 @@ def _inverse_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def _features(x: torch.Tensor, kind: str, inv_norm: torch.Tensor | None) -> torch.Tensor:
-    if kind == "linear-affine":
+    if kind == "affine":
         return x * inv_norm
-    if kind == "linear-elu":
+    if kind == "elu":
         return torch.nn.functional.elu(x).add_(1.0)
+    if kind == "identity":
+        return x
     return torch.relu(x)
 
 
@@ -45,13 +48,15 @@ def _feature_grad_(x: torch.Tensor, d_phi: torch.Tensor, kind: str, inv_norm) ->
     affine, φ = x/n: dx = dφ/n - x (x·dφ)/n³ (no projection term where n was clamped to eps, like F.normalize).
     elu+1: dφ * min(φ, 1) (1 for x > 0, exp(x) = φ otherwise). relu: dφ * (x > 0).
     """
-    if kind == "linear-affine":
+    if kind == "affine":
         proj = torch.linalg.vecdot(x, d_phi).unsqueeze(-1)
         clamped = inv_norm >= torch.tensor(NORM_EPS, dtype=inv_norm.dtype).reciprocal()  # same rounding as _inverse_norm
         proj.mul_(inv_norm).mul_(inv_norm).mul_(inv_norm).masked_fill_(clamped, 0.0)
         return d_phi.mul_(inv_norm).addcmul_(x, proj, value=-1.0)
-    if kind == "linear-elu":
+    if kind == "elu":
         return d_phi.mul_(torch.nn.functional.elu(x).add_(1.0).clamp_(max=1.0))
+    if kind == "identity":
+        return d_phi
     return d_phi.mul_(x > 0)
 
 
@@ -73,20 +78,18 @@ class _BidirectionalLinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kind: str, denominator: str, eps: float):
         tokens = q.shape[-2]
-        affine = kind == "linear-affine"
+        affine = kind == "affine"
+        count = denominator == "count"
         inv_q = _inverse_norm(q) if affine else None
         inv_k = _inverse_norm(k) if affine else None
         phi_q = _features(q, kind, inv_q)
         phi_k = _features(k, kind, inv_k)
         state = phi_k.transpose(-1, -2) @ v  # (B, H, D, E)
         value_sum = v.sum(dim=-2, keepdim=True) if affine else None
-        key_sum = phi_k.sum(dim=-2, keepdim=True).transpose(-1, -2) if not (affine and denominator == "count") else None
-        if affine and denominator == "count":
-            # (φq S + Σv) / N as one matmul into the broadcast mean: no N×E temporaries
-            out = torch.baddbmm(
-                (value_sum / tokens).flatten(0, 1).expand(-1, tokens, -1),
-                phi_q.flatten(0, 1), state.flatten(0, 1), alpha=1.0 / tokens,
-            ).view(v.shape)
+        key_sum = phi_k.sum(dim=-2, keepdim=True).transpose(-1, -2) if not count else None
+        if count:
+            # (φq S [+ Σv]) / N as one matmul into the broadcast mean: no N×E temporaries
+            out = _matmul_add(None if value_sum is None else value_sum / tokens, phi_q, state / tokens)
             den = None
         else:
             num = phi_q @ state
@@ -105,12 +108,12 @@ class _BidirectionalLinearAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, inv_q, inv_k, state, key_sum, den = ctx.saved_tensors
         kind, tokens = ctx.kind, ctx.tokens
-        affine = kind == "linear-affine"
+        affine = kind == "affine"
         phi_q = _features(q, kind, inv_q)
-        if den is None:  # affine, count: den = N for every token; fold 1/N into the d×d matrices
+        if den is None:  # count: den = N for every token; fold 1/N into the d×d matrices
             d_phi_q = grad_out @ (state.transpose(-1, -2) / tokens)
             d_state = (phi_q.transpose(-1, -2) @ grad_out).div_(tokens)  # (B, H, D, E)
-            d_value_sum = grad_out.sum(dim=-2, keepdim=True).div_(tokens)
+            d_value_sum = grad_out.sum(dim=-2, keepdim=True).div_(tokens) if affine else None
             d_key_sum = None
         else:
             g = grad_out / den
@@ -134,51 +137,54 @@ class _BidirectionalLinearAttention(torch.autograd.Function):
         return d_q, d_k, d_v, None, None, None
 
 
-def _causal(q, k, v, kind: str, denominator: str, eps: float) -> torch.Tensor:
-    tokens = q.shape[-2]
-    affine = kind == "linear-affine"
-    phi_q, phi_k = feature_map(q, kind), feature_map(k, kind)  # autograd records these
+def _causal(phi_q, phi_k, v, affine: bool, denominator: str, eps: float) -> torch.Tensor:
+    """Causal linear attention on φq, φk (autograd records everything)."""
+    tokens = phi_q.shape[-2]
+    rowsum_den = denominator == "kernel"
     if tokens <= CAUSAL_DENSE_MAX_TOKENS:
         scores = phi_q @ phi_k.transpose(-1, -2)
         if affine:
             scores = scores + 1.0
-        scores = scores * torch.ones(tokens, tokens, dtype=torch.bool, device=q.device).tril()
+        scores = scores * torch.ones(tokens, tokens, dtype=torch.bool, device=v.device).tril()
         num = scores @ v
-        rowsum = scores.sum(dim=-1, keepdim=True) if not (affine and denominator == "count") else None
+        rowsum = scores.sum(dim=-1, keepdim=True) if rowsum_den else None
     else:
         num = causal_product(phi_q, phi_k, v)
         if affine:
             num = num + v.cumsum(dim=-2)
         rowsum = None
-        if not (affine and denominator == "count"):
+        if rowsum_den:
             rowsum = (phi_q * phi_k.cumsum(dim=-2)).sum(-1, keepdim=True)
-    if affine and denominator == "count":
-        counts = torch.arange(1, tokens + 1, device=q.device, dtype=q.dtype).view(tokens, 1)
-        return num / counts
-    if affine:
-        if tokens > CAUSAL_DENSE_MAX_TOKENS:
-            rowsum = rowsum + torch.arange(1, tokens + 1, device=q.device, dtype=q.dtype).view(tokens, 1)
-        return num / rowsum
-    return num / (rowsum + eps)
+            if affine:
+                rowsum = rowsum + torch.arange(1, tokens + 1, device=v.device, dtype=v.dtype).view(tokens, 1)
+    if not rowsum_den:
+        return num / torch.arange(1, tokens + 1, device=v.device, dtype=v.dtype).view(tokens, 1)
+    return num / rowsum if affine else num / (rowsum + eps)
 
 
 def linear_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    kind: str = "linear-affine",
-    causal: bool = False,
+    feature_map: str = "affine",
     denominator: str = "count",
+    causal: bool = False,
+    scale: torch.Tensor | None = None,
+    power: float = 3.0,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Linear attention, fast PyTorch path. q, k: (B, H, N, D); v: (B, H, N, E) -> (B, H, N, E)."""
-    if kind not in LINEAR_KINDS:
-        raise ValueError(f"unknown linear attention kind '{kind}' (known: {', '.join(LINEAR_KINDS)})")
-    if denominator not in DENOMINATORS:
-        raise ValueError(f"unknown denominator '{denominator}' (known: {', '.join(DENOMINATORS)})")
+    """Linear attention, fast PyTorch path. q, k: (B, H, N, D); v: (B, H, N, E) -> (B, H, N, E).
+
+    Arguments as `kernels.linear_attention` (which validates them; this path trusts its caller).
+    """
+    affine = feature_map == "affine"
     if causal:
-        return _causal(q, k, v, kind, denominator, eps)
-    return _BidirectionalLinearAttention.apply(q, k, v, kind, denominator, eps)
+        return _causal(features(q, feature_map, scale, power), features(k, feature_map, scale, power),
+                       v, affine, denominator, eps)
+    if feature_map == "focused":
+        phi_q, phi_k = focused_features(q, scale, power), focused_features(k, scale, power)
+        return _BidirectionalLinearAttention.apply(phi_q, phi_k, v, "identity", denominator, eps)
+    return _BidirectionalLinearAttention.apply(q, k, v, feature_map, denominator, eps)
 
 
 __all__ = ["linear_attention_torch", "CAUSAL_DENSE_MAX_TOKENS"]

@@ -223,3 +223,30 @@ def test_build_model_loads_config_pretrained(tmp_path):
     torch.testing.assert_close(model.text.text_projection.detach(), reference.text_projection.detach(), rtol=0, atol=0)
     untouched = build_model(model_config("tiny", {"pretrained": str(path)}), load_pretrained_weights=False)
     assert not torch.equal(untouched.text.text_projection, reference.text_projection)
+
+
+@pytest.mark.parametrize("image,text", [("linear-focused-local3", "linear-focused"), ("linear-affine-local5", "linear-affine")])
+def test_softmax_checkpoint_loads_into_every_variant_with_sensible_new_parameters(image, text):
+    """Parameters the variant adds start at 0: the local branch adds nothing, so the converted model
+    equals the same variant without its local branch; the focused scale starts at softplus(0)."""
+    from ds_linclip.models.attention import parse_attention_name
+
+    reference = tiny_open_clip()
+    overrides = {**parse_attention_name(image).config_overrides("image"),
+                 **parse_attention_name(text, causal=True).config_overrides("text")}
+    variant = build_model(model_config("tiny", {k[len("model."):]: v for k, v in overrides.items()}))
+    notes = load_pretrained(variant, reference.state_dict())
+    assert any("linear-variant parameters not in the file start at 0" in note for note in notes)
+    assert all(b.attn.local_conv.weight.abs().max() == 0 and b.attn.local_conv.bias.abs().max() == 0
+               for b in variant.visual.blocks)
+    without_local = build_model(model_config("tiny", {k[len("model."):]: v for k, v in overrides.items()}
+                                             | {"image.local_kernel": 0}))
+    load_pretrained(without_local, reference.state_dict())
+    images, tokens = torch.randn(2, 3, 32, 32), open_clip.tokenize(CAPTIONS, context_length=32)
+    with torch.no_grad():
+        torch.testing.assert_close(variant.encode_image(images), without_local.encode_image(images), rtol=0, atol=1e-6)
+        torch.testing.assert_close(variant.encode_text(tokens), without_local.encode_text(tokens), rtol=0, atol=1e-6)
+        assert torch.isfinite(variant.encode_image(images)).all()
+    # the variant's own parameters have no open_clip counterpart: converting back says so
+    with pytest.raises(CheckpointError, match="linear-variant parameter"):
+        to_open_clip_state_dict(variant.state_dict())

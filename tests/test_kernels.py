@@ -18,39 +18,52 @@ from kernels import BACKENDS, linear_attention, linear_attention_reference, line
 from kernels.torch_path import CAUSAL_DENSE_MAX_TOKENS
 
 EPS = 1e-6
+# (feature_map, denominator): every map with its default normaliser, plus the other normaliser
 KIND_CASES = [
-    ("linear-affine", "count"),
-    ("linear-affine", "kernel"),
-    ("linear-elu", "count"),
-    ("linear-relu", "count"),
+    ("affine", "count"),
+    ("affine", "kernel"),
+    ("focused", "kernel"),
+    ("focused", "count"),
+    ("elu", "kernel"),
+    ("elu", "count"),
+    ("relu", "kernel"),
 ]
 KIND_IDS = [f"{k}-{d}" for k, d in KIND_CASES]
 
 
-def naive_linear_attention(q, k, v, kind, causal, denominator="count", eps=EPS):
+def naive_features(x, feature_map, scale=None, power=3.0):
+    """φ from the definitions, written independently of kernels/."""
+    if feature_map == "affine":
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    if feature_map == "focused":  # FLatten: y = relu(x)/s, φ = ‖y‖ y^p / ‖y^p‖
+        y = torch.where(x > 0, x, torch.zeros_like(x)) / scale.view(1, scale.shape[0], 1, scale.shape[1])
+        y_p = y**power
+        return y_p * (y.norm(dim=-1, keepdim=True) / y_p.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+    if feature_map == "elu":
+        return F.elu(x) + 1
+    if feature_map == "relu":
+        return F.relu(x)
+    raise AssertionError(feature_map)
+
+
+def naive_linear_attention(q, k, v, feature_map, causal, denominator="count", eps=EPS, scale=None, power=3.0):
     """out_i = Σ_j s(q_i, k_j) v_j / normaliser_i with the full (N, N) matrix s (float64 oracle)."""
     q, k, v = (t.double() for t in (q, k, v))
+    scale = None if scale is None else scale.double()
     tokens = q.shape[-2]
-    if kind == "linear-affine":
-        q_hat = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        k_hat = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        similarity = 1.0 + q_hat @ k_hat.transpose(-1, -2)
-    elif kind == "linear-elu":
-        similarity = (F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-1, -2)
-    elif kind == "linear-relu":
-        similarity = F.relu(q) @ F.relu(k).transpose(-1, -2)
-    else:
-        raise AssertionError(kind)
+    similarity = naive_features(q, feature_map, scale, power) @ naive_features(k, feature_map, scale, power).transpose(-1, -2)
+    if feature_map == "affine":
+        similarity = 1.0 + similarity
     if causal:
         similarity = similarity * torch.ones(tokens, tokens, dtype=torch.bool, device=q.device).tril()
     numerator = similarity @ v
-    if kind == "linear-affine" and denominator == "count":
+    if denominator == "count":
         if causal:
             counts = torch.arange(1, tokens + 1, dtype=q.dtype, device=q.device).view(tokens, 1)
         else:
             counts = torch.full((tokens, 1), float(tokens), dtype=q.dtype, device=q.device)
         return numerator / counts
-    if kind == "linear-affine":
+    if feature_map == "affine":
         return numerator / similarity.sum(-1, keepdim=True)
     return numerator / (similarity.sum(-1, keepdim=True) + eps)
 
@@ -62,24 +75,35 @@ def random_qkv(batch, heads, tokens, head_dim, dtype=torch.float32, device="cpu"
             for s in shapes]
 
 
+def random_scale(heads, head_dim, dtype=torch.float32, device="cpu", seed=5):
+    """A positive focused-map scale (heads, head_dim) in [0.5, 1.5], as softplus of the model's parameter gives."""
+    generator = torch.Generator().manual_seed(seed)
+    scale = 0.5 + torch.rand(heads, head_dim, generator=generator, dtype=torch.float64)
+    return scale.to(device=device, dtype=dtype).requires_grad_()
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor, floor: float = 1e-4) -> float:
     """max |got - want| / max |want|; the floor keeps near-vanishing gradients (one token: out ≈ v) from
     turning rounding into huge relative errors."""
     return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(floor)).item()
 
 
-def check_against_oracle(fn, q, k, v, kind, causal, denominator, tol, grad_tol=None, seed=1, floor=1e-4):
-    """fn's output and dq, dk, dv vs the float64 oracle on float64 copies of the same inputs."""
-    out = fn(q, k, v, kind=kind, causal=causal, denominator=denominator)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    expected = naive_linear_attention(q64, k64, v64, kind, causal, denominator)
+def check_against_oracle(fn, q, k, v, feature_map, causal, denominator, tol, grad_tol=None, seed=1, floor=1e-4,
+                         power=3.0):
+    """fn's output and dq, dk, dv (and the focused map's d scale) vs the float64 oracle on float64 copies."""
+    scale = random_scale(q.shape[1], q.shape[3], q.dtype, q.device) if feature_map == "focused" else None
+    out = fn(q, k, v, feature_map=feature_map, causal=causal, denominator=denominator, scale=scale, power=power)
+    inputs = [q, k, v] + ([scale] if scale is not None else [])
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    expected = naive_linear_attention(*inputs64[:3], feature_map, causal, denominator,
+                                      scale=inputs64[3] if scale is not None else None, power=power)
     assert out.shape == v.shape and out.dtype == v.dtype
     assert rel_err(out, expected) < tol, f"output: rel err {rel_err(out, expected):.2e} >= {tol}"
     generator = torch.Generator().manual_seed(seed)
     upstream = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device)
-    grads = torch.autograd.grad(out, (q, k, v), upstream.to(out.dtype))
-    grads_expected = torch.autograd.grad(expected, (q64, k64, v64), upstream)
-    for name, got, want in zip("qkv", grads, grads_expected):
+    grads = torch.autograd.grad(out, inputs, upstream.to(out.dtype))
+    grads_expected = torch.autograd.grad(expected, inputs64, upstream)
+    for name, got, want in zip(["q", "k", "v", "scale"], grads, grads_expected):
         assert got.dtype == q.dtype and got.shape == want.shape
         err = rel_err(got, want, floor)
         assert err < (grad_tol or tol), f"d/d{name}: rel err {err:.2e} >= {grad_tol or tol}"
@@ -89,8 +113,8 @@ def check_against_oracle(fn, q, k, v, kind, causal, denominator, tol, grad_tol=N
 # fast PyTorch path
 # ---------------------------------------------------------------------------------------------
 
-# 300 > CAUSAL_DENSE_MAX_TOKENS: the chunked causal branch; 77 and 197: the dense masked branch
-TORCH_TOKENS = [1, 7, 77, 197, 300]
+# 300 > CAUSAL_DENSE_MAX_TOKENS: the chunked causal branch; 50, 77 and 197: the dense masked branch
+TORCH_TOKENS = [1, 7, 50, 77, 197, 300]
 assert max(TORCH_TOKENS) > CAUSAL_DENSE_MAX_TOKENS > 197
 
 
@@ -114,8 +138,14 @@ def test_torch_path_float32_head_dim_64_and_80(kind, denominator, causal):
 @pytest.mark.parametrize("kind,denominator", KIND_CASES, ids=KIND_IDS)
 def test_torch_path_gradcheck(kind, denominator, causal):
     q, k, v = random_qkv(1, 2, 5, 4, dtype=torch.float64)
+    scale = random_scale(2, 4, torch.float64) if kind == "focused" else None
     assert torch.autograd.gradcheck(
-        lambda q, k, v: linear_attention_torch(q, k, v, kind=kind, causal=causal, denominator=denominator), (q, k, v))
+        lambda q, k, v: linear_attention_torch(q, k, v, feature_map=kind, causal=causal, denominator=denominator,
+                                               scale=scale, power=3.0), (q, k, v))
+    if scale is not None:  # the focused map's scale too
+        assert torch.autograd.gradcheck(
+            lambda s: linear_attention_torch(q, k, v, feature_map=kind, causal=causal, denominator=denominator,
+                                             scale=s, power=3.0), (scale,))
 
 
 def test_torch_path_non_contiguous_inputs_and_value_dim():
@@ -127,9 +157,10 @@ def test_torch_path_non_contiguous_inputs_and_value_dim():
     for causal in (False, True):
         torch.testing.assert_close(
             linear_attention_torch(q, k, v, causal=causal),
-            naive_linear_attention(q, k, v, "linear-affine", causal), rtol=1e-11, atol=1e-12)
+            naive_linear_attention(q, k, v, "affine", causal), rtol=1e-11, atol=1e-12)
     q, k, v = random_qkv(1, 2, 9, 16, dtype=torch.float64, value_dim=24)
-    check_against_oracle(linear_attention_torch, q, k, v, "linear-affine", False, "kernel", tol=1e-11)
+    check_against_oracle(linear_attention_torch, q, k, v, "affine", False, "kernel", tol=1e-11)
+    check_against_oracle(linear_attention_torch, q, k, v, "focused", False, "kernel", tol=1e-11)
 
 
 def test_torch_path_zero_vector_matches_reference_gradient():
@@ -150,7 +181,8 @@ def test_torch_path_zero_vector_matches_reference_gradient():
 def test_torch_path_bfloat16_close_to_float64():
     q, k, v = random_qkv(2, 2, 77, 32, dtype=torch.bfloat16)
     for causal in (False, True):
-        check_against_oracle(linear_attention_torch, q, k, v, "linear-affine", causal, "count", tol=3e-2)
+        check_against_oracle(linear_attention_torch, q, k, v, "affine", causal, "count", tol=3e-2)
+        check_against_oracle(linear_attention_torch, q, k, v, "focused", causal, "kernel", tol=3e-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,15 +216,17 @@ def test_forced_triton_backend_runs_the_triton_wrapper(monkeypatch):
     monkeypatch.setattr(triton_module, "linear_attention_triton",
                         lambda *a, **kw: calls.append(kw) or original(*a, **kw))
     q, k, v = random_qkv(1, 1, 3, 16)
-    out = linear_attention(q, k, v, kind="linear-elu", causal=True, backend="triton")
-    assert calls == [dict(kind="linear-elu", causal=True, denominator="count", eps=1e-6)]
-    torch.testing.assert_close(out, linear_attention_torch(q, k, v, kind="linear-elu", causal=True))
+    out = linear_attention(q, k, v, feature_map="elu", denominator="kernel", causal=True, backend="triton")
+    assert calls == [dict(feature_map="elu", denominator="kernel", causal=True, scale=None, power=3.0, eps=1e-6)]
+    torch.testing.assert_close(out, linear_attention_torch(q, k, v, feature_map="elu", denominator="kernel", causal=True))
 
 
 @pytest.mark.parametrize("bad,message", [
     (dict(backend="cuda"), "unknown backend 'cuda'"),
-    (dict(kind="softmax"), "unknown linear attention kind 'softmax'"),
+    (dict(feature_map="softmax"), "unknown feature map 'softmax'"),
     (dict(denominator="sum"), "unknown denominator 'sum'"),
+    (dict(feature_map="focused"), r"focused map needs scale of shape \(heads, head_dim\) = \(1, 16\); got None"),
+    (dict(scale=torch.ones(1, 16)), "scale is only used by the focused map"),
 ])
 def test_bad_arguments_name_the_value(bad, message):
     q, k, v = random_qkv(1, 1, 3, 16)

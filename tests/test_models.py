@@ -61,13 +61,41 @@ def test_half_precision_model_accepts_float32_pixels():
 def test_towers_choose_attention_independently():
     model = build_model(model_config("tiny", {"image.attention": "linear-affine", "text.attention": "softmax",
                                               "image.denominator": "kernel"}))
-    assert model.attention_kinds() == {"image": "linear-affine", "text": "softmax"}
-    assert all(b.attn.denominator == "kernel" and not b.attn.causal for b in model.visual.blocks)
+    assert model.attention_kinds() == {"image": "linear-affine-kernel", "text": "softmax"}
+    assert all(b.attn.spec.linear.denominator == "kernel" and not b.attn.causal for b in model.visual.blocks)
     assert all(b.attn.causal for b in model.text.blocks)
     model.set_attention(text="linear-relu")
-    assert model.attention_kinds() == {"image": "linear-affine", "text": "linear-relu"}
+    assert model.attention_kinds() == {"image": "linear-affine-kernel", "text": "linear-relu"}
     with pytest.raises(ValueError, match="linear-foo"):
         model.set_attention(image="linear-foo")
+    with pytest.raises(ValueError, match="image tower only"):
+        model.set_attention(text="linear-affine-local3")
+
+
+def test_variant_parameters_created_and_dropped_in_place():
+    model = build_model(model_config("tiny", {"image.attention": "linear-affine"}))
+    before = {n for n, _ in model.named_parameters()}
+    model.set_attention(image="linear-focused-local3", text="linear-focused")
+    added = {n for n, _ in model.named_parameters()} - before
+    layers = len(model.visual.blocks)
+    assert sum(n.endswith("attn.focus_scale") for n in added) == layers + len(model.text.blocks)
+    assert sum(n.endswith("attn.local_conv.weight") for n in added) == layers
+    # new parameters start where a converted model stays sensible: local branch 0, scale softplus(0)
+    assert all(b.attn.local_conv.weight.abs().max() == 0 for b in model.visual.blocks)
+    assert all(b.attn.focus_scale.abs().max() == 0 for b in model.visual.blocks)
+    model.set_attention(image="softmax", text="softmax")
+    assert {n for n, _ in model.named_parameters()} == before
+
+
+@pytest.mark.parametrize("image,text", [("linear-focused-local3", "linear-focused"), ("linear-affine-local5", "linear-elu")])
+def test_analytic_params_count_variant_parameters(image, text):
+    from ds_linclip.models.attention import parse_attention_name
+
+    overrides = {**parse_attention_name(image).config_overrides("image"), **parse_attention_name(text, True).config_overrides("text")}
+    cfg = model_config("tiny", {k[len("model."):]: v for k, v in overrides.items()})
+    model = build_model(cfg)
+    assert model.attention_kinds() == {"image": image, "text": text}
+    assert model_cost(cfg).params == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("attention", ["softmax", "linear-affine"])

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from ds_linclip.config import ATTENTION_KINDS, DENOMINATORS, ConfigError, load_config
+from ds_linclip.config import ATTENTION_KINDS, DENOMINATORS, FEATURE_MAPS, ConfigError, load_config
 from ds_linclip.models.flops import format_table, measure_forward_flops, model_cost
 from ds_linclip.models.presets import PRESETS
 
@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention", choices=ATTENTION_KINDS, help="attention kind of both towers")
     parser.add_argument("--image-attention", choices=ATTENTION_KINDS, help="image tower only (wins over --attention)")
     parser.add_argument("--text-attention", choices=ATTENTION_KINDS, help="text tower only (wins over --attention)")
-    parser.add_argument("--denominator", choices=DENOMINATORS, help="linear-affine normaliser, both towers")
+    parser.add_argument("--feature-map", choices=FEATURE_MAPS, help="linear feature map, both towers (with --attention linear)")
+    parser.add_argument("--denominator", choices=DENOMINATORS, help="linear normaliser, both towers")
+    parser.add_argument("--local-kernel", type=int, choices=(0, 3, 5), help="image-tower local branch (depthwise conv on V)")
     parser.add_argument("--image-size", type=int, help="input pixels per side (any multiple of the patch size)")
     parser.add_argument("--config", action="append", default=[], metavar="YAML", help="config file(s) for the model section")
     parser.add_argument("--measure", action="store_true",
@@ -44,8 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     for tower, kind in (("image", args.image_attention or args.attention), ("text", args.text_attention or args.attention)):
         if kind:
             overrides.append(f"model.{tower}.attention={kind}")
+        if args.feature_map:
+            overrides.append(f"model.{tower}.feature_map={args.feature_map}")
         if args.denominator:
             overrides.append(f"model.{tower}.denominator={args.denominator}")
+    if args.local_kernel is not None:
+        overrides.append(f"model.image.local_kernel={args.local_kernel}")
     if args.image_size:
         overrides.append(f"model.image.image_size={args.image_size}")
     try:
@@ -62,12 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
         return 0
     image, text = cfg.image, cfg.text
-    denominators = {t: f" ({c.denominator})" if c.attention == "linear-affine" else "" for t, c in (("image", image), ("text", text))}
     title = (
         f"preset {cfg.preset}: image {image.image_size}px / patch {image.patch_size} -> {cost.image.tokens} tokens, "
         f"width {image.width}, {image.layers} layers, {image.heads} heads | text context {text.context_length}, "
         f"width {text.width}, {text.layers} layers, {text.heads} heads | embed {cfg.embed_dim}\n"
-        f"attention: image {image.attention}{denominators['image']}, text {text.attention}{denominators['text']}, "
+        f"attention: image {cost.image.attention}, text {cost.text.attention}, "
         f"causal; FLOPs = matmul FLOPs (2mnk) of one forward pass\n"
     )
     print(format_table(cost, title=title, measured=measured))

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds_linclip.models.attention import AttentionSpec, AttentionSpecError, as_spec, resolve_attention
 from ds_linclip.models.text import TextTransformer
-from kernels.reference import DENOMINATORS
 from ds_linclip.models.vit import VisionTransformer
 
 # Parameter names (leaf part) kept out of weight decay besides every 1-d parameter
@@ -59,24 +59,21 @@ class CLIP(nn.Module):
         }
 
     def attention_kinds(self) -> dict[str, str]:
-        """{'image': kind, 'text': kind} as built."""
-        return {"image": self.visual.blocks[0].attn.kind, "text": self.text.blocks[0].attn.kind}
+        """{'image': name, 'text': name} as built, e.g. {'image': 'linear-focused-local3', 'text': 'linear-focused'}."""
+        return {"image": self.visual.blocks[0].attn.spec.name, "text": self.text.blocks[0].attn.spec.name}
 
-    def set_attention(self, image: str | None = None, text: str | None = None, denominator: str | None = None) -> None:
-        """Switch the attention kind of a tower in place (same weights): e.g. linearize a softmax model."""
-        from ds_linclip.models.attention import ATTENTION_KINDS
+    def set_attention(self, image: AttentionSpec | str | None = None, text: AttentionSpec | str | None = None) -> None:
+        """Switch a tower's attention in place (same weights): e.g. linearise a softmax model.
 
-        for kind in (image, text):
-            if kind is not None and kind not in ATTENTION_KINDS:
-                raise ValueError(f"unknown attention kind '{kind}' (known: {', '.join(ATTENTION_KINDS)})")
-        if denominator is not None and denominator not in DENOMINATORS:
-            raise ValueError(f"unknown denominator '{denominator}' (known: count, kernel)")
-        for tower, kind in ((self.visual, image), (self.text, text)):
+        Specs or names (`linear-focused-local3`; see `parse_attention_name`). Parameters a variant adds
+        start where a converted model stays sensible: focus_scale 0 (s = softplus(0)), local conv 0.
+        """
+        for tower, spec in ((self.visual, image), (self.text, text)):
+            if spec is None:
+                continue
+            spec = as_spec(spec, causal=tower is self.text)
             for block in tower.blocks:
-                if kind is not None:
-                    block.attn.kind = kind
-                if denominator is not None:
-                    block.attn.denominator = denominator
+                block.attn.set_spec(spec, zero_init_new=True)
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:
@@ -105,6 +102,14 @@ def model_config(preset: str, overrides: Mapping[str, Any] | None = None) -> Any
     return load_config(overrides=dotlist).model
 
 
+def tower_attention(tower: Mapping[str, Any], name: str) -> AttentionSpec:
+    """The AttentionSpec of `model.<name>` (a config section or plain mapping); ValueError names the key."""
+    try:
+        return resolve_attention(tower, causal=name == "text")
+    except AttentionSpecError as err:
+        raise ValueError(f"model.{name}.{err.key}: {err}") from None
+
+
 def build_model(cfg: Any, load_pretrained_weights: bool = True) -> CLIP:
     """A CLIP from the `model` config section (`cfg.model`), or from a preset name.
 
@@ -121,14 +126,12 @@ def build_model(cfg: Any, load_pretrained_weights: bool = True) -> CLIP:
     visual = VisionTransformer(
         image_size=image["image_size"], patch_size=image["patch_size"], width=image["width"],
         layers=image["layers"], heads=image["heads"], embed_dim=embed_dim,
-        mlp_ratio=image.get("mlp_ratio", 4.0), attention=image.get("attention", "softmax"),
-        denominator=image.get("denominator", "count"), backend=backend,
+        mlp_ratio=image.get("mlp_ratio", 4.0), attention=tower_attention(image, "image"), backend=backend,
     )
     text_tower = TextTransformer(
         context_length=text["context_length"], vocab_size=text["vocab_size"], width=text["width"],
         layers=text["layers"], heads=text["heads"], embed_dim=embed_dim,
-        mlp_ratio=text.get("mlp_ratio", 4.0), attention=text.get("attention", "softmax"),
-        denominator=text.get("denominator", "count"), backend=backend,
+        mlp_ratio=text.get("mlp_ratio", 4.0), attention=tower_attention(text, "text"), backend=backend,
     )
     model = CLIP(visual, text_tower, init_logit_scale=model_cfg.get("init_logit_scale", math.log(1 / 0.07)))
     pretrained = model_cfg.get("pretrained")

@@ -12,7 +12,10 @@ Name mapping (everything else is identical, tensors are not changed):
     visual.{class_embedding, positional_embedding, ln_pre, ln_post, proj}, logit_scale: unchanged
 
 Attention kind is not part of the weights, so a softmax checkpoint loads into a model built with
-linear attention as is ("linearize a pretrained CLIP, then fine-tune").
+linear attention as is ("linearize a pretrained CLIP, then fine-tune"). Parameters a linear variant
+adds (`attn.focus_scale`, `attn.local_conv.*`) and the file lacks start at zero: the focused map's
+scale at softplus(0), and a local branch that adds nothing until it is trained, so the converted
+model computes exactly its linear attention over the pretrained projections.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ _IGNORED_OPEN_CLIP = {"input_resolution", "context_length", "vocab_size", "attn_
 _OC_VISUAL_BLOCK = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.(.+)$")
 _OC_TEXT_BLOCK = re.compile(r"^(?:text\.)?transformer\.resblocks\.(\d+)\.(.+)$")  # CLIP or CustomTextCLIP
 _OURS_BLOCK = re.compile(r"^(visual|text)\.blocks\.(\d+)\.(.+)$")
+# parameters of linear variants (ds_linclip only): filled with zeros when a file lacks them
+VARIANT_PARAMS = ("attn.focus_scale", "attn.local_conv.weight", "attn.local_conv.bias")
 
 
 class CheckpointError(ValueError):
@@ -97,6 +102,8 @@ def to_open_clip_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
     for key, value in state_dict.items():
         if match := _OURS_BLOCK.match(key):
             tower, index, inner = match[1], match[2], match[3]
+            if inner in VARIANT_PARAMS:
+                raise CheckpointError(f"ds_linclip key '{key}': a linear-variant parameter, which open_clip's CLIP has no place for")
             if inner not in _BLOCK_KEYS_BACK:
                 raise CheckpointError(f"ds_linclip key '{key}': unknown block parameter '{inner}'")
             prefix = "visual.transformer" if tower == "visual" else "transformer"
@@ -194,6 +201,11 @@ def _fit_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module, source:
         # causal: the first positions never see later ones, so keeping the prefix is exact
         notes.append(f"{key}: context {state_dict[key].shape[0]} -> {expected[key].shape[0]} (prefix kept)")
         state_dict[key] = state_dict[key][: expected[key].shape[0]]
+    filled = [key for key in expected.keys() - state_dict.keys() if key.endswith(VARIANT_PARAMS)]
+    for key in sorted(filled):
+        state_dict[key] = torch.zeros_like(expected[key])
+    if filled:
+        notes.append(f"{len(filled)} linear-variant parameters not in the file start at 0 ({', '.join(sorted({k.split('.attn.')[1] for k in filled}))})")
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())
     if missing or unexpected:

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from ds_linclip.models.clip import _as_dict, build_model
+from ds_linclip.models.attention import AttentionSpec, as_spec
+from ds_linclip.models.clip import _as_dict, build_model, tower_attention
 
 
 @dataclass(frozen=True)
@@ -57,17 +58,20 @@ class ModelCost:
         return out
 
 
-def attention_flops(kind: str, tokens: int, width: int, heads: int, denominator: str = "count") -> int:
+def attention_flops(spec: AttentionSpec | str, tokens: int, width: int, heads: int, patches: int = 0) -> int:
     """Token-mixing FLOPs of one attention layer for one sequence of `tokens`.
 
-    Linear kinds: the state Kᵀ·V and Q·state (4·N·d per head and value column), plus, when the
-    denominator depends on the keys (elu, relu, affine with `kernel`), φ(q)·Σφ(k): 2·N·d per head.
+    Linear variants: the state Kᵀ·V and Q·state (4·N·d per head and value column), plus, with the
+    `kernel` normaliser (the denominator depends on the keys), φ(q)·Σφ(k): 2·N·d per head. A local
+    branch adds its depthwise conv over the `patches` tokens: 2·k²·width per patch.
     """
+    spec = as_spec(spec)
     head_dim = width // heads
-    if kind == "softmax":
-        return 4 * tokens * tokens * width
-    normaliser = 2 * tokens * width if (kind != "linear-affine" or denominator == "kernel") else 0
-    return 4 * tokens * head_dim * width + normaliser
+    local = 2 * spec.local_kernel**2 * width * patches
+    if spec.linear is None:
+        return 4 * tokens * tokens * width + local
+    normaliser = 2 * tokens * width if spec.linear.denominator == "kernel" else 0
+    return 4 * tokens * head_dim * width + normaliser + local
 
 
 def chunked_causal_linear_flops(tokens: int, width: int, heads: int, chunk: int) -> int:
@@ -86,6 +90,12 @@ def _block_params(width: int, mlp_width: int) -> int:
     qkv_and_out = (3 * width * width + 3 * width) + (width * width + width)
     mlp = (width * mlp_width + mlp_width) + (mlp_width * width + width)
     return layer_norms + qkv_and_out + mlp
+
+
+def _variant_params(spec: AttentionSpec, width: int) -> int:
+    """Per-layer parameters a linear variant adds: the focused scale, the local depthwise conv."""
+    focused = width if spec.linear is not None and spec.linear.feature_map == "focused" else 0
+    return focused + (width * spec.local_kernel**2 + width if spec.local_kernel else 0)
 
 
 def _block_other_flops(tokens: int, width: int, mlp_width: int) -> int:
@@ -107,22 +117,21 @@ def model_cost(model_cfg: Any, image_size: int | None = None) -> ModelCost:
     patches = (size // patch) ** 2
     tokens = 1 + patches
     mlp_width = int(width * image.get("mlp_ratio", 4.0))
+    image_spec = tower_attention(image, "image")
     image_params = (
         3 * patch * patch * width  # patch embedding, no bias
         + width + tokens * width  # class + position embeddings
         + 2 * width  # ln_pre
-        + image["layers"] * _block_params(width, mlp_width)
+        + image["layers"] * (_block_params(width, mlp_width) + _variant_params(image_spec, width))
         + 2 * width + width * embed_dim  # ln_post, proj
     )
-    image_attention = image.get("attention", "softmax")
+    image_attention = image_spec.name
     image_cost = TowerCost(
         name="image",
         attention=image_attention,
         tokens=tokens,
         params=image_params,
-        attention_flops=image["layers"] * attention_flops(
-            image_attention, tokens, width, image["heads"], image.get("denominator", "count")
-        ),
+        attention_flops=image["layers"] * attention_flops(image_spec, tokens, width, image["heads"], patches),
         other_flops=2 * patches * (3 * patch * patch) * width
         + image["layers"] * _block_other_flops(tokens, width, mlp_width)
         + 2 * width * embed_dim,
@@ -130,20 +139,19 @@ def model_cost(model_cfg: Any, image_size: int | None = None) -> ModelCost:
 
     context, width = text["context_length"], text["width"]
     mlp_width = int(width * text.get("mlp_ratio", 4.0))
+    text_spec = tower_attention(text, "text")
     text_params = (
         text["vocab_size"] * width + context * width
-        + text["layers"] * _block_params(width, mlp_width)
+        + text["layers"] * (_block_params(width, mlp_width) + _variant_params(text_spec, width))
         + 2 * width + width * embed_dim  # ln_final, text_projection
     )
-    text_attention = text.get("attention", "softmax")
+    text_attention = text_spec.name
     text_cost = TowerCost(
         name="text",
         attention=text_attention,
         tokens=context,
         params=text_params,
-        attention_flops=text["layers"] * attention_flops(
-            text_attention, context, width, text["heads"], text.get("denominator", "count")
-        ),
+        attention_flops=text["layers"] * attention_flops(text_spec, context, width, text["heads"]),
         other_flops=text["layers"] * _block_other_flops(context, width, mlp_width) + 2 * width * embed_dim,
     )
     return ModelCost(image=image_cost, text=text_cost, other_params=1)

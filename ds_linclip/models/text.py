@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ds_linclip.models.attention import Block, run_blocks
+from ds_linclip.models.attention import AttentionSpec, Block, as_spec, run_blocks
 
 
 class TextTransformer(nn.Module):
@@ -25,17 +25,17 @@ class TextTransformer(nn.Module):
         heads: int,
         embed_dim: int,
         mlp_ratio: float = 4.0,
-        attention: str = "softmax",
-        denominator: str = "count",
+        attention: AttentionSpec | str = "softmax",
         backend: str = "auto",
     ):
         super().__init__()
+        attention = as_spec(attention, causal=True)
         self.context_length, self.vocab_size, self.width = context_length, vocab_size, width
         self.checkpoint_every = 0
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, kind=attention, causal=True, denominator=denominator, backend=backend)
+            Block(width, heads, mlp_ratio, spec=attention, causal=True, backend=backend)
             for _ in range(layers)
         )
         self.ln_final = nn.LayerNorm(width)

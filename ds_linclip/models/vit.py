@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_linclip.models.attention import Block, run_blocks
+from ds_linclip.models.attention import AttentionSpec, Block, as_spec, run_blocks
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -47,11 +47,11 @@ class VisionTransformer(nn.Module):
         heads: int,
         embed_dim: int,
         mlp_ratio: float = 4.0,
-        attention: str = "softmax",
-        denominator: str = "count",
+        attention: AttentionSpec | str = "softmax",
         backend: str = "auto",
     ):
         super().__init__()
+        attention = as_spec(attention)
         self.image_size, self.patch_size, self.width = image_size, patch_size, width
         self.grid = (image_size // patch_size, image_size // patch_size)
         self.checkpoint_every = 0
@@ -62,7 +62,7 @@ class VisionTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(scale * torch.randn(1 + self.grid[0] * self.grid[1], width))
         self.ln_pre = nn.LayerNorm(width)
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, kind=attention, causal=False, denominator=denominator, backend=backend)
+            Block(width, heads, mlp_ratio, spec=attention, causal=False, backend=backend)
             for _ in range(layers)
         )
         self.ln_post = nn.LayerNorm(width)
@@ -90,6 +90,7 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(patches.dtype).expand(batch, 1, -1)  # (batch, 1, width)
         x = torch.cat([cls, patches], dim=1) + self.pos_embed_for(height, width).to(patches.dtype)
         x = self.ln_pre(x)  # (batch, 1 + patches, width)
-        x = run_blocks(self.blocks, x, self.checkpoint_every)
+        grid = (height // self.patch_size, width // self.patch_size)
+        x = run_blocks(self.blocks, x, self.checkpoint_every, grid)
         pooled = self.ln_post(x[:, 0])  # CLS token, (batch, width)
         return pooled @ self.proj  # (batch, embed_dim)
