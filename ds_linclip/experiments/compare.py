@@ -1247,6 +1247,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--long-kinds", nargs="+", type=variant_argument, default=list(LONG_KINDS), metavar="VARIANT",
                         help=f"variants of the --long-steps rows; `{BEST}` = the best linear variant of the comparison "
                              "(see --best) (default: %(default)s)")
+    parser.add_argument("--long-seeds", nargs="+", type=int, default=None, metavar="S",
+                        help="seeds of the --long-steps rows, as --seeds (default: --seeds); fewer than --seeds "
+                             "fill the long rows in a later sitting")
     parser.add_argument("--long-size", type=int, default=None,
                         help="image size of the --long-steps rows (default: the largest of --image-sizes)")
     parser.add_argument("--best", type=variant_argument, default=None, metavar="VARIANT",
@@ -1374,6 +1377,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
                 setattr(args, key, value)
     launcher_mode = args.launcher or ("inprocess" if args.quick else "subprocess")
     seeds = parse_seeds(args.seeds)
+    long_seeds = parse_seeds(args.long_seeds) if args.long_seeds else seeds
     long_size = args.long_size or max(args.image_sizes)
     for size in args.image_sizes + [long_size]:
         if size % 4:
@@ -1406,7 +1410,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
                     eval_batch_size=args.eval_batch_size)
     command = "python -m ds_linclip.experiments.compare " + shlex.join(argv)
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
-            "machine": machine_note(), "launcher": launcher_mode, "seeds": seeds}
+            "machine": machine_note(), "launcher": launcher_mode, "seeds": seeds, "long_seeds": long_seeds}
     data_dir = ensure_shards(args.data)
     runs_dir = args.runs_dir.expanduser().resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -1417,7 +1421,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
     # seed-major, so a sitting that is stopped early leaves every variant with the same number of seeds
     specs = [spec(kind, size, seed=seed) for seed in seeds for size in args.image_sizes for kind in args.kinds]
-    n_long = len(seeds) * len(args.long_kinds) if args.long_steps else 0
+    n_long = len(long_seeds) * len(args.long_kinds) if args.long_steps else 0
     n_scale = 2 * len(args.scale_kinds) if args.scale else 0  # the first width's runs may be comparison runs
     _log(f"{len(specs)} comparison runs ({len(args.kinds)} variants x {len(args.image_sizes)} sizes x seeds {seeds}, "
          f"{args.steps} steps x batch {args.batch_size})" + (f" + up to {n_long} runs of {args.long_steps} steps"
@@ -1442,7 +1446,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     long_specs: list[RunSpec] = []
     if args.long_steps:
         long_specs = [spec(kind, long_size, steps=args.long_steps, seed=seed)
-                      for seed in seeds for kind in resolve(args.long_kinds)]
+                      for seed in long_seeds for kind in resolve(args.long_kinds)]
         failures += run_specs(long_specs, launcher, done, jobs, not args.no_train, bar)
     rows = aggregate(specs + long_specs, done)
 
