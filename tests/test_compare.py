@@ -123,13 +123,16 @@ def test_quick_comparison_end_to_end(tmp_path, fmnist_shards):
         _assert_png(out / name)
 
     # a third seed asked for but not trained (--no-train): the rows say 2 of 3
-    again = _run_compare(["--quick", "--kinds", *QUICK_KINDS, "--seeds", "3", "--no-train", "--timing-rounds", "0",
-                          "--data", str(fmnist_shards), "--runs-dir", str(runs), "--out", str(out), "--no-progress"])
+    again = _run_compare(["--quick", "--kinds", *QUICK_KINDS, "--seeds", "3", "--no-train",
+                          "--timing-from", str(out / "compare.json"), "--data", str(fmnist_shards), "--runs-dir", str(runs), "--out", str(out), "--no-progress"])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert ": training " not in again.stdout
     rows_again = parse_markdown_table((out / "compare.md").read_text())
     assert {r["seeds"] for r in rows_again} == {"0,1 (2 of 3)"}
     assert [r["zero-shot top-1 %"] for r in rows_again[:6]] == [r["zero-shot top-1 %"] for r in rows[:6]]
+    # the timing pass and the sweep were taken from the first report, not measured again
+    assert [r["img/s interleaved"] for r in rows_again[:6]] == [r["img/s interleaved"] for r in rows[:6]]
+    assert json.loads((out / "compare.json").read_text())["sweep"] == sweep
 
 
 @pytest.mark.slow

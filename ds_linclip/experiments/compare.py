@@ -1276,6 +1276,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep-kinds", nargs="+", type=variant_argument, default=None, metavar="VARIANT",
                         help=f"variants of the timing sweep (`{BEST}` allowed; default: --kinds)")
     parser.add_argument("--sweep-batch", type=int, default=16, help="batch of the timing sweep (default %(default)s)")
+    parser.add_argument("--timing-from", type=Path, default=None, metavar="JSON",
+                        help="take the interleaved timing pass and the sweep from an earlier compare.json instead of "
+                             "measuring them again (the timing of a shape does not change with seeds or steps; the "
+                             "pass is the one step that wants the machine to itself)")
     parser.add_argument("--scale", action="store_true",
                         help="also train --scale-kinds at three widths (--scale-widths) on the first image size, first "
                              "seed, and fit final loss against training compute (a power law per variant)")
@@ -1451,9 +1455,18 @@ def _main(argv: Sequence[str] | None = None) -> int:
     rows = aggregate(specs + long_specs, done)
 
     timing: dict[str, dict] = {}
+    sweep: dict[str, Any] = {}
     timing_batch = args.timing_batch or args.batch_size
     timing_specs = [spec(kind, size) for size in args.image_sizes for kind in args.kinds]
-    if args.timing_rounds > 0:
+    earlier = json.loads(args.timing_from.read_text()) if args.timing_from else None
+    if earlier:
+        timing, sweep = earlier["timing"]["per_run"], earlier.get("sweep") or {}
+        timing_info = dict(earlier["timing"]["info"], source=f"{args.timing_from} ({earlier.get('date')})")
+        _log(f"timing pass and sweep from {args.timing_from} ({earlier.get('date')})")
+        absent = [s.shape_name for s in timing_specs if s.shape_name not in timing]
+        if absent:
+            _log(f"  not in it (shown as -): {', '.join(absent)}")
+    elif args.timing_rounds > 0:
         _log(f"interleaved timing pass: {args.timing_rounds} rounds x {len(args.kinds)} variants x "
              f"{len(args.image_sizes)} sizes, batch {timing_batch}")
         timing = interleaved_timing(timing_specs, args.timing_rounds, timing_batch, progress=not args.no_progress)
@@ -1461,10 +1474,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
             t = timing[s.shape_name]
             _log(f"  {s.shape_name}: {t['images_per_s']:.1f} img/s (median of {len(t['seconds'])}), "
                  f"activations {t['activation_mib']:.1f} MiB")
-    timing_info = {"rounds": args.timing_rounds, "batch_size": timing_batch,
-                   "torch_threads": torch.get_num_threads()}
-    sweep: dict[str, Any] = {}
-    if args.sweep_sizes and args.timing_rounds > 0:
+    if not earlier:
+        timing_info = {"rounds": args.timing_rounds, "batch_size": timing_batch,
+                       "torch_threads": torch.get_num_threads()}
+        sweep = {}
+    if args.sweep_sizes and args.timing_rounds > 0 and not earlier:
         sweep_kinds = resolve(args.sweep_kinds or args.kinds)
         if "softmax" not in sweep_kinds:
             sweep_kinds.insert(0, "softmax")  # the reference every ratio is against
