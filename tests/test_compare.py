@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ import pytest
 import torch
 
 from ds_linclip.experiments.compare import (
-    DEFAULT_KINDS, QUICK, TABLE_COLUMNS, fit_power_law, markdown_table, parse_markdown_table,
-    saved_activation_bytes, tail_mean_loss,
+    QUICK, TABLE_COLUMNS, Budget, CompareError, RunResult, RunSpec, VariantError, aggregate, fit_power_law,
+    markdown_table, mean_std, parse_markdown_table, parse_seeds, parse_variant, pick_best, saved_activation_bytes,
+    tail_mean_loss, target_checks,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,57 +52,87 @@ def _assert_png(path: Path, min_size=(400, 300)) -> None:
         assert high - low > 100, f"{path} looks blank"
 
 
+QUICK_KINDS = ["softmax", "linear-affine-kernel", "linear-focused-local3"]
+LONG_STEPS = 6
+
+
 @pytest.mark.slow
 def test_quick_comparison_end_to_end(tmp_path, fmnist_shards):
+    """Two seeds per variant and size, plus the long rows (softmax and the best) at the first size."""
     out, runs = tmp_path / "out", tmp_path / "runs"
-    done = _run_compare(["--quick", "--data", str(fmnist_shards), "--runs-dir", str(runs), "--out", str(out),
-                         "--no-progress"])
+    done = _run_compare(["--quick", "--kinds", *QUICK_KINDS, "--seeds", "2", "--long-steps", str(LONG_STEPS),
+                         "--long-kinds", "softmax", "best",
+                         "--data", str(fmnist_shards), "--runs-dir", str(runs), "--out", str(out), "--no-progress"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     rows = parse_markdown_table((out / "compare.md").read_text())
     assert list(rows[0]) == TABLE_COLUMNS
-    sizes = QUICK["image_sizes"]
-    assert {(r["kind"], int(r["image px"])) for r in rows} == {(k, s) for k in DEFAULT_KINDS for s in sizes}
-    assert len(rows) == len(DEFAULT_KINDS) * len(sizes)
+    sizes, steps, long_steps = QUICK["image_sizes"], QUICK["steps"], LONG_STEPS
+    payload = json.loads((out / "compare.json").read_text())
+    best = payload["best"]
+    assert best in QUICK_KINDS[1:]
+    assert [(r["kind"], int(r["image px"]), int(r["steps"])) for r in rows] == [
+        (k, s, steps) for s in sizes for k in QUICK_KINDS] + [(k, max(sizes), long_steps) for k in ("softmax", best)]
 
     from ds_linclip.config import load_config
     from ds_linclip.models.flops import attention_flops_per_image
 
+    by_name = {r["name"]: r for r in payload["runs"]}
     for row in rows:
-        run_dir = runs / f"{row['kind']}-{row['image px']}px-w{QUICK['width']}"
-        # numbers the run itself wrote: the eval job's JSON and the trainer's TensorBoard loss
-        record = json.loads((run_dir / "eval" / "final_zeroshot.json").read_text())
-        assert record["num_samples"] == QUICK["eval_samples"]
-        assert float(row["zero-shot top-1 %"]) == pytest.approx(100 * record["metrics"]["top1"], abs=0.006)
-        assert float(row["top-5 %"]) == pytest.approx(100 * record["metrics"]["top5"], abs=0.006)
-        assert float(row["final loss"]) == pytest.approx(_last_loss(run_dir), abs=6e-5)
-        # analytic attention FLOPs of the model the run trained (its own resolved config)
-        model_cfg = load_config([run_dir / "config.yaml"]).model
-        assert model_cfg.image.attention == ("linear-affine" if row["kind"] == "linear-affine-kernel" else row["kind"])
-        assert model_cfg.image.denominator == ("kernel" if row["kind"] == "linear-affine-kernel" else "count")
-        assert model_cfg.text.attention == model_cfg.image.attention
-        assert float(row["attn MFLOPs/image"]) == pytest.approx(attention_flops_per_image(model_cfg) / 1e6, abs=0.006)
+        assert row["seeds"] == "0,1"
+        top1, top5, losses = [], [], []
+        for seed in (0, 1):
+            run_dir = runs / f"{row['kind']}-{row['image px']}px-w{QUICK['width']}-{row['steps']}steps-seed{seed}"
+            # numbers the run itself wrote: the eval job's JSON, the trainer's TensorBoard loss, its resolved config
+            record = json.loads((run_dir / "eval" / "final_zeroshot.json").read_text())
+            assert record["num_samples"] == QUICK["eval_samples"]
+            top1.append(100 * record["metrics"]["top1"])
+            top5.append(100 * record["metrics"]["top5"])
+            losses.append(by_name[run_dir.name]["final_loss"])
+            if int(row["steps"]) == steps:
+                assert losses[-1] == pytest.approx(_last_loss(run_dir), abs=1e-6)
+            cfg = load_config([run_dir / "config.yaml"])
+            assert cfg.train.seed == seed and cfg.train.steps == int(row["steps"])
+            variant = parse_variant(row["kind"])
+            for tower in (cfg.model.image, cfg.model.text):
+                assert tower.attention == variant.attention
+                if variant.linear:
+                    assert tower.denominator == variant.denominator
+            assert cfg.model.image.local_kernel == variant.local_kernel
+            assert float(row["attn MFLOPs/image"]) == pytest.approx(attention_flops_per_image(cfg.model) / 1e6, abs=0.006)
+        assert row["zero-shot top-1 %"] == f"{statistics.fmean(top1):.2f} ± {statistics.stdev(top1):.2f} (2)"
+        assert row["top-5 %"] == f"{statistics.fmean(top5):.2f} ± {statistics.stdev(top5):.2f} (2)"
+        assert row["final loss"] == f"{statistics.fmean(losses):.4f} ± {statistics.stdev(losses):.4f} (2)"
         assert int(row["tokens"]) == (int(row["image px"]) // 4) ** 2 + 1
         for column in ("img/s interleaved", "img/s trainer", "activation MiB"):
             assert float(row[column]) > 0, (column, row)
-        assert 0 <= float(row["zero-shot top-1 %"]) <= float(row["top-5 %"]) <= 100
         assert row["peak RSS MiB"] == "-"  # in-process runs share one process: no per-run peak
 
-    payload = json.loads((out / "compare.json").read_text())
-    assert [r["name"] for r in payload["runs"]] == [f"{k}-{s}px-w{QUICK['width']}" for s in sizes for k in DEFAULT_KINDS]
     assert payload["timing"]["info"]["rounds"] == QUICK["timing_rounds"]
+    assert len(payload["runs"]) == 2 * (len(QUICK_KINDS) * len(sizes) + 2)
     for run in payload["runs"]:
-        assert len(payload["timing"]["per_run"][run["name"]]["seconds"]) == QUICK["timing_rounds"]
-        assert [s for s, _ in run["loss_curve"]] == list(range(1, QUICK["steps"] + 1))
+        assert [s for s, _ in run["loss_curve"]] == list(range(1, run["steps"] + 1))
+    assert set(payload["timing"]["per_run"]) == {f"{k}-{s}px-w{QUICK['width']}" for k in QUICK_KINDS for s in sizes}
     sweep = payload["sweep"]
     assert {(p["kind"], p["image_size"]) for p in sweep["points"]} == {
-        (k, s) for k in DEFAULT_KINDS for s in QUICK["sweep_sizes"]}
-    assert all(p["images_per_s"] > 0 and p["activation_mib"] > 0 for p in sweep["points"])
+        (k, s) for k in QUICK_KINDS for s in QUICK["sweep_sizes"]}
     sweep_rows = parse_markdown_table((out / "compare.md").read_text().split("timing sweep over token counts")[1])
-    assert [r["kind"] for r in sweep_rows] == list(DEFAULT_KINDS)
+    assert [r["kind"] for r in sweep_rows] == QUICK_KINDS
+    assert any(t["target"].startswith("zero-shot top-1") for t in payload["targets"])
     for name in ("compare_loss.png", "compare_accuracy_vs_compute.png", "compare_throughput.png", "compare_sweep.png"):
         _assert_png(out / name)
 
+    # a third seed asked for but not trained (--no-train): the rows say 2 of 3
+    again = _run_compare(["--quick", "--kinds", *QUICK_KINDS, "--seeds", "3", "--no-train",
+                          "--timing-from", str(out / "compare.json"), "--data", str(fmnist_shards), "--runs-dir", str(runs), "--out", str(out), "--no-progress"])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert ": training " not in again.stdout
+    rows_again = parse_markdown_table((out / "compare.md").read_text())
+    assert {r["seeds"] for r in rows_again} == {"0,1 (2 of 3)"}
+    assert [r["zero-shot top-1 %"] for r in rows_again[:6]] == [r["zero-shot top-1 %"] for r in rows[:6]]
+    # the timing pass and the sweep were taken from the first report, not measured again
+    assert [r["img/s interleaved"] for r in rows_again[:6]] == [r["img/s interleaved"] for r in rows[:6]]
+    assert json.loads((out / "compare.json").read_text())["sweep"] == sweep
 
 
 @pytest.mark.slow
@@ -112,7 +144,7 @@ def test_subprocess_launcher_peak_memory_and_reuse(tmp_path, fmnist_shards):
                          "--out", str(out), "--no-progress"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (row,) = parse_markdown_table((out / "compare.md").read_text())
-    run_dir = runs / "linear-affine-12px-w32"
+    run_dir = runs / f"linear-affine-12px-w32-{QUICK['steps']}steps-seed0"
     assert "python -m ds_linclip.train" in (run_dir / "train.log").read_text().splitlines()[0].replace(sys.executable, "python")
     peak = float(row["peak RSS MiB"])
     assert 100 < peak < 64 * 1024  # a real process RSS in MiB
@@ -126,6 +158,7 @@ def test_subprocess_launcher_peak_memory_and_reuse(tmp_path, fmnist_shards):
     assert "reusing the finished run" in again.stdout
     assert ": training " not in again.stdout and ": zero-shot eval" not in again.stdout
     (row_again,) = parse_markdown_table((out / "compare.md").read_text())
+    assert row_again["seeds"] == "0"
     assert row_again["zero-shot top-1 %"] == row["zero-shot top-1 %"] and row_again["img/s interleaved"] == "-"
 
 
@@ -179,3 +212,148 @@ def test_help_answers():
 def test_bad_image_size_is_refused():
     done = _run_compare(["--image-sizes", "30"], timeout=120)
     assert done.returncode == 2 and "not a multiple of the patch size" in done.stderr
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("softmax", ["model.image.attention=softmax", "model.text.attention=softmax"]),
+    ("linear-affine", ["model.image.attention=linear-affine", "model.image.denominator=count",
+                       "model.text.attention=linear-affine", "model.text.denominator=count"]),
+    ("linear-affine-kernel", ["model.image.attention=linear-affine", "model.image.denominator=kernel",
+                              "model.text.attention=linear-affine", "model.text.denominator=kernel"]),
+    ("linear-elu", ["model.image.attention=linear-elu", "model.image.denominator=kernel",
+                    "model.text.attention=linear-elu", "model.text.denominator=kernel"]),
+    ("linear-relu-count", ["model.image.attention=linear-relu", "model.image.denominator=count",
+                           "model.text.attention=linear-relu", "model.text.denominator=count"]),
+    ("linear-focused", ["model.image.attention=linear-focused", "model.image.denominator=kernel",
+                        "model.text.attention=linear-focused", "model.text.denominator=kernel"]),
+    ("linear-focused-local3", ["model.image.attention=linear-focused", "model.image.denominator=kernel",
+                               "model.text.attention=linear-focused", "model.text.denominator=kernel",
+                               "model.image.local_kernel=3"]),
+    ("linear-affine-count-local5", ["model.image.attention=linear-affine", "model.image.denominator=count",
+                                    "model.text.attention=linear-affine", "model.text.denominator=count",
+                                    "model.image.local_kernel=5"]),
+])
+def test_variant_names_become_overrides_of_both_towers(name, overrides):
+    variant = parse_variant(name)
+    assert variant.name == name
+    assert variant.overrides() == overrides
+    spec_overrides = RunSpec(name, 28, 64, Budget()).model_overrides()
+    assert [o for o in spec_overrides if "attention=" in o or "denominator=" in o or "local_kernel=" in o] == overrides
+
+
+@pytest.mark.parametrize("name, why", [
+    ("linear", "starts with none of"), ("linear-gelu", "starts with none of"), ("Softmax", "starts with none of"),
+    ("softmax-local3", "softmax takes no suffixes"), ("linear-affine-local7", "unexpected suffix 'local7'"),
+    ("linear-focused-local3-kernel", "unexpected suffix 'kernel'"), ("linear-elu-kernel-kernel", "unexpected suffix"),
+    ("linear-affine-", "unexpected suffix ''"), ("linear-affinekernel", "starts with none of"),
+])
+def test_bad_variant_names_are_refused_with_the_grammar(name, why):
+    with pytest.raises(VariantError) as err:
+        parse_variant(name)
+    message = str(err.value)
+    assert f"'{name}'" in message and why in message
+    for part in ("softmax", "linear-affine|linear-elu|linear-relu|linear-focused", "-kernel|-count", "-local3|-local5"):
+        assert part in message
+
+
+def test_bad_variant_on_the_command_line():
+    done = _run_compare(["--kinds", "softmax", "linear-gelu"], timeout=120)
+    assert done.returncode == 2
+    assert "'linear-gelu'" in done.stderr and "-local3|-local5" in done.stderr
+
+
+def test_run_identity_includes_seed_and_steps():
+    base = Budget(steps=150, seed=0)
+    names = {RunSpec("linear-affine", 56, 64, b).name
+             for b in (base, Budget(steps=600, seed=0), Budget(steps=150, seed=1), Budget(steps=600, seed=2))}
+    assert len(names) == 4
+    assert RunSpec("linear-affine", 56, 64, base).name == "linear-affine-56px-w64-150steps-seed0"
+    overrides = RunSpec("linear-affine", 56, 64, Budget(steps=600, seed=2)).train_overrides(Path("d"), Path("r"))
+    assert "train.seed=2" in overrides and "train.steps=600" in overrides and "train.warmup_steps=60" in overrides
+
+
+def test_seeds_option():
+    assert parse_seeds([3]) == [0, 1, 2]
+    assert parse_seeds([1]) == [0]
+    assert parse_seeds([1, 2]) == [1, 2]
+    for bad in ([0], [1, 1], [-1, 2]):
+        with pytest.raises(CompareError):
+            parse_seeds(bad)
+
+
+# ----------------------------------------------------------------------------- seeds aggregation
+
+
+def _result(kind: str, size: int, seed: int, top1: float, top5: float, loss: float, steps: int = 150) -> RunResult:
+    spec = RunSpec(kind, size, 64, Budget(steps=steps, seed=seed))
+    return RunResult(name=spec.name, kind=kind, image_size=size, width=64, tokens=spec.tokens, steps=steps, seed=seed,
+                     batch_size=128, params=1, attention_flops_per_image=10, image_flops_per_image=100,
+                     forward_flops_per_sample=200, train_flops=1e12, final_loss=loss, loss_curve=[(steps, loss)],
+                     trainer_images_per_s=100.0 + seed, peak_memory_mib=None, top1=top1, top5=top5, eval_samples=5000,
+                     train_seconds=None, reused=True)
+
+
+def test_mean_std_matches_a_hand_computation():
+    # mean (0.60 + 0.64 + 0.65) / 3 = 0.63; deviations -0.03, 0.01, 0.02: sum of squares 0.0014, / (3 - 1) = 0.0007
+    stat = mean_std([0.60, 0.64, 0.65])
+    assert stat.mean == pytest.approx(0.63) and stat.std == pytest.approx(math.sqrt(0.0007)) and stat.n == 3
+    assert stat.cell(".2f", 100) == "63.00 ± 2.65 (3)"
+    assert mean_std([0.5]).cell(".2f", 100) == "50.00 (1)"
+    assert mean_std([]).cell() == "-"
+    assert mean_std([None, 1.0, float("nan")]).n == 1
+
+
+def test_rows_aggregate_seeds_and_show_missing_ones():
+    specs = [RunSpec(kind, size, 64, Budget(steps=150, seed=seed)) for seed in (0, 1, 2) for size in (28, 56)
+             for kind in ("softmax", "linear-affine")]
+    values = {  # (kind, size) -> per-seed (top1, top5, loss); linear-affine at 56 px lacks seed 2
+        ("softmax", 28): [(0.66, 0.98, 3.45), (0.64, 0.97, 3.47), (0.65, 0.99, 3.46)],
+        ("linear-affine", 28): [(0.55, 0.97, 3.72), (0.57, 0.98, 3.70), (0.56, 0.96, 3.71)],
+        ("softmax", 56): [(0.62, 0.98, 3.55), (0.60, 0.97, 3.57), (0.64, 0.99, 3.53)],
+        ("linear-affine", 56): [(0.40, 0.92, 4.07), (0.44, 0.93, 4.03)],
+    }
+    done = {s: _result(s.kind, s.image_size, s.budget.seed, *values[(s.kind, s.image_size)][s.budget.seed])
+            for s in specs if s.budget.seed < len(values[(s.kind, s.image_size)])}
+    rows = aggregate(specs, done)
+    assert [(r.kind, r.image_size, r.n) for r in rows] == [
+        ("softmax", 28, 3), ("linear-affine", 28, 3), ("softmax", 56, 3), ("linear-affine", 56, 2)]
+    soft56 = rows[2]
+    # top-1 0.62, 0.60, 0.64: mean 0.62, deviations 0, -0.02, 0.02 -> std sqrt(0.0008 / 2) = 0.02
+    assert soft56.stat("top1").mean == pytest.approx(0.62) and soft56.stat("top1").std == pytest.approx(0.02)
+    assert soft56.stat("final_loss").cell(".4f") == "3.5500 ± 0.0200 (3)"
+    assert soft56.stat("trainer_images_per_s").mean == pytest.approx(101.0)
+    lin56 = rows[3]
+    # top-1 0.40, 0.44: mean 0.42, std sqrt((0.02² + 0.02²) / 1) = 0.0283
+    assert lin56.stat("top1").cell(".2f", 100) == "42.00 ± 2.83 (2)"
+    assert lin56.seeds_cell() == "0,1 (2 of 3)" and rows[0].seeds_cell() == "0,1,2"
+
+    table = parse_markdown_table(markdown_table(TABLE_COLUMNS, __import__(
+        "ds_linclip.experiments.compare", fromlist=["table_rows"]).table_rows(rows, {})))
+    assert table[3]["zero-shot top-1 %"] == "42.00 ± 2.83 (2)" and table[3]["seeds"] == "0,1 (2 of 3)"
+
+    # best: the linear variant with the highest top-1 averaged over sizes (only one here); targets vs softmax
+    assert pick_best(rows, 150) == "linear-affine"
+    checks = target_checks(rows, "linear-affine", 150, None, {}, {}, {})
+    assert [round(c["value"], 6) for c in checks] == [round(100 * (0.56 - 0.65), 6), round(100 * (0.42 - 0.62), 6)]
+    assert not any(c["met"] for c in checks)
+
+
+def test_pick_best_needs_every_size_and_targets_read_the_sweep():
+    rows = aggregate([RunSpec(k, s, 64, Budget(steps=150)) for s in (28, 56) for k in ("softmax", "linear-elu",
+                                                                                         "linear-focused")],
+                     {s: _result(s.kind, s.image_size, 0, t, 0.9, 3.0) for s, t in zip(
+                         [RunSpec(k, s, 64, Budget(steps=150)) for s in (28, 56) for k in ("softmax", "linear-elu",
+                                                                                            "linear-focused")],
+                         (0.6, 0.5, 0.7, 0.6, 0.5, 0.0)) if not (s.kind == "linear-focused" and s.image_size == 56)})
+    assert pick_best(rows, 150) == "linear-elu"  # linear-focused lacks its 56 px run
+    sweep = {"batch_size": 16, "points": [{"kind": k, "tokens": n, "images_per_s": r} for k, n, r in (
+        ("softmax", 197, 100.0), ("linear-elu", 197, 110.0), ("softmax", 785, 20.0), ("linear-elu", 785, 28.0))]}
+    fits = {"softmax": {"exponent": 0.05}, "linear-elu": {"exponent": 0.046}}
+    checks = {c["target"].split(":")[0]: c for c in target_checks(rows, "linear-elu", 150, None, fits, sweep, {})}
+    assert checks["training images/s, 197 tokens (timing sweep, batch 16)"]["met"]
+    big = checks["training images/s, 785 tokens (timing sweep, batch 16)"]
+    assert big["value"] == pytest.approx(1.4) and not big["met"]
+    assert checks["loss-vs-compute exponent over three widths"]["value"] == pytest.approx(0.92)

@@ -45,30 +45,119 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-# label -> (model.*.attention, model.*.denominator); the label names the run and the table row
-KINDS: dict[str, tuple[str, str]] = {
-    "softmax": ("softmax", "count"),
-    "linear-affine": ("linear-affine", "count"),
-    "linear-affine-kernel": ("linear-affine", "kernel"),
-    "linear-elu": ("linear-elu", "count"),
-    "linear-relu": ("linear-relu", "count"),
+# ----------------------------------------------------------------------------- attention variants
+# A variant name is the row label and the run folder's prefix; parse_variant turns it into the trainer
+# overrides of both towers (CONTRACT: docs of ds_linclip/config.py `model.*.attention` and friends).
+
+# shorthand -> its default normaliser (the config's shorthand resolves to the same; we still pass it
+# explicitly so a run's resolved config says what it ran, whatever the schema's defaults are)
+SHORTHANDS: dict[str, str] = {
+    "linear-affine": "count",  # the paper's
+    "linear-elu": "kernel",
+    "linear-relu": "kernel",
+    "linear-focused": "kernel",
 }
-DEFAULT_KINDS = ("softmax", "linear-affine", "linear-affine-kernel", "linear-elu")
-SCALE_KINDS = ("softmax", "linear-affine")
+DENOMINATOR_SUFFIXES = ("kernel", "count")
+LOCAL_SUFFIXES = {"local3": 3, "local5": 5}
+VARIANT_GRAMMAR = ("softmax | SHORTHAND[-kernel|-count][-local3|-local5], SHORTHAND one of "
+                   + "|".join(SHORTHANDS) + " (e.g. linear-affine, linear-affine-kernel, linear-focused-local3)")
+BEST = "best"  # in --long-kinds/--scale-kinds/--sweep-kinds: the best linear variant of the comparison
+
+DEFAULT_KINDS = ("softmax", "linear-affine", "linear-focused", "linear-focused-local3", "linear-affine-local3")
+SCALE_KINDS = ("softmax", "linear-affine", BEST)
+LONG_KINDS = ("softmax", "linear-affine", BEST)
 HEAD_DIM = 32  # heads = width / 32 at every width, so only the width changes with --scale
 COLORS = {"softmax": "tab:blue", "linear-affine": "tab:orange", "linear-affine-kernel": "tab:green",
-          "linear-elu": "tab:red", "linear-relu": "tab:purple"}
+          "linear-elu": "tab:red", "linear-relu": "tab:purple", "linear-focused": "tab:brown",
+          "linear-focused-local3": "tab:pink", "linear-affine-local3": "tab:olive", "linear-focused-local5": "tab:cyan",
+          "linear-affine-local5": "tab:gray"}
+_EXTRA_COLORS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d")
+
+
+def color(kind: str) -> str:
+    return COLORS.get(kind) or _EXTRA_COLORS[sum(map(ord, kind)) % len(_EXTRA_COLORS)]
+
+
+class VariantError(ValueError):
+    """A variant name outside the grammar; the message names it and gives the grammar."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One attention variant, for both towers: `attention` is softmax or a shorthand; `denominator`
+    the normaliser of the linear kinds (None for softmax); `local_kernel` the image tower's depthwise
+    k x k branch on V (0: none; the text tower never gets one)."""
+
+    name: str
+    attention: str
+    denominator: str | None
+    local_kernel: int = 0
+
+    @property
+    def linear(self) -> bool:
+        return self.attention != "softmax"
+
+    def overrides(self) -> list[str]:
+        out = []
+        for tower in ("image", "text"):
+            out.append(f"model.{tower}.attention={self.attention}")
+            if self.denominator is not None:
+                out.append(f"model.{tower}.denominator={self.denominator}")
+        if self.local_kernel:
+            out.append(f"model.image.local_kernel={self.local_kernel}")
+        return out
+
+
+def parse_variant(name: str) -> Variant:
+    """`softmax` | SHORTHAND[-kernel|-count][-local3|-local5] -> Variant (see VARIANT_GRAMMAR)."""
+    def bad(why: str) -> VariantError:
+        return VariantError(f"attention variant '{name}': {why}; variants are {VARIANT_GRAMMAR}")
+
+    if name == "softmax":
+        return Variant(name, "softmax", None)
+    if name.startswith("softmax"):
+        raise bad("softmax takes no suffixes")
+    shorthand = next((s for s in SHORTHANDS if name == s or name.startswith(s + "-")), None)
+    if shorthand is None:
+        raise bad("it starts with none of softmax, " + ", ".join(SHORTHANDS))
+    suffixes = name[len(shorthand) + 1:].split("-") if name != shorthand else []
+    denominator, local_kernel = SHORTHANDS[shorthand], 0
+    if suffixes and suffixes[0] in DENOMINATOR_SUFFIXES:
+        denominator = suffixes.pop(0)
+    if suffixes and suffixes[0] in LOCAL_SUFFIXES:
+        local_kernel = LOCAL_SUFFIXES[suffixes.pop(0)]
+    if suffixes:
+        raise bad(f"unexpected suffix '{'-'.join(suffixes)}' (the denominator suffix, if any, comes before the local one, "
+                  "each at most once)")
+    return Variant(name, shorthand, denominator, local_kernel)
+
+
+def variant_argument(name: str) -> str:
+    """argparse type of a variant name (`best` is accepted where the option's help says so)."""
+    if name == BEST:
+        return name
+    try:
+        parse_variant(name)
+    except VariantError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return name
 
 
 class CompareError(RuntimeError):
     """A run that failed or an input that cannot be used; the message names it."""
+
+
+class MissingRun(CompareError):
+    """--no-train and the run has not finished (with this config) in an earlier sitting."""
 
 
 # ----------------------------------------------------------------------------- settings and runs
@@ -111,22 +200,27 @@ class RunSpec:
     budget: Budget
 
     @property
-    def name(self) -> str:
+    def shape_name(self) -> str:
+        """Variant and shapes only: what the interleaved timing pass measures (seed and steps do not matter)."""
         return f"{self.kind}-{self.image_size}px-w{self.width}"
+
+    @property
+    def name(self) -> str:
+        """The run folder: everything that makes a run differ, seed and steps included."""
+        return f"{self.shape_name}-{self.budget.steps}steps-seed{self.budget.seed}"
 
     @property
     def tokens(self) -> int:
         return (self.image_size // self.budget.patch_size) ** 2 + 1
 
     def model_overrides(self) -> list[str]:
-        attention, denominator = KINDS[self.kind]
         heads = max(1, self.width // HEAD_DIM)
         b = self.budget
         out = ["model.preset=tiny", f"model.embed_dim={self.width}"]
         for tower in ("image", "text"):
             out += [f"model.{tower}.width={self.width}", f"model.{tower}.heads={heads}",
-                    f"model.{tower}.layers={b.layers}", f"model.{tower}.attention={attention}",
-                    f"model.{tower}.denominator={denominator}"]
+                    f"model.{tower}.layers={b.layers}"]
+        out += parse_variant(self.kind).overrides()
         out += [f"model.image.image_size={self.image_size}", f"model.image.patch_size={b.patch_size}",
                 f"model.text.context_length={b.context_length}"]
         return out
@@ -162,6 +256,7 @@ class RunResult:
     width: int
     tokens: int
     steps: int
+    seed: int
     batch_size: int
     params: int
     attention_flops_per_image: int
@@ -265,6 +360,18 @@ def _same_config(run_dir: Path, overrides: Sequence[str]) -> bool:
 
 # ----------------------------------------------------------------------------- launching
 
+# trainer/eval subprocess groups in flight (--jobs runs them from threads): killed when we are stopped
+_LIVE: set[int] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def kill_live_processes() -> None:
+    with _LIVE_LOCK:
+        groups = list(_LIVE)
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+
 
 class Launcher:
     """Runs the trainer and the eval job, as subprocesses (default) or in this process."""
@@ -318,6 +425,8 @@ class Launcher:
             process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                        env=child_env(), cwd=str(REPO_ROOT), start_new_session=True)
             assert process.stdout is not None
+            with _LIVE_LOCK:
+                _LIVE.add(process.pid)
             try:
                 for line in process.stdout:
                     log_file.write(line)
@@ -331,13 +440,17 @@ class Launcher:
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
                 raise
+            finally:
+                with _LIVE_LOCK:
+                    _LIVE.discard(process.pid)
         if code != 0:
             tail = "\n".join(lines[-25:])
             raise CompareError(f"{what} of {name} failed with exit code {code}; log {log_path}; last lines:\n{tail}")
 
 
-def run_one(spec: RunSpec, launcher: Launcher) -> RunResult:
-    """Train (unless an identical finished run exists), evaluate (unless already scored), collect numbers."""
+def run_one(spec: RunSpec, launcher: Launcher, train: bool = True) -> RunResult:
+    """Train (unless an identical finished run exists), evaluate (unless already scored), collect numbers.
+    train=False: a run not finished with this resolved config raises MissingRun instead of training."""
     from ds_linclip.config import load_config
     from ds_linclip.models.flops import model_cost
 
@@ -347,6 +460,8 @@ def run_one(spec: RunSpec, launcher: Launcher) -> RunResult:
     train_seconds = None
     if reused:
         _log(f"{spec.name}: reusing the finished run in {run_dir}")
+    elif not train:
+        raise MissingRun(f"{spec.name}: no finished run with this config in {run_dir} (--no-train)")
     else:
         if run_dir.exists():
             shutil.rmtree(run_dir)
@@ -377,7 +492,7 @@ def run_one(spec: RunSpec, launcher: Launcher) -> RunResult:
     forward = cost.image.flops + cost.text.flops
     return RunResult(
         name=spec.name, kind=spec.kind, image_size=spec.image_size, width=spec.width, tokens=spec.tokens,
-        steps=spec.budget.steps, batch_size=spec.budget.batch_size, params=cost.params,
+        steps=spec.budget.steps, seed=spec.budget.seed, batch_size=spec.budget.batch_size, params=cost.params,
         attention_flops_per_image=cost.image.attention_flops, image_flops_per_image=cost.image.flops,
         forward_flops_per_sample=forward,
         train_flops=3.0 * forward * spec.budget.steps * spec.budget.batch_size,
@@ -422,7 +537,8 @@ def contrastive_loss(image_features, text_features, logit_scale):
 
 
 def interleaved_timing(specs: Sequence[RunSpec], rounds: int, batch_size: int, progress: bool = True) -> dict[str, dict]:
-    """Median training-step images/s and activation memory per run spec, kinds alternating.
+    """Median training-step images/s and activation memory per run spec (keyed by its shape_name:
+    seed and steps do not change a step's cost), kinds alternating.
 
     Specs are grouped by (image size, width); inside a group every round times one step of each
     kind, the order rotated by one each round so no kind always runs first (or right after the
@@ -452,7 +568,7 @@ def interleaved_timing(specs: Sequence[RunSpec], rounds: int, batch_size: int, p
             model = build_model(load_config([], spec.model_overrides()).model)
             model.train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            states[spec.name] = (model, optimizer)
+            states[spec.shape_name] = (model, optimizer)
 
         def step(name: str, measure: bool = False) -> int:
             model, optimizer = states[name]
@@ -467,9 +583,9 @@ def interleaved_timing(specs: Sequence[RunSpec], rounds: int, batch_size: int, p
             return activation_bytes
 
         for spec in group:  # warm-up (allocator, one-time kernels) + activation memory
-            results[spec.name] = {"activation_mib": step(spec.name, measure=True) / 2**20, "seconds": []}
+            results[spec.shape_name] = {"activation_mib": step(spec.shape_name, measure=True) / 2**20, "seconds": []}
             bar.update()
-        names = [s.name for s in group]
+        names = [s.shape_name for s in group]
         for round_index in range(rounds):
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
@@ -524,10 +640,10 @@ def plot_sweep(sweep: dict[str, Any], path: Path) -> None:
     for kind in kinds:
         points = sorted((p for p in sweep["points"] if p["kind"] == kind), key=lambda p: p["tokens"])
         tokens = [p["tokens"] for p in points]
-        axes[0].plot(tokens, [p["images_per_s"] for p in points], marker="o", label=kind, color=COLORS.get(kind))
+        axes[0].plot(tokens, [p["images_per_s"] for p in points], marker="o", label=kind, color=color(kind))
         if base:
             axes[1].plot(tokens, [p["images_per_s"] / base[p["image_size"]] for p in points], marker="o", label=kind,
-                         color=COLORS.get(kind))
+                         color=color(kind))
     axes[0].set_yscale("log")
     axes[0].set_ylabel(f"training images/s (batch {sweep['batch_size']}, median of {sweep['rounds']})")
     axes[1].axhline(1.0, color="gray", linewidth=1)
@@ -559,52 +675,212 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float]) -> dict[str, 
             "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan"), "points": len(x)}
 
 
-# ----------------------------------------------------------------------------- outputs
+# ----------------------------------------------------------------------------- seeds: rows of mean ± std
 
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+@dataclass(frozen=True)
+class Stat:
+    """Mean, sample standard deviation (n - 1 in the denominator; None below 2 values) and count."""
+
+    mean: float | None
+    std: float | None
+    n: int
+
+    def cell(self, spec: str = ".2f", scale: float = 1.0) -> str:
+        """'mean ± std (n)'; 'mean (1)' for one value; '-' for none."""
+        if not self.n or self.mean is None:
+            return "-"
+        text = format(scale * self.mean, spec)
+        if self.std is not None:
+            text += " ± " + format(scale * self.std, spec)
+        return f"{text} ({self.n})"
+
+
+def mean_std(values: Iterable[float | None]) -> Stat:
+    kept = [float(v) for v in values if v is not None and not math.isnan(v)]
+    if not kept:
+        return Stat(None, None, 0)
+    return Stat(statistics.fmean(kept), statistics.stdev(kept) if len(kept) > 1 else None, len(kept))
+
+
+@dataclass
+class Row:
+    """One table row: a variant at one image size, width and step count, over the seeds that finished."""
+
+    kind: str
+    image_size: int
+    tokens: int
+    width: int
+    steps: int
+    seeds_asked: list[int]
+    runs: list[RunResult]
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.seed for r in self.runs]
+
+    @property
+    def shape_name(self) -> str:
+        return f"{self.kind}-{self.image_size}px-w{self.width}"
+
+    def stat(self, field_name: str) -> Stat:
+        return mean_std(getattr(r, field_name) for r in self.runs)
+
+    def first(self, field_name: str) -> Any:
+        return getattr(self.runs[0], field_name) if self.runs else None
+
+    def seeds_cell(self) -> str:
+        text = ",".join(map(str, self.seeds)) or "none"
+        return text + (f" ({self.n} of {len(self.seeds_asked)})" if self.n < len(self.seeds_asked) else "")
+
+    def summary(self) -> dict[str, Any]:
+        out = {"kind": self.kind, "image_size": self.image_size, "tokens": self.tokens, "width": self.width,
+               "steps": self.steps, "seeds_asked": self.seeds_asked, "seeds": self.seeds, "n": self.n}
+        for name in ("top1", "top5", "final_loss", "trainer_images_per_s"):
+            out[name] = asdict(self.stat(name))
+        return out
+
+
+def aggregate(specs: Sequence[RunSpec], done: dict[RunSpec, RunResult]) -> list[Row]:
+    """Rows in the order of `specs`, one per (variant, image size, width, steps); each holds the runs of
+    its seeds that are in `done` (a row whose seeds have not all finished has n < len(seeds_asked))."""
+    rows: dict[tuple[str, int, int, int], Row] = {}
+    for spec in specs:
+        key = (spec.kind, spec.image_size, spec.width, spec.budget.steps)
+        if key not in rows:
+            rows[key] = Row(spec.kind, spec.image_size, spec.tokens, spec.width, spec.budget.steps, [], [])
+        row = rows[key]
+        if spec.budget.seed not in row.seeds_asked:
+            row.seeds_asked.append(spec.budget.seed)
+            if spec in done:
+                row.runs.append(done[spec])
+    return list(rows.values())
+
+
+def pick_best(rows: Sequence[Row], steps: int) -> str | None:
+    """The linear variant with the highest zero-shot top-1, averaged over the image sizes of the
+    `steps`-step rows (each size's mean over seeds); only variants with runs at every size count."""
+    sizes = {r.image_size for r in rows if r.steps == steps}
+    scores: dict[str, list[float]] = {}
+    for row in rows:
+        if row.steps == steps and row.kind != "softmax" and row.n:
+            scores.setdefault(row.kind, []).append(row.stat("top1").mean)
+    complete = {k: sum(v) / len(v) for k, v in scores.items() if len(v) == len(sizes)}
+    return max(complete, key=complete.get) if complete else None
+
+
+def _row(rows: Sequence[Row], kind: str, size: int, steps: int) -> Row | None:
+    return next((r for r in rows if (r.kind, r.image_size, r.steps) == (kind, size, steps) and r.n), None)
+
+
+def target_checks(rows: Sequence[Row], best: str | None, base_steps: int, long_steps: int | None,
+                  fits: dict[str, dict], sweep: dict[str, Any], timing: dict[str, dict]) -> list[dict[str, Any]]:
+    """Issue 11's targets for the best variant against softmax, each with the measured value and whether it is met:
+    zero-shot top-1 no worse than softmax - 0.5 points (every size at the base steps, the long rows), loss-vs-compute
+    exponent >= 0.9x softmax's, interleaved training images/s >= 1.0x at 197 tokens and >= 1.5x at 785 tokens."""
+    if not best:
+        return []
+    checks = []
+    sizes = sorted({r.image_size for r in rows})
+    for steps in [base_steps] + ([long_steps] if long_steps and long_steps != base_steps else []):
+        for size in sizes:
+            ours, theirs = _row(rows, best, size, steps), _row(rows, "softmax", size, steps)
+            if not ours or not theirs:
+                continue
+            delta = 100 * (ours.stat("top1").mean - theirs.stat("top1").mean)
+            checks.append({
+                "target": f"zero-shot top-1 at {ours.tokens} tokens, {steps} steps: {best} >= softmax - 0.5 points",
+                "measured": f"{ours.stat('top1').cell(scale=100)} vs {theirs.stat('top1').cell(scale=100)}: "
+                            f"{delta:+.2f} points", "value": delta, "threshold": -0.5, "met": delta >= -0.5,
+                "n": [ours.n, theirs.n]})
+    if best in fits and "softmax" in fits and fits["softmax"]["exponent"]:
+        ratio = fits[best]["exponent"] / fits["softmax"]["exponent"]
+        checks.append({"target": f"loss-vs-compute exponent over three widths: {best} >= 0.9x softmax",
+                       "measured": f"{fits[best]['exponent']:.4f} vs {fits['softmax']['exponent']:.4f}: {ratio:.2f}x",
+                       "value": ratio, "threshold": 0.9, "met": ratio >= 0.9})
+
+    def speed(label: str, rate: float | None, base: float | None, threshold: float) -> None:
+        if rate and base:
+            checks.append({"target": f"training images/s, {label}: {best} >= {threshold:.1f}x softmax",
+                           "measured": f"{rate:.1f} vs {base:.1f} img/s: {rate / base:.2f}x", "value": rate / base,
+                           "threshold": threshold, "met": rate / base >= threshold})
+
+    for row in rows:
+        if row.kind == best and row.tokens == 197 and row.steps == base_steps:
+            soft = timing.get(f"softmax-{row.image_size}px-w{row.width}", {})
+            speed(f"197 tokens (interleaved pass, batch {soft.get('batch_size', '?')})",
+                  timing.get(row.shape_name, {}).get("images_per_s"), soft.get("images_per_s"), 1.0)
+    points = {(p["kind"], p["tokens"]): p["images_per_s"] for p in (sweep or {}).get("points", [])}
+    for tokens, threshold in ((197, 1.0), (785, 1.5)):
+        speed(f"{tokens} tokens (timing sweep, batch {sweep.get('batch_size') if sweep else '?'})",
+              points.get((best, tokens)), points.get(("softmax", tokens)), threshold)
+    return checks
+
+
+def targets_markdown(checks: Sequence[dict[str, Any]]) -> str:
+    return markdown_table(["target", "measured (mean ± std (n))", "met"],
+                          [[c["target"], c["measured"], "yes" if c["met"] else
+                            f"no, by {abs(c['value'] - c['threshold']):.2f}" + (" points" if "top-1" in c["target"] else "x")]
+                           for c in checks])
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
 TABLE_COLUMNS = [
-    "kind", "image px", "tokens", "zero-shot top-1 %", "top-5 %", "final loss",
+    "kind", "image px", "tokens", "steps", "seeds", "zero-shot top-1 %", "top-5 %", "final loss",
     "img/s interleaved", "img/s trainer", "activation MiB", "peak RSS MiB",
     "attn MFLOPs/image", "attn % of image fwd", "train TFLOPs",
 ]
 
 
-def table_rows(results: Sequence[RunResult], timing: dict[str, dict]) -> list[list[str]]:
-    rows = []
-    for r in results:
-        t = timing.get(r.name, {})
-        rows.append([
-            r.kind, str(r.image_size), str(r.tokens), _fmt(100 * r.top1, ".2f"), _fmt(100 * r.top5, ".2f"),
-            _fmt(r.final_loss, ".4f"), _fmt(t.get("images_per_s"), ".1f"), _fmt(r.trainer_images_per_s, ".1f"),
-            _fmt(t.get("activation_mib"), ".1f"), _fmt(r.peak_memory_mib, ".0f"),
-            _fmt(r.attention_flops_per_image / 1e6, ".2f"),
-            _fmt(100 * r.attention_flops_per_image / r.image_flops_per_image, ".1f"),
-            _fmt(r.train_flops / 1e12, ".4g"),
+def table_rows(rows: Sequence[Row], timing: dict[str, dict]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        t = timing.get(r.shape_name, {})
+        attention, image = r.first("attention_flops_per_image"), r.first("image_flops_per_image")
+        peak = [x.peak_memory_mib for x in r.runs if x.peak_memory_mib is not None]
+        out.append([
+            r.kind, str(r.image_size), str(r.tokens), str(r.steps), r.seeds_cell(),
+            r.stat("top1").cell(".2f", 100), r.stat("top5").cell(".2f", 100), r.stat("final_loss").cell(".4f"),
+            _fmt(t.get("images_per_s"), ".1f"), _fmt(r.stat("trainer_images_per_s").mean, ".1f"),
+            _fmt(t.get("activation_mib"), ".1f"), _fmt(max(peak) if peak else None, ".0f"),
+            _fmt(attention / 1e6 if attention else None, ".2f"),
+            _fmt(100 * attention / image if attention and image else None, ".1f"),
+            _fmt(r.first("train_flops") / 1e12 if r.runs else None, ".4g"),
         ])
-    return rows
+    return out
 
 
-def summary_markdown(command: str, budget: Budget, results: Sequence[RunResult], timing: dict[str, dict]) -> str:
-    """The compact table for a README: accuracy, loss, measured speed (and vs softmax), memory, attention FLOPs."""
-    softmax_rate = {r.image_size: timing.get(r.name, {}).get("images_per_s") for r in results if r.kind == "softmax"}
-    rows = []
-    for r in results:
-        rate = timing.get(r.name, {}).get("images_per_s")
-        base = softmax_rate.get(r.image_size)
-        rows.append([
-            r.kind, f"{r.image_size} ({r.tokens})", _fmt(100 * r.top1, ".1f"), _fmt(100 * r.top5, ".1f"),
-            _fmt(r.final_loss, ".3f"), _fmt(rate, ".1f") + (f" ({rate / base:.2f}x)" if rate and base and r.kind != "softmax" else ""),
-            _fmt(timing.get(r.name, {}).get("activation_mib"), ".0f"), _fmt(r.attention_flops_per_image / 1e6, ".2f"),
+SUMMARY_HEADER = ["attention (both towers)", "px (tokens)", "steps", "zero-shot top-1 %", "top-5 %", "final loss",
+                  "train img/s (vs softmax)", "activations MiB", "attn MFLOPs/img"]
+
+
+def summary_markdown(command: str, budget: Budget, rows: Sequence[Row], timing: dict[str, dict]) -> str:
+    """The compact table for a README: accuracy and loss (mean ± std (n) over seeds), measured speed
+    (and vs softmax), memory, attention FLOPs."""
+    out = []
+    for r in rows:
+        t = timing.get(r.shape_name, {})
+        rate, base = t.get("images_per_s"), timing.get(f"softmax-{r.image_size}px-w{r.width}", {}).get("images_per_s")
+        attention = r.first("attention_flops_per_image")
+        out.append([
+            r.kind, f"{r.image_size} ({r.tokens})", str(r.steps), r.stat("top1").cell(".1f", 100),
+            r.stat("top5").cell(".1f", 100), r.stat("final_loss").cell(".3f"),
+            _fmt(rate, ".1f") + (f" ({rate / base:.2f}x)" if rate and base and r.kind != "softmax" else ""),
+            _fmt(t.get("activation_mib"), ".0f"), _fmt(attention / 1e6 if attention else None, ".2f"),
         ])
-    header = ["attention (both towers)", "px (tokens)", "zero-shot top-1 %", "top-5 %", "final loss",
-              "train img/s (vs softmax)", "activations MiB", "attn MFLOPs/img"]
-    return "\n".join([f"`{command}`", "", f"{budget.steps} steps x batch {budget.batch_size}, seed {budget.seed}, "
-                      f"width {budget.width}, {budget.layers} layers per tower, patch {budget.patch_size}.", "",
-                      markdown_table(header, rows)])
+    return "\n".join([f"`{command}`", "", f"batch {budget.batch_size}, width {budget.width}, {budget.layers} layers per "
+                      f"tower, patch {budget.patch_size}; cells: mean ± std (n seeds).", "",
+                      markdown_table(SUMMARY_HEADER, out)])
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -628,89 +904,105 @@ def parse_markdown_table(text: str, first_header: str = "kind") -> list[dict[str
     raise ValueError(f"no markdown table with first column '{first_header}'")
 
 
-def plot_loss(results: Sequence[RunResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = sorted({r.image_size for r in results})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.2), squeeze=False, sharey=True)
-    for ax, size in zip(axes[0], sizes):
-        for r in (r for r in results if r.image_size == size):
-            steps, losses = zip(*r.loss_curve)
-            ax.plot(steps, losses, label=f"{r.kind} (top-1 {100 * r.top1:.1f}%)", color=COLORS.get(r.kind))
-        ax.set_title(f"{size} px, {next(r.tokens for r in results if r.image_size == size)} image tokens")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("training loss (contrastive, batch mean)")
-    fig.suptitle("Fashion-MNIST CLIP: training loss vs step, same data/steps/seed/batch per kind")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _panels(rows: Sequence[Row]) -> list[tuple[int, int]]:
+    return sorted({(r.image_size, r.steps) for r in rows if r.n}, key=lambda k: (k[1], k[0]))
 
 
-def plot_accuracy_vs_compute(results: Sequence[RunResult], timing: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    markers = ["o", "s", "^", "D", "v"]
-    sizes = sorted({r.image_size for r in results})
-    kinds = list(dict.fromkeys(r.kind for r in results))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in results:
-        marker = markers[sizes.index(r.image_size) % len(markers)]
-        # the linear kinds have equal FLOPs: spread them by 2% per kind so none hides another
-        spread = 1.0 + 0.02 * (kinds.index(r.kind) - (len(kinds) - 1) / 2)
-        axes[0].scatter(r.train_flops * spread, 100 * r.top1, color=COLORS.get(r.kind), marker=marker, s=60)
-        seconds = timing.get(r.name, {}).get("images_per_s")
-        if seconds:
-            axes[1].scatter(r.steps * r.batch_size / seconds, 100 * r.top1, color=COLORS.get(r.kind), marker=marker, s=60)
-    for ax, label in ((axes[0], "training compute (FLOPs, 3 x forward x samples; equal values spread 2%)"),
-                      (axes[1], "training time at the interleaved img/s (s, steps x batch / img/s)")):
-        ax.set_xscale("log")
-        ax.set_xlabel(label, fontsize=9)
-        ax.set_ylabel("zero-shot top-1 % (Fashion-MNIST test)")
-        ax.grid(alpha=0.3, which="both")
-    handles = [plt.Line2D([], [], color=COLORS.get(k), marker="o", linestyle="", label=k) for k in kinds]
-    handles += [plt.Line2D([], [], color="gray", marker=markers[i % len(markers)], linestyle="", label=f"{s} px")
-                for i, s in enumerate(sizes)]
-    axes[1].legend(handles=handles, fontsize=8)
-    fig.suptitle("Zero-shot accuracy vs compute, analytic (left) and measured (right); same steps and batch per kind")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_throughput(results: Sequence[RunResult], timing: dict[str, dict], path: Path) -> None:
+def plot_loss(rows: Sequence[Row], path: Path) -> None:
+    """Loss vs step per (image size, steps): the mean over seeds, shaded between the lowest and highest seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    sizes = sorted({r.image_size for r in results})
-    kinds = list(dict.fromkeys(r.kind for r in results))
+    panels = _panels(rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False, sharey=True)
+    for ax, (size, steps) in zip(axes[0], panels):
+        for r in (r for r in rows if (r.image_size, r.steps) == (size, steps) and r.n):
+            common = sorted(set.intersection(*(set(s for s, _ in run.loss_curve) for run in r.runs)))
+            curves = np.array([[dict(run.loss_curve)[s] for s in common] for run in r.runs])
+            top1 = r.stat("top1")
+            ax.plot(common, curves.mean(axis=0), color=color(r.kind),
+                    label=f"{r.kind} (top-1 {top1.cell('.1f', 100)})")
+            if r.n > 1:
+                ax.fill_between(common, curves.min(axis=0), curves.max(axis=0), color=color(r.kind), alpha=0.15)
+        tokens = next(r.tokens for r in rows if r.image_size == size)
+        ax.set_title(f"{size} px ({tokens} image tokens), {steps} steps")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("training loss (mean over seeds; band: min-max)")
+    fig.suptitle("Fashion-MNIST CLIP: training loss vs step, same data/steps/seeds/batch per variant")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_compute(rows: Sequence[Row], timing: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = ["o", "s", "^", "D", "v", "P", "X"]
+    panels = _panels(rows)
+    kinds = list(dict.fromkeys(r.kind for r in rows if r.n))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in (r for r in rows if r.n):
+        marker = markers[panels.index((r.image_size, r.steps)) % len(markers)]
+        # the linear variants have (nearly) equal FLOPs: spread them by 2% per variant so none hides another
+        spread = 1.0 + 0.02 * (kinds.index(r.kind) - (len(kinds) - 1) / 2)
+        top1 = r.stat("top1")
+        error = 100 * top1.std if top1.std is not None else None
+        axes[0].errorbar(r.first("train_flops") * spread, 100 * top1.mean, yerr=error, color=color(r.kind),
+                         marker=marker, markersize=7, capsize=3, linestyle="")
+        rate = timing.get(r.shape_name, {}).get("images_per_s")
+        if rate:
+            axes[1].errorbar(r.steps * r.first("batch_size") / rate * spread, 100 * top1.mean, yerr=error,
+                             color=color(r.kind), marker=marker, markersize=7, capsize=3, linestyle="")
+    for ax, label in ((axes[0], "training compute (FLOPs, 3 x forward x samples; equal values spread 2%)"),
+                      (axes[1], "training time at the interleaved img/s (s, steps x batch / img/s)")):
+        ax.set_xscale("log")
+        ax.set_xlabel(label, fontsize=9)
+        ax.set_ylabel("zero-shot top-1 % (mean ± std over seeds)")
+        ax.grid(alpha=0.3, which="both")
+    handles = [plt.Line2D([], [], color=color(k), marker="o", linestyle="", label=k) for k in kinds]
+    handles += [plt.Line2D([], [], color="gray", marker=markers[i % len(markers)], linestyle="",
+                           label=f"{size} px, {steps} steps") for i, (size, steps) in enumerate(panels)]
+    axes[1].legend(handles=handles, fontsize=7)
+    fig.suptitle("Zero-shot accuracy vs compute, analytic (left) and measured (right)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_throughput(rows: Sequence[Row], timing: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    shapes = {(r.kind, r.image_size): r for r in rows}  # one bar per variant and size, whatever the steps
+    sizes = sorted({s for _, s in shapes})
+    kinds = list(dict.fromkeys(k for k, _ in shapes))
+    tokens = {r.image_size: r.tokens for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     width = 0.8 / max(1, len(kinds))
     for i, kind in enumerate(kinds):
-        by_size = {r.image_size: r for r in results if r.kind == kind}
         xs = np.arange(len(sizes)) + i * width
-        rates = [timing.get(by_size[s].name, {}).get("images_per_s") or 0 if s in by_size else 0 for s in sizes]
-        memory = [timing.get(by_size[s].name, {}).get("activation_mib") or 0 if s in by_size else 0 for s in sizes]
-        axes[0].bar(xs, rates, width, label=kind, color=COLORS.get(kind))
-        axes[1].bar(xs, memory, width, label=kind, color=COLORS.get(kind))
+        at = [timing.get(shapes[(kind, s)].shape_name, {}) if (kind, s) in shapes else {} for s in sizes]
+        axes[0].bar(xs, [t.get("images_per_s") or 0 for t in at], width, label=kind, color=color(kind))
+        axes[1].bar(xs, [t.get("activation_mib") or 0 for t in at], width, label=kind, color=color(kind))
     for ax, label in ((axes[0], "training images/s (interleaved, median)"),
                       (axes[1], "activation memory saved for backward (MiB/step)")):
         ax.set_xticks(np.arange(len(sizes)) + width * (len(kinds) - 1) / 2)
-        ax.set_xticklabels([f"{s} px ({next(r.tokens for r in results if r.image_size == s)} tokens)" for s in sizes])
+        ax.set_xticklabels([f"{s} px ({tokens[s]} tokens)" for s in sizes])
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Training step cost per kind, measured side by side")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Training step cost per variant, measured side by side")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -726,17 +1018,17 @@ def plot_scaling(results: Sequence[RunResult], fits: dict[str, dict], path: Path
     fig, ax = plt.subplots(figsize=(7, 4.8))
     for kind, fit in fits.items():
         runs = sorted((r for r in results if r.kind == kind), key=lambda r: r.train_flops)
-        color = COLORS.get(kind)
+        color_ = color(kind)
         for r in runs:  # the whole curve against cumulative compute, thin
             per_step = r.train_flops / r.steps
             steps, losses = zip(*r.loss_curve)
-            ax.plot(np.asarray(steps) * per_step, losses, color=color, alpha=0.25, linewidth=1)
+            ax.plot(np.asarray(steps) * per_step, losses, color=color_, alpha=0.25, linewidth=1)
         xs = np.array([r.train_flops for r in runs])
-        ax.scatter(xs, [r.final_loss for r in runs], color=color, s=50, zorder=3)
+        ax.scatter(xs, [r.final_loss for r in runs], color=color_, s=50, zorder=3)
         for r in runs:
             ax.annotate(f"w{r.width}", (r.train_flops, r.final_loss), textcoords="offset points", xytext=(4, 4), fontsize=8)
         grid = np.geomspace(xs.min(), xs.max(), 50)
-        ax.plot(grid, fit["coefficient"] * grid ** (-fit["exponent"]), color=color, linestyle="--",
+        ax.plot(grid, fit["coefficient"] * grid ** (-fit["exponent"]), color=color_, linestyle="--",
                 label=f"{kind}: L = {fit['coefficient']:.3g}·C^(-b), b = {fit['exponent']:.3f} (R² {fit['r2']:.2f})")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -770,27 +1062,32 @@ def git_commit() -> str | None:
         return None
 
 
-def write_report(out: Path, command: str, budget: Budget, results: Sequence[RunResult], timing: dict[str, dict],
+def write_report(out: Path, command: str, budget: Budget, rows: Sequence[Row], timing: dict[str, dict],
                  timing_info: dict[str, Any], scale_results: Sequence[RunResult], fits: dict[str, dict],
-                 meta: dict[str, Any], sweep: dict[str, Any] | None = None) -> dict[str, Path]:
-    """compare.md, compare.json and the PNGs into `out`; returns {name: path}."""
+                 meta: dict[str, Any], sweep: dict[str, Any] | None = None, best: str | None = None,
+                 checks: Sequence[dict[str, Any]] = ()) -> dict[str, Path]:
+    """compare.md, compare_summary.md, compare.json and the PNGs into `out`; returns {name: path}."""
     out.mkdir(parents=True, exist_ok=True)
     for optional in ("compare_sweep.png", "scale_loss_vs_compute.png"):  # from an earlier invocation: not ours now
         (out / optional).unlink(missing_ok=True)
     paths = {"markdown": out / "compare.md", "json": out / "compare.json", "loss_png": out / "compare_loss.png",
              "accuracy_png": out / "compare_accuracy_vs_compute.png", "throughput_png": out / "compare_throughput.png"}
-    plot_loss(results, paths["loss_png"])
-    plot_accuracy_vs_compute(results, timing, paths["accuracy_png"])
-    plot_throughput(results, timing, paths["throughput_png"])
+    if any(r.n for r in rows):
+        plot_loss(rows, paths["loss_png"])
+        plot_accuracy_vs_compute(rows, timing, paths["accuracy_png"])
+    if timing:
+        plot_throughput(rows, timing, paths["throughput_png"])
     if sweep:
         paths["sweep_png"] = out / "compare_sweep.png"
         plot_sweep(sweep, paths["sweep_png"])
-    if scale_results:
+    if scale_results and fits:
         paths["scale_png"] = out / "scale_loss_vs_compute.png"
         plot_scaling(scale_results, fits, paths["scale_png"])
 
     b = budget
     eval_note = f"first {b.eval_samples} of the 10,000 test images" if b.eval_samples else "all 10,000 test images"
+    steps = sorted({r.steps for r in rows})
+    missing = [r for r in rows if r.n < len(r.seeds_asked)]
     md = [
         "# Softmax vs linear attention CLIP on Fashion-MNIST (the paper's comparison in miniature)",
         "",
@@ -800,37 +1097,52 @@ def write_report(out: Path, command: str, budget: Budget, results: Sequence[RunR
         f"CUDA {'yes' if meta['machine']['cuda'] else 'no'}; 1-min load average {meta['machine']['load_average_1m']} "
         f"at start, {meta.get('load_average_end', '?')} at the end (the machine is shared).",
         "",
-        f"Budget, the same for every kind: {b.steps} steps x batch {b.batch_size} (one process, DeepSpeed ZeRO-0, fp32), "
-        f"seed {b.seed}, AdamW lr {b.lr:g} (warm-up {b.warmup_steps} steps, then cosine), weight decay {b.weight_decay:g}; "
-        f"both towers {b.layers} layers, width {b.width}, head dim {HEAD_DIM}; patch {b.patch_size}, "
-        f"text context {b.context_length}. Both towers use the row's attention kind "
-        "(`linear-affine-kernel` = linear-affine with `denominator=kernel`). Zero-shot: our eval job, "
-        f"{eval_note}, templates `{b.eval_templates}`.",
+        f"Budget, the same for every variant: {' or '.join(map(str, steps))} steps x batch {b.batch_size} (one process, "
+        f"DeepSpeed ZeRO-0, fp32), AdamW lr {b.lr:g} (warm-up 10% of the steps, then cosine), weight decay "
+        f"{b.weight_decay:g}; both towers {b.layers} layers, width {b.width}, head dim {HEAD_DIM}; patch {b.patch_size}, "
+        f"text context {b.context_length}. Both towers use the row's attention variant (`{VARIANT_GRAMMAR}`; "
+        "`-kernel`/`-count` set the normaliser, `-local3`/`-local5` add a depthwise k x k branch on V to the image "
+        "tower). One run per (variant, image size, steps, seed); each seed sets the weights and the data order. "
+        f"Zero-shot: our eval job, {eval_note}, templates `{b.eval_templates}`.",
         "",
-        markdown_table(TABLE_COLUMNS, table_rows(results, timing)),
+        "Cells with several seeds read **mean ± std (n)**: mean and sample standard deviation over the n seeds that "
+        "finished (the `seeds` column lists them; `(k of m)` when fewer than asked have finished so far)."
+        + (f" Best linear variant (highest top-1 averaged over the image sizes at {min(steps)} steps): **{best}**."
+           if best else ""),
         "",
+        markdown_table(TABLE_COLUMNS, table_rows(rows, timing)),
+        "",
+    ]
+    if missing:
+        md += ["Not yet finished (rerun the command to fill them; finished runs are reused): " + "; ".join(
+            f"{r.kind} {r.image_size} px {r.steps} steps seeds "
+            + ",".join(str(s) for s in r.seeds_asked if s not in r.seeds) for r in missing) + ".", ""]
+    if checks:
+        md += ["## Targets (issue 11): the best linear variant against softmax", "", targets_markdown(checks), ""]
+    md += [
         "How each column was measured:",
         "",
         "- **zero-shot top-1/top-5**: `python -m ds_linclip.eval --checkpoint R/final` (R/eval/final_zeroshot.json).",
-        f"- **final loss**: the trainer's `train/loss` averaged over the last {max(1, b.steps // 10)} steps (its logged "
-        f"windows of {b.log_every} steps there), read from R/tensorboard with TensorBoard's EventAccumulator.",
+        "- **final loss**: the trainer's `train/loss` averaged over the last 10% of the steps (its logged windows "
+        "there), read from R/tensorboard with TensorBoard's EventAccumulator.",
         f"- **img/s interleaved**: one process, {timing_info.get('rounds', 0)} rounds; in each round one training step "
-        "(forward, contrastive loss, backward, AdamW) of every kind at that image size, on a batch of "
-        f"{timing_info.get('batch_size', '?')} inputs of the training shape, kinds alternating with the order rotated "
-        "each round; median over rounds. Kinds share the machine's noise alike, so compare these across a row group.",
-        "- **img/s trainer**: the trainer's own `perf/images_per_s` (median of its logged windows, the first left out); "
-        "runs happen one after another, so load from other work on the machine can favour one run over another.",
+        "(forward, contrastive loss, backward, AdamW) of every variant at that image size, on a batch of "
+        f"{timing_info.get('batch_size', '?')} inputs of the training shape, variants alternating with the order "
+        "rotated each round; median over rounds. Variants share the machine's noise alike, so compare these across a "
+        "row group. Seeds and steps do not change a step's cost: one measurement per variant and size.",
+        "- **img/s trainer**: the trainer's own `perf/images_per_s` (median of its logged windows, the first left out; "
+        "mean over seeds); runs happen one or two at a time, so load from other work can favour one run over another.",
         "- **activation MiB**: bytes of the tensors autograd saved for backward in one training step "
         "(distinct storages, parameters excluded), from the interleaved pass. On CPU, softmax runs "
         "PyTorch's fused scaled-dot-product attention, which does not keep the N x N matrix.",
-        "- **peak RSS MiB**: the trainer's `memory/peak_mb` (process peak RSS on CPU: mostly torch + DeepSpeed); "
-        "`-` when runs were trained in-process.",
+        "- **peak RSS MiB**: the trainer's `memory/peak_mb` (process peak RSS on CPU: mostly torch + DeepSpeed; the "
+        "highest over seeds); `-` when runs were trained in-process.",
         "- **attn MFLOPs/image**: image-tower token-mixing FLOPs per image (`ds_linclip.models.flops`): softmax "
         "4·N²·width per layer, linear 4·N·head_dim·width; **attn %**: of the image tower's forward FLOPs.",
         "- **train TFLOPs**: 3 x forward FLOPs (image + caption) x samples seen.",
     ]
     if sweep:
-        header, rows = sweep_rows(sweep)
+        header, sweep_table = sweep_rows(sweep)
         md += [
             "",
             "## Where linear attention overtakes softmax: timing sweep over token counts",
@@ -838,14 +1150,15 @@ def write_report(out: Path, command: str, budget: Budget, results: Sequence[RunR
             f"Nothing trained: the same interleaved training-step timing (batch {sweep['batch_size']}, "
             f"{sweep['rounds']} rounds, median) at more image sizes; in brackets the speed relative to softmax.",
             "",
-            markdown_table(header, rows),
+            markdown_table(header, sweep_table),
         ]
     if scale_results:
         md += [
             "",
             "## Scaling in miniature: loss vs training compute over three widths",
             "",
-            f"Same budget, image size {scale_results[0].image_size} px, widths "
+            f"Same budget ({scale_results[0].steps} steps, seed {scale_results[0].seed}), image size "
+            f"{scale_results[0].image_size} px, widths "
             f"{', '.join(str(w) for w in sorted({r.width for r in scale_results}))} (heads = width/{HEAD_DIM}, "
             "embed dim = width). Fit: final loss L = a·C^-b over the widths (least squares in log-log).",
             "",
@@ -857,14 +1170,15 @@ def write_report(out: Path, command: str, budget: Budget, results: Sequence[RunR
                            [[k, _fmt(f["exponent"], ".4f"), _fmt(f["coefficient"], ".4g"), _fmt(f["r2"], ".3f"),
                              str(f["points"])] for k, f in fits.items()]),
         ]
-    md += ["", "Plots: " + ", ".join(f"`{p.name}`" for k, p in paths.items() if k.endswith("png")), ""]
+    md += ["", "Plots: " + ", ".join(f"`{p.name}`" for k, p in paths.items() if k.endswith("png") and p.exists()), ""]
     paths["summary"] = out / "compare_summary.md"
-    paths["summary"].write_text(summary_markdown(command, budget, results, timing) + "\n")
+    paths["summary"].write_text(summary_markdown(command, budget, rows, timing) + "\n")
     paths["markdown"].write_text("\n".join(md))
     payload = {
-        "command": command, **meta, "budget": asdict(budget),
+        "command": command, **meta, "budget": asdict(budget), "best": best, "targets": list(checks),
         "timing": {"info": timing_info, "per_run": timing},
-        "runs": [asdict(r) for r in results],
+        "rows": [r.summary() for r in rows],
+        "runs": [asdict(run) for r in rows for run in r.runs],
         "sweep": sweep or {},
         "scale": {"runs": [asdict(r) for r in scale_results], "fits": fits},
     }
@@ -880,34 +1194,67 @@ QUICK = {"steps": 4, "batch_size": 8, "width": 32, "layers": 1, "image_sizes": [
          "sweep_batch": 4, "scale_widths": [32, 64, 96]}
 
 
+def parse_seeds(values: Sequence[int]) -> list[int]:
+    """--seeds N -> seeds 0..N-1; --seeds A B ... (two or more) -> exactly those."""
+    if len(values) == 1:
+        if values[0] < 1:
+            raise CompareError(f"--seeds {values[0]}: give a count >= 1, or two or more seeds")
+        return list(range(values[0]))
+    if len(set(values)) != len(values) or min(values) < 0:
+        raise CompareError(f"--seeds {' '.join(map(str, values))}: seeds must be distinct and >= 0")
+    return list(values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ds_linclip.experiments.compare",
         description=(
             "Train softmax and linear-attention CLIPs on Fashion-MNIST under the same budget (same shards, steps, "
-            "batch, seed, schedule) with ds_linclip's trainer, score each with the eval job (zero-shot top-1/top-5 "
-            "on the test split) and report per kind and image size: final loss, training images/s (the trainer's, "
-            "and an interleaved side-by-side timing pass), activation and peak memory, attention FLOPs per image. "
-            "Writes a markdown table, a JSON file and PNG plots to --out."
+            "batch, seeds, schedule) with ds_linclip's trainer, score each with the eval job (zero-shot top-1/top-5 "
+            "on the test split) and report per variant, image size and step count, as mean ± std over seeds: "
+            "zero-shot accuracy and final loss; plus training images/s (the trainer's, and an interleaved "
+            "side-by-side timing pass), activation and peak memory, attention FLOPs per image, and issue 11's "
+            "targets for the best linear variant. Writes markdown tables, a JSON file and PNG plots to --out."
         ),
         epilog=(
+            f"attention variants (both towers): {VARIANT_GRAMMAR}\n"
             "examples:\n"
-            "  python -m ds_linclip.experiments.compare --steps 200 --image-sizes 28 56\n"
-            "  python -m ds_linclip.experiments.compare --scale --scale-widths 64 128 192\n"
+            "  python -m ds_linclip.experiments.compare --seeds 3 --steps 150 --image-sizes 28 56\n"
+            "  python -m ds_linclip.experiments.compare --kinds softmax linear-affine linear-focused-local3 \\\n"
+            "      --long-steps 600 --long-kinds softmax linear-affine best --long-size 56\n"
+            "  python -m ds_linclip.experiments.compare --scale --scale-widths 32 64 128 --scale-kinds softmax best\n"
+            "  python -m ds_linclip.experiments.compare --no-train ...   # report what earlier sittings finished\n"
             "  python -m ds_linclip.experiments.compare --quick --out /tmp/compare   # seconds-scale smoke run\n"
-            "Finished runs in --runs-dir with the same resolved config are reused (delete the folder to retrain)."
+            "Each (variant, size, steps, seed) is one run folder in --runs-dir; a finished one with the same resolved "
+            "config is reused, so the grid can be filled over several sittings (delete a folder to retrain it)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS), choices=list(KINDS), metavar="KIND",
-                        help=f"attention kinds (both towers); choices: {', '.join(KINDS)} "
-                             "(linear-affine-kernel = linear-affine with denominator=kernel). Default: %(default)s")
+    parser.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS), type=variant_argument, metavar="VARIANT",
+                        help="attention variants, both towers (grammar below). Default: %(default)s")
     parser.add_argument("--image-sizes", nargs="+", type=int, default=[28, 56], metavar="PX",
                         help="image sizes in pixels, multiples of the patch size (default: %(default)s -> 49 and 196 "
                              "patches with patch 4; the data pipeline resizes the 28 px images)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per run (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=128, help="batch per step (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (weights and data order) for every run")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1], metavar="S",
+                        help="--seeds N: seeds 0..N-1; --seeds A B ...: those seeds. Each seed sets the weights and the "
+                             "data order of one run per (variant, size, steps); tables report mean ± std (n) "
+                             "(default: 1, i.e. seed 0)")
+    parser.add_argument("--long-steps", type=int, default=None,
+                        help="also train --long-kinds for this many steps at --long-size (same seeds), reported as "
+                             "their own rows (default: none)")
+    parser.add_argument("--long-kinds", nargs="+", type=variant_argument, default=list(LONG_KINDS), metavar="VARIANT",
+                        help=f"variants of the --long-steps rows; `{BEST}` = the best linear variant of the comparison "
+                             "(see --best) (default: %(default)s)")
+    parser.add_argument("--long-seeds", nargs="+", type=int, default=None, metavar="S",
+                        help="seeds of the --long-steps rows, as --seeds (default: --seeds); fewer than --seeds "
+                             "fill the long rows in a later sitting")
+    parser.add_argument("--long-size", type=int, default=None,
+                        help="image size of the --long-steps rows (default: the largest of --image-sizes)")
+    parser.add_argument("--best", type=variant_argument, default=None, metavar="VARIANT",
+                        help=f"the variant `{BEST}` stands for (default: the linear variant with the highest zero-shot "
+                             "top-1 averaged over the image sizes at --steps, mean over seeds)")
     parser.add_argument("--lr", type=float, default=2.0e-3, help="peak learning rate (default %(default)s)")
     parser.add_argument("--width", type=int, default=128, help="tower width (default %(default)s; heads = width/32)")
     parser.add_argument("--layers", type=int, default=4, help="layers per tower (default %(default)s)")
@@ -923,17 +1270,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timing-batch", type=int, default=None,
                         help="batch of the interleaved timing pass (default: --batch-size)")
     parser.add_argument("--sweep-sizes", nargs="*", type=int, default=[28, 56, 84, 112], metavar="PX",
-                        help="image sizes of an extra interleaved timing sweep (nothing trained): every kind at every "
-                             "size on the same batch (--sweep-batch), to show where linear attention overtakes softmax "
-                             "as the token count grows (default: %(default)s; none = skip)")
+                        help="image sizes of an extra interleaved timing sweep (nothing trained): every --sweep-kinds "
+                             "variant at every size on the same batch (--sweep-batch), to show where linear attention "
+                             "overtakes softmax as the token count grows (default: %(default)s; none = skip)")
+    parser.add_argument("--sweep-kinds", nargs="+", type=variant_argument, default=None, metavar="VARIANT",
+                        help=f"variants of the timing sweep (`{BEST}` allowed; default: --kinds)")
     parser.add_argument("--sweep-batch", type=int, default=16, help="batch of the timing sweep (default %(default)s)")
+    parser.add_argument("--timing-from", type=Path, default=None, metavar="JSON",
+                        help="take the interleaved timing pass and the sweep from an earlier compare.json instead of "
+                             "measuring them again (the timing of a shape does not change with seeds or steps; the "
+                             "pass is the one step that wants the machine to itself)")
     parser.add_argument("--scale", action="store_true",
-                        help="also train softmax and linear-affine at three widths (--scale-widths) on the first image "
-                             "size and fit final loss against training compute (a power law per kind)")
+                        help="also train --scale-kinds at three widths (--scale-widths) on the first image size, first "
+                             "seed, and fit final loss against training compute (a power law per variant)")
     parser.add_argument("--scale-widths", nargs=3, type=int, default=[64, 128, 192], metavar="W",
                         help="widths for --scale (default: %(default)s)")
-    parser.add_argument("--scale-kinds", nargs="+", default=list(SCALE_KINDS), choices=list(KINDS), metavar="KIND",
-                        help="kinds for --scale (default: %(default)s)")
+    parser.add_argument("--scale-kinds", nargs="+", default=list(SCALE_KINDS), type=variant_argument, metavar="VARIANT",
+                        help=f"variants for --scale (`{BEST}` allowed; default: %(default)s)")
+    parser.add_argument("--no-train", action="store_true",
+                        help="train nothing: report the runs earlier sittings finished (scoring any not yet scored); "
+                             "rows show how many of their seeds exist")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at the same time (subprocess launcher; default %(default)s). The "
+                             "interleaved timing pass always runs alone, after them")
     parser.add_argument("--data", type=Path, default=Path("data/fmnist"),
                         help="Fashion-MNIST shard folder (train/, test/, classnames.txt); written if missing "
                              "(default: %(default)s)")
@@ -956,7 +1315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _terminate_on_sigterm() -> None:
-    """SIGTERM -> KeyboardInterrupt-like exit, so a running trainer subprocess group is killed too."""
+    """SIGTERM -> KeyboardInterrupt-like exit, so running trainer subprocess groups are killed too."""
     def handler(signum, _frame):
         raise SystemExit(128 + signum)
 
@@ -973,6 +1332,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CompareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        kill_live_processes()
+
+
+def run_specs(specs: Sequence[RunSpec], launcher: Launcher, done: dict[RunSpec, RunResult], jobs: int, train: bool,
+              bar: Any) -> list[str]:
+    """run_one for every spec not in `done` (at most `jobs` at a time), filling `done`. A run that fails
+    is logged and left out (its row shows fewer seeds); returns the failure messages."""
+    todo = [s for s in dict.fromkeys(specs) if s not in done]
+    failures: list[str] = []
+
+    def settle(spec: RunSpec, call: Callable[[], RunResult]) -> None:
+        try:
+            done[spec] = call()
+        except MissingRun as err:
+            _log(str(err))
+        except CompareError as err:
+            _log(f"FAILED {spec.name}: {err}")
+            failures.append(f"{spec.name}: {err}")
+        bar.update()
+
+    if jobs <= 1:
+        for spec in todo:
+            bar.set_postfix_str(spec.name)
+            settle(spec, lambda: run_one(spec, launcher, train))
+        return failures
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        futures = {pool.submit(run_one, spec, launcher, train): spec for spec in todo}
+        for future in as_completed(futures):
+            settle(futures[future], future.result)
+    except BaseException:
+        kill_live_processes()  # the threads' subprocesses end, so the threads do too
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return failures
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
@@ -984,7 +1380,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
             if not _explicit(argv, "--" + key.replace("_", "-")):
                 setattr(args, key, value)
     launcher_mode = args.launcher or ("inprocess" if args.quick else "subprocess")
-    for size in args.image_sizes:
+    seeds = parse_seeds(args.seeds)
+    long_seeds = parse_seeds(args.long_seeds) if args.long_seeds else seeds
+    long_size = args.long_size or max(args.image_sizes)
+    for size in args.image_sizes + [long_size]:
         if size % 4:
             print(f"error: --image-sizes {size} is not a multiple of the patch size 4", file=sys.stderr)
             return 2
@@ -992,9 +1391,14 @@ def _main(argv: Sequence[str] | None = None) -> int:
         if width % HEAD_DIM and width >= HEAD_DIM:
             print(f"error: width {width} is not a multiple of the head dim {HEAD_DIM}", file=sys.stderr)
             return 2
-    if args.steps < 1 or args.batch_size < 1:
-        print("error: --steps and --batch-size must be positive", file=sys.stderr)
+    if args.steps < 1 or args.batch_size < 1 or (args.long_steps is not None and args.long_steps < 1):
+        print("error: --steps, --long-steps and --batch-size must be positive", file=sys.stderr)
         return 2
+    if BEST in args.kinds:
+        print(f"error: --kinds lists the variants the best is picked from; `{BEST}` is for --long-kinds, "
+              "--scale-kinds and --sweep-kinds", file=sys.stderr)
+        return 2
+    jobs = args.jobs if launcher_mode == "subprocess" else 1  # in-process runs share one DeepSpeed process
 
     import torch
     from tqdm import tqdm
@@ -1004,93 +1408,127 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported (in-process runs)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    budget = Budget(steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr, layers=args.layers,
+    budget = Budget(steps=args.steps, batch_size=args.batch_size, seed=seeds[0], lr=args.lr, layers=args.layers,
                     context_length=args.context_length,
                     width=args.width, eval_samples=args.eval_samples, eval_templates=args.eval_templates,
                     eval_batch_size=args.eval_batch_size)
     command = "python -m ds_linclip.experiments.compare " + shlex.join(argv)
     meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
-            "machine": machine_note(), "launcher": launcher_mode}
+            "machine": machine_note(), "launcher": launcher_mode, "seeds": seeds, "long_seeds": long_seeds}
     data_dir = ensure_shards(args.data)
     runs_dir = args.runs_dir.expanduser().resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     launcher = Launcher(launcher_mode, runs_dir, data_dir)
 
-    specs = [RunSpec(kind, size, args.width, budget) for size in args.image_sizes for kind in args.kinds]
-    scale_specs: list[RunSpec] = []
-    if args.scale:
-        scale_budget = budget
-        scale_specs = [RunSpec(kind, args.image_sizes[0], width, scale_budget)
-                       for width in args.scale_widths for kind in args.scale_kinds]
-    all_specs = specs + [s for s in scale_specs if s not in specs]
-    _log(f"{len(all_specs)} runs ({len(specs)} comparison + {len(all_specs) - len(specs)} scaling), "
-         f"{budget.steps} steps x batch {budget.batch_size} each; runs in {runs_dir}, results to {args.out}")
+    def spec(kind: str, size: int, width: int = args.width, steps: int = args.steps, seed: int = seeds[0]) -> RunSpec:
+        return RunSpec(kind, size, width, replace(budget, steps=steps, seed=seed))
+
+    # seed-major, so a sitting that is stopped early leaves every variant with the same number of seeds
+    specs = [spec(kind, size, seed=seed) for seed in seeds for size in args.image_sizes for kind in args.kinds]
+    n_long = len(long_seeds) * len(args.long_kinds) if args.long_steps else 0
+    n_scale = 2 * len(args.scale_kinds) if args.scale else 0  # the first width's runs may be comparison runs
+    _log(f"{len(specs)} comparison runs ({len(args.kinds)} variants x {len(args.image_sizes)} sizes x seeds {seeds}, "
+         f"{args.steps} steps x batch {args.batch_size})" + (f" + up to {n_long} runs of {args.long_steps} steps"
+                                                               if n_long else "")
+         + (f" + up to {n_scale} scaling runs" if n_scale else "") + f"; runs in {runs_dir}, results to {args.out}"
+         + (" (--no-train: finished runs only)" if args.no_train else ""))
 
     done: dict[RunSpec, RunResult] = {}
+    failures: list[str] = []
     start = time.perf_counter()
-    # the comparison's runs first, timed and reported; the scaling runs after, then the report again
-    # with them: a long --scale never holds back the comparison's results
-    bar = tqdm(total=len(all_specs), desc="runs", unit="run", disable=args.no_progress)
-    for spec in specs:
-        bar.set_postfix_str(spec.name)
-        done[spec] = run_one(spec, launcher)
-        bar.update()
+    bar = tqdm(total=len(specs) + n_long + n_scale, desc="runs", unit="run", disable=args.no_progress)
+    failures += run_specs(specs, launcher, done, jobs, not args.no_train, bar)
+    rows = aggregate(specs, done)
+    best = args.best or pick_best(rows, args.steps)
+    _log(f"best linear variant: {best}" + ("" if args.best else " (highest mean top-1 over the image sizes)"))
+
+    def resolve(kinds: Sequence[str]) -> list[str]:
+        if BEST in kinds and not best:
+            _log(f"no best linear variant yet (no linear run finished at every size): `{BEST}` left out")
+        return list(dict.fromkeys(best if k == BEST else k for k in kinds if k != BEST or best))
+
+    long_specs: list[RunSpec] = []
+    if args.long_steps:
+        long_specs = [spec(kind, long_size, steps=args.long_steps, seed=seed)
+                      for seed in long_seeds for kind in resolve(args.long_kinds)]
+        failures += run_specs(long_specs, launcher, done, jobs, not args.no_train, bar)
+    rows = aggregate(specs + long_specs, done)
 
     timing: dict[str, dict] = {}
-    timing_batch = args.timing_batch or args.batch_size
-    if args.timing_rounds > 0:
-        _log(f"interleaved timing pass: {args.timing_rounds} rounds x {len(args.kinds)} kinds x "
-             f"{len(args.image_sizes)} sizes, batch {timing_batch}")
-        timing = interleaved_timing(specs, args.timing_rounds, timing_batch, progress=not args.no_progress)
-        for spec in specs:
-            t = timing[spec.name]
-            _log(f"  {spec.name}: {t['images_per_s']:.1f} img/s (median of {len(t['seconds'])}), "
-                 f"activations {t['activation_mib']:.1f} MiB")
-    timing_info = {"rounds": args.timing_rounds, "batch_size": timing_batch,
-                   "torch_threads": torch.get_num_threads()}
     sweep: dict[str, Any] = {}
-    if args.sweep_sizes and args.timing_rounds > 0:
-        sweep_specs = [RunSpec(kind, size, args.width, budget) for size in args.sweep_sizes for kind in args.kinds]
-        _log(f"timing sweep: sizes {args.sweep_sizes} px, batch {args.sweep_batch}, {args.timing_rounds} rounds")
+    timing_batch = args.timing_batch or args.batch_size
+    timing_specs = [spec(kind, size) for size in args.image_sizes for kind in args.kinds]
+    earlier = json.loads(args.timing_from.read_text()) if args.timing_from else None
+    if earlier:
+        timing, sweep = earlier["timing"]["per_run"], earlier.get("sweep") or {}
+        timing_info = dict(earlier["timing"]["info"], source=f"{args.timing_from} ({earlier.get('date')})")
+        _log(f"timing pass and sweep from {args.timing_from} ({earlier.get('date')})")
+        absent = [s.shape_name for s in timing_specs if s.shape_name not in timing]
+        if absent:
+            _log(f"  not in it (shown as -): {', '.join(absent)}")
+    elif args.timing_rounds > 0:
+        _log(f"interleaved timing pass: {args.timing_rounds} rounds x {len(args.kinds)} variants x "
+             f"{len(args.image_sizes)} sizes, batch {timing_batch}")
+        timing = interleaved_timing(timing_specs, args.timing_rounds, timing_batch, progress=not args.no_progress)
+        for s in timing_specs:
+            t = timing[s.shape_name]
+            _log(f"  {s.shape_name}: {t['images_per_s']:.1f} img/s (median of {len(t['seconds'])}), "
+                 f"activations {t['activation_mib']:.1f} MiB")
+    if not earlier:
+        timing_info = {"rounds": args.timing_rounds, "batch_size": timing_batch,
+                       "torch_threads": torch.get_num_threads()}
+        sweep = {}
+    if args.sweep_sizes and args.timing_rounds > 0 and not earlier:
+        sweep_kinds = resolve(args.sweep_kinds or args.kinds)
+        if "softmax" not in sweep_kinds:
+            sweep_kinds.insert(0, "softmax")  # the reference every ratio is against
+        sweep_specs = [spec(kind, size) for size in args.sweep_sizes for kind in sweep_kinds]
+        _log(f"timing sweep: {sweep_kinds} at {args.sweep_sizes} px, batch {args.sweep_batch}, "
+             f"{args.timing_rounds} rounds")
         per_run = interleaved_timing(sweep_specs, args.timing_rounds, args.sweep_batch, progress=not args.no_progress)
         sweep = {"batch_size": args.sweep_batch, "rounds": args.timing_rounds, "points": [
-            {"kind": spec.kind, "image_size": spec.image_size, "tokens": spec.tokens,
-             "images_per_s": per_run[spec.name]["images_per_s"], "activation_mib": per_run[spec.name]["activation_mib"],
-             "attention_flops_per_image": _attention_flops(spec)} for spec in sweep_specs]}
+            {"kind": s.kind, "image_size": s.image_size, "tokens": s.tokens,
+             "images_per_s": per_run[s.shape_name]["images_per_s"],
+             "activation_mib": per_run[s.shape_name]["activation_mib"],
+             "attention_flops_per_image": _attention_flops(s)} for s in sweep_specs]}
         for size in args.sweep_sizes:
             points = {p["kind"]: p for p in sweep["points"] if p["image_size"] == size}
-            _log(f"  {size} px ({points[args.kinds[0]]['tokens']} tokens): " + ", ".join(
+            _log(f"  {size} px ({points['softmax']['tokens']} tokens): " + ", ".join(
                 f"{k} {p['images_per_s']:.1f} img/s" for k, p in points.items()))
 
-    results = [done[s] for s in specs]
-
     def report(scale_results: list[RunResult], fits: dict[str, dict]) -> None:
+        checks = target_checks(rows, best, args.steps, args.long_steps, fits, sweep, timing)
         meta["load_average_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
         meta["wall_seconds"] = round(time.perf_counter() - start, 1)
-        paths = write_report(args.out, command, budget, results, timing, timing_info, scale_results, fits, meta, sweep)
+        paths = write_report(args.out, command, budget, rows, timing, timing_info, scale_results, fits, meta, sweep,
+                             best, checks)
         _log("wrote " + ", ".join(str(p) for p in paths.values()) + f" ({meta['wall_seconds']:.0f} s)")
+        for check in checks:
+            _log(f"  target {'met' if check['met'] else 'MISSED'}: {check['target']}: {check['measured']}")
 
+    # the comparison is reported before --scale runs: a long --scale never holds back its results
     report([], {})
-    print(markdown_table(TABLE_COLUMNS, table_rows(results, timing)))
-    if not scale_specs:
-        bar.close()
-        return 0
-    for spec in scale_specs:
-        bar.set_postfix_str(spec.name)
-        if spec not in done:
-            done[spec] = run_one(spec, launcher)
-            bar.update()
-    bar.close()
-    fits: dict[str, dict] = {}
-    scale_results = [done[s] for s in scale_specs]
-    if scale_specs:
-        for kind in args.scale_kinds:
+    print(markdown_table(TABLE_COLUMNS, table_rows(rows, timing)))
+    if args.scale:
+        scale_kinds = resolve(args.scale_kinds)
+        scale_specs = [spec(kind, args.image_sizes[0], width=width) for width in args.scale_widths for kind in scale_kinds]
+        failures += run_specs(scale_specs, launcher, done, jobs, not args.no_train, bar)
+        scale_results = [done[s] for s in scale_specs if s in done]
+        fits: dict[str, dict] = {}
+        for kind in scale_kinds:
             points = [r for r in scale_results if r.kind == kind]
+            if len(points) < len(args.scale_widths):
+                _log(f"scaling fit {kind}: only {len(points)} of {len(args.scale_widths)} widths finished: no fit")
+                continue
             fits[kind] = fit_power_law([r.train_flops for r in points], [r.final_loss for r in points])
             _log(f"scaling fit {kind}: loss = a * C^(-b), b = {fits[kind]['exponent']:.4f}, "
                  f"a = {fits[kind]['coefficient']:.4g} (R² {fits[kind]['r2']:.3f})")
-
-    report(scale_results, fits)
+        report(scale_results, fits)
+    bar.close()
+    if failures:
+        print("error: some runs failed (left out of the tables):\n  " + "\n  ".join(f.splitlines()[0] for f in failures),
+              file=sys.stderr)
+        return 1
     return 0
 
 
