@@ -52,24 +52,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from ds_linclip.models.attention import DEFAULT_FOCUSED_POWER, NAME_GRAMMAR, AttentionSpecError, parse_attention_name
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # ----------------------------------------------------------------------------- attention variants
 # A variant name is the row label and the run folder's prefix; parse_variant turns it into the trainer
-# overrides of both towers (CONTRACT: docs of ds_linclip/config.py `model.*.attention` and friends).
+# overrides of both towers; the grammar is the models' one (ds_linclip/models/attention.py).
 
-# shorthand -> its default normaliser (the config's shorthand resolves to the same; we still pass it
-# explicitly so a run's resolved config says what it ran, whatever the schema's defaults are)
-SHORTHANDS: dict[str, str] = {
-    "linear-affine": "count",  # the paper's
-    "linear-elu": "kernel",
-    "linear-relu": "kernel",
-    "linear-focused": "kernel",
-}
-DENOMINATOR_SUFFIXES = ("kernel", "count")
-LOCAL_SUFFIXES = {"local3": 3, "local5": 5}
-VARIANT_GRAMMAR = ("softmax | SHORTHAND[-kernel|-count][-local3|-local5], SHORTHAND one of "
-                   + "|".join(SHORTHANDS) + " (e.g. linear-affine, linear-affine-kernel, linear-focused-local3)")
+VARIANT_GRAMMAR = NAME_GRAMMAR + " (e.g. linear-affine, linear-affine-kernel, linear-focused-local3)"
 BEST = "best"  # in --long-kinds/--scale-kinds/--sweep-kinds: the best linear variant of the comparison
 
 DEFAULT_KINDS = ("softmax", "linear-affine", "linear-focused", "linear-focused-local3", "linear-affine-local3")
@@ -118,27 +109,22 @@ class Variant:
 
 
 def parse_variant(name: str) -> Variant:
-    """`softmax` | SHORTHAND[-kernel|-count][-local3|-local5] -> Variant (see VARIANT_GRAMMAR)."""
-    def bad(why: str) -> VariantError:
-        return VariantError(f"attention variant '{name}': {why}; variants are {VARIANT_GRAMMAR}")
+    """A variant name in the models' one grammar (`parse_attention_name`, NAME_GRAMMAR) -> Variant.
 
-    if name == "softmax":
+    The overrides name the shorthand and the normaliser explicitly (not `attention=linear` +
+    `feature_map`), so a run's resolved config says what it ran and earlier finished runs still match.
+    """
+    try:
+        spec = parse_attention_name(name)
+    except AttentionSpecError as err:
+        raise VariantError(f"attention variant '{name}': {err}; variants are {VARIANT_GRAMMAR}") from None
+    if spec.linear is None:
+        if spec.local_kernel:
+            raise VariantError(f"attention variant '{name}': softmax takes no suffixes; variants are {VARIANT_GRAMMAR}")
         return Variant(name, "softmax", None)
-    if name.startswith("softmax"):
-        raise bad("softmax takes no suffixes")
-    shorthand = next((s for s in SHORTHANDS if name == s or name.startswith(s + "-")), None)
-    if shorthand is None:
-        raise bad("it starts with none of softmax, " + ", ".join(SHORTHANDS))
-    suffixes = name[len(shorthand) + 1:].split("-") if name != shorthand else []
-    denominator, local_kernel = SHORTHANDS[shorthand], 0
-    if suffixes and suffixes[0] in DENOMINATOR_SUFFIXES:
-        denominator = suffixes.pop(0)
-    if suffixes and suffixes[0] in LOCAL_SUFFIXES:
-        local_kernel = LOCAL_SUFFIXES[suffixes.pop(0)]
-    if suffixes:
-        raise bad(f"unexpected suffix '{'-'.join(suffixes)}' (the denominator suffix, if any, comes before the local one, "
-                  "each at most once)")
-    return Variant(name, shorthand, denominator, local_kernel)
+    if spec.linear.power != DEFAULT_FOCUSED_POWER:
+        raise VariantError(f"attention variant '{name}': the comparison runs the default focused power only")
+    return Variant(name, f"linear-{spec.linear.feature_map}", spec.linear.denominator, spec.local_kernel)
 
 
 def variant_argument(name: str) -> str:
