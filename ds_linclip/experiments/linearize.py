@@ -41,24 +41,13 @@ from typing import Any, Sequence
 
 from ds_linclip.experiments.compare import (
     HEAD_DIM, Budget, CompareError, Launcher, RunSpec, _log, contrastive_loss, ensure_shards, free_port,
-    git_commit, machine_note, markdown_table, read_scalars, run_one,
+    git_commit, machine_note, markdown_table, parse_variant, read_scalars, run_one,
 )
 
 
 def variant_overrides(kind: str) -> list[str]:
-    """Both towers' attention keys for a variant name (`softmax`, `linear-affine`, `linear-focused-local3`,
-    ...: ds_linclip.models.attention's NAME_GRAMMAR); the local branch goes to the image tower only."""
-    from ds_linclip.models.attention import parse_attention_name
-
-    spec = parse_attention_name(kind)
-    out = []
-    for tower in ("image", "text"):
-        out.append(f"model.{tower}.attention={'softmax' if spec.linear is None else 'linear-' + spec.linear.feature_map}")
-        if spec.linear is not None:
-            out.append(f"model.{tower}.denominator={spec.linear.denominator}")
-    if spec.local_kernel:
-        out.append(f"model.image.local_kernel={spec.local_kernel}")
-    return out
+    """Both towers' attention keys for a variant name (the comparison's, so runs of both tools agree)."""
+    return parse_variant(kind).overrides()
 
 
 @dataclass(frozen=True)
