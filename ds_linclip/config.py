@@ -23,7 +23,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ds_linclip.models.attention import ATTENTION_KINDS, AttentionSpecError, resolve_attention
-from kernels.reference import DENOMINATORS, FEATURE_MAPS
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 PRECISIONS = ("bf16", "fp16", "fp32")

@@ -10,9 +10,10 @@ import argparse
 import json
 import sys
 
-from ds_linclip.config import ATTENTION_KINDS, DENOMINATORS, FEATURE_MAPS, ConfigError, load_config
+from ds_linclip.config import ATTENTION_KINDS, ConfigError, load_config
 from ds_linclip.models.flops import format_table, measure_forward_flops, model_cost
 from ds_linclip.models.presets import PRESETS
+from kernels.reference import DENOMINATORS, FEATURE_MAPS
 
 
 def build_parser() -> argparse.ArgumentParser:

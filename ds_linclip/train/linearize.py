@@ -234,23 +234,19 @@ class Linearizer:
         return groups
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups for the engine: (stage-1 trainable, frozen in stage 1) x (decay, no decay).
-        Teachers are not in them (requires_grad=False). Empty groups are kept out by build_engine."""
-        from ds_linclip.train.engine import promote_scalar_parameters
+        """AdamW groups for the engine: (stage-1 trainable, frozen in stage 1) x engine.param_groups'
+        (decay, no decay). Teachers are not in them (requires_grad=False). Empty groups are kept out
+        by build_engine."""
+        from ds_linclip.train.engine import param_groups, promote_scalar_parameters
 
         promote_scalar_parameters(self.model)  # as build_engine does: the names stay, the objects change
-        exempt = self.model.no_weight_decay_names()
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        groups = []
-        for transfer in (True, False):
-            for decay in (True, False):
-                groups.append({
-                    "params": [p for n, p in named if (n in self.trainable) == transfer and (n not in exempt) == decay],
-                    "weight_decay": float(weight_decay) if decay else 0.0,
-                    "name": f"{'transfer' if transfer else 'frozen'}_{'decay' if decay else 'no_decay'}",
-                    GROUP_KEY: transfer,
-                })
-        return groups
+        trainable = {id(p) for n, p in self.model.named_parameters() if n in self.trainable}
+        base = param_groups(self.model, weight_decay)
+        return [
+            {**group, "params": [p for p in group["params"] if (id(p) in trainable) == transfer],
+             "name": f"{'transfer' if transfer else 'frozen'}_{group['name']}", GROUP_KEY: transfer}
+            for transfer in (True, False) for group in base
+        ]
 
     def attach(self) -> None:
         """Register the hooks. After deepspeed.initialize: our forward hook then sees the output as
