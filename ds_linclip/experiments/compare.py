@@ -98,14 +98,11 @@ class Variant:
         return self.attention != "softmax"
 
     def overrides(self) -> list[str]:
-        out = []
-        for tower in ("image", "text"):
-            out.append(f"model.{tower}.attention={self.attention}")
-            if self.denominator is not None:
-                out.append(f"model.{tower}.denominator={self.denominator}")
-        if self.local_kernel:
-            out.append(f"model.image.local_kernel={self.local_kernel}")
-        return out
+        """Both towers' keys (`AttentionSpec.config_overrides`); the local branch goes to the image only."""
+        spec = parse_attention_name(self.name)
+        keys = {**replace(spec, local_kernel=0).config_overrides("image"),
+                **replace(spec, local_kernel=0).config_overrides("text"), **spec.config_overrides("image")}
+        return [f"{key}={value}" for key, value in keys.items()]
 
 
 def parse_variant(name: str) -> Variant:

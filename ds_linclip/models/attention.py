@@ -68,16 +68,19 @@ class AttentionSpec:
         return base + (f"-local{self.local_kernel}" if self.local_kernel else "")
 
     def config_overrides(self, tower: str) -> dict[str, Any]:
-        """`model.<tower>.*` config values that describe this spec (the inverse of `resolve_attention`)."""
-        out: dict[str, Any] = {f"model.{tower}.attention": "softmax" if self.linear is None else "linear"}
+        """`model.<tower>.*` config values that describe this spec (the inverse of `resolve_attention`):
+        the shorthand naming the feature map and the normaliser always, the power and the local branch
+        where they are not the defaults."""
+        out: dict[str, Any] = {f"model.{tower}.attention": "softmax" if self.linear is None
+                               else f"linear-{self.linear.feature_map}"}
         if self.linear is not None:
-            out.update({f"model.{tower}.feature_map": self.linear.feature_map,
-                        f"model.{tower}.denominator": self.linear.denominator,
-                        f"model.{tower}.focused_power": self.linear.power})
-        if tower == "image":
+            out[f"model.{tower}.denominator"] = self.linear.denominator
+            if self.linear.power != DEFAULT_FOCUSED_POWER:
+                out[f"model.{tower}.focused_power"] = self.linear.power
+        if self.local_kernel:
+            if tower != "image":
+                raise AttentionSpecError("the local branch is for the image tower only", "local_kernel")
             out[f"model.{tower}.local_kernel"] = self.local_kernel
-        elif self.local_kernel:
-            raise AttentionSpecError("the local branch is for the image tower only", "local_kernel")
         return out
 
 
