@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import BACKENDS, linear_attention, linear_attention_reference, linear_attention_torch
+from kernels import torch_path
 from kernels.torch_path import CAUSAL_DENSE_MAX_TOKENS
 
 EPS = 1e-6
@@ -257,3 +258,70 @@ def test_focused_map_rows_without_positive_entries_match_reference():
             for got, want in zip(torch.autograd.grad(ours, inputs, upstream), torch.autograd.grad(ref, inputs, upstream)):
                 assert torch.isfinite(got).all()
                 torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# the focused map fused by TorchInductor (kernels/torch_path.py: DS_LINCLIP_FUSE_FOCUSED)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_fusion(monkeypatch):
+    """A clean record of compiled maps and compiler failures, restored after the test."""
+    monkeypatch.setattr(torch_path, "_fused", {})
+    monkeypatch.setattr(torch_path, "_fuse_failed", [])
+    return monkeypatch
+
+
+@pytest.mark.slow  # TorchInductor compiles the map's forward and backward (tens of seconds on 2 cores)
+def test_fused_focused_map_matches_the_oracle(fresh_fusion):
+    fresh_fusion.setenv(torch_path.FUSE_ENV, "on")
+    for causal in (False, True):
+        q, k, v = random_qkv(2, 3, 50, 16, dtype=torch.float64)
+        check_against_oracle(linear_attention_torch, q, k, v, "focused", causal, "kernel", tol=1e-11, grad_tol=1e-9)
+        q, k, v = random_qkv(1, 2, 197, 64)
+        check_against_oracle(linear_attention_torch, q, k, v, "focused", causal, "kernel", tol=2e-6, grad_tol=2e-5)
+    assert set(torch_path._fused) == {"forward", "backward"} and torch_path._fuse_failed == []
+    # rows below the norm's eps (no positive entry; one tiny one) take the same branches compiled
+    test_focused_map_rows_without_positive_entries_match_reference()
+    assert torch_path._fuse_failed == []
+
+
+def test_fusion_is_skipped_below_the_size_threshold_and_when_off(fresh_fusion):
+    def no_compile(*args, **kwargs):
+        raise AssertionError("torch.compile called")
+    fresh_fusion.setattr(torch, "compile", no_compile)
+    q, k, v = random_qkv(2, 3, 50, 16, dtype=torch.float64)
+    assert q.numel() < torch_path.FUSE_MIN_ELEMENTS
+    fresh_fusion.delenv(torch_path.FUSE_ENV, raising=False)  # auto
+    check_against_oracle(linear_attention_torch, q, k, v, "focused", False, "kernel", tol=1e-11, grad_tol=1e-9)
+    fresh_fusion.setenv(torch_path.FUSE_ENV, "off")
+    big = torch.randn(1, 1, torch_path.FUSE_MIN_ELEMENTS // 8, 8, requires_grad=True)
+    linear_attention_torch(big, big, big, feature_map="focused", denominator="kernel", scale=torch.ones(1, 8)).sum().backward()
+    assert torch_path._fused == {}
+
+
+def test_a_compiler_failure_warns_once_and_falls_back_to_the_eager_map(fresh_fusion):
+    calls = []
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            calls.append(fn.__name__)
+            raise RuntimeError("InductorError: no working C++ compiler\n(details)")
+        return run
+    fresh_fusion.setattr(torch, "compile", broken_compile)
+    fresh_fusion.setenv(torch_path.FUSE_ENV, "on")
+    q, k, v = random_qkv(2, 3, 50, 16, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"compiling the focused feature map failed \(RuntimeError: InductorError: "
+                                            r"no working C\+\+ compiler\); using the eager map"):
+        check_against_oracle(linear_attention_torch, q, k, v, "focused", False, "kernel", tol=1e-11, grad_tol=1e-9)
+    assert calls == ["_focused_forward"]  # tried once; the backward and later calls go straight to eager
+    check_against_oracle(linear_attention_torch, q, k, v, "focused", True, "kernel", tol=1e-11, grad_tol=1e-9)
+    assert calls == ["_focused_forward"]
+
+
+def test_a_bad_fusion_setting_names_the_variable(fresh_fusion):
+    fresh_fusion.setenv(torch_path.FUSE_ENV, "yes")
+    q, k, v = random_qkv(1, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"environment variable DS_LINCLIP_FUSE_FOCUSED='yes': expected one of auto, on, off"):
+        linear_attention_torch(q, k, v, feature_map="focused", denominator="kernel", scale=torch.ones(1, 4))
