@@ -15,11 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from ds_linclip.config import load_config
 from ds_linclip.experiments.compare import (
     QUICK, TABLE_COLUMNS, Budget, CompareError, RunResult, RunSpec, VariantError, aggregate, fit_power_law,
     markdown_table, mean_std, parse_markdown_table, parse_seeds, parse_variant, pick_best, saved_activation_bytes,
     tail_mean_loss, target_checks,
 )
+from ds_linclip.models import build_model
+from ds_linclip.models.attention import resolve_attention
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +77,6 @@ def test_quick_comparison_end_to_end(tmp_path, fmnist_shards):
     assert [(r["kind"], int(r["image px"]), int(r["steps"])) for r in rows] == [
         (k, s, steps) for s in sizes for k in QUICK_KINDS] + [(k, max(sizes), long_steps) for k in ("softmax", best)]
 
-    from ds_linclip.config import load_config
     from ds_linclip.models.flops import attention_flops_per_image
 
     by_name = {r["name"]: r for r in payload["runs"]}
@@ -94,11 +96,8 @@ def test_quick_comparison_end_to_end(tmp_path, fmnist_shards):
             cfg = load_config([run_dir / "config.yaml"])
             assert cfg.train.seed == seed and cfg.train.steps == int(row["steps"])
             variant = parse_variant(row["kind"])
-            for tower in (cfg.model.image, cfg.model.text):
-                assert tower.attention == variant.attention
-                if variant.linear:
-                    assert tower.denominator == variant.denominator
-            assert cfg.model.image.local_kernel == variant.local_kernel
+            assert resolve_attention(cfg.model.image) == variant.image
+            assert resolve_attention(cfg.model.text, causal=True) == variant.text
             assert float(row["attn MFLOPs/image"]) == pytest.approx(attention_flops_per_image(cfg.model) / 1e6, abs=0.006)
         assert row["zero-shot top-1 %"] == f"{statistics.fmean(top1):.2f} ± {statistics.stdev(top1):.2f} (2)"
         assert row["top-5 %"] == f"{statistics.fmean(top5):.2f} ± {statistics.stdev(top5):.2f} (2)"
@@ -244,19 +243,49 @@ def test_variant_names_become_overrides_of_both_towers(name, overrides):
     assert [o for o in spec_overrides if "attention=" in o or "denominator=" in o or "local_kernel=" in o] == overrides
 
 
+@pytest.mark.parametrize("name, overrides", [
+    ("linear-focused-local3+text-softmax", ["model.image.attention=linear-focused", "model.image.denominator=kernel",
+                                            "model.text.attention=softmax", "model.image.local_kernel=3"]),
+    ("softmax+text-linear-affine", ["model.image.attention=softmax", "model.text.attention=linear-affine",
+                                    "model.text.denominator=count"]),
+])
+def test_a_text_suffix_sets_the_text_tower_apart(name, overrides):
+    variant = parse_variant(name)
+    assert variant.overrides() == overrides and variant.linear
+    cfg = load_config([], RunSpec(name, 28, 64, Budget()).model_overrides())
+    # what the trainer builds from those overrides is what the name says, tower by tower
+    assert (resolve_attention(cfg.model.image), resolve_attention(cfg.model.text, causal=True)) == (variant.image, variant.text)
+    model = build_model(cfg.model)
+    assert all(b.attn.spec == variant.image for b in model.visual.blocks)
+    assert all(b.attn.spec == variant.text for b in model.text.blocks)
+
+
+def test_mixed_tower_variants_are_not_picked_as_the_best_O_N_variant():
+    kinds = ("softmax", "linear-focused+text-softmax", "linear-affine", "linear-focused")
+    specs = [RunSpec(k, s, 64, Budget(steps=150)) for s in (28, 56) for k in kinds]
+    top1 = {"softmax": 0.9, "linear-focused+text-softmax": 0.8, "linear-affine": 0.5, "linear-focused": 0.6}
+    rows = aggregate(specs, {s: _result(s.kind, s.image_size, 0, top1[s.kind], 0.9, 3.0) for s in specs})
+    assert pick_best(rows, 150) == "linear-focused"  # the mixed one scores higher but its text tower is softmax
+
+
 @pytest.mark.parametrize("name, why", [
     ("linear", "is not an attention name"), ("linear-gelu", "is not an attention name"),
     ("Softmax", "is not an attention name"), ("softmax-local3", "softmax takes no suffixes"),
     ("linear-affine-local7", "7 is not one of 0, 3, 5"), ("linear-focused-local3-kernel", "is not an attention name"),
     ("linear-elu-kernel-kernel", "is not an attention name"), ("linear-affine-", "is not an attention name"),
     ("linear-affinekernel", "is not an attention name"), ("linear-focused-p2", "default focused power only"),
+    ("linear-focused+text-linear-focused", "the text tower is the image tower's"),
+    ("linear-focused-local3+text-linear-focused", "the text tower is the image tower's"),
+    ("linear-focused+text-linear-affine-local3", "the local branch is for the image tower only"),
+    ("linear-focused+text-softmax+text-softmax", "one '+text-' at most"),
+    ("linear-focused+text-linear-gelu", "is not an attention name"),
 ])
 def test_bad_variant_names_are_refused_with_the_grammar(name, why):
     with pytest.raises(VariantError) as err:
         parse_variant(name)
     message = str(err.value)
     assert f"'{name}'" in message and why in message
-    if "power" not in why:
+    if why not in ("default focused power only", "the text tower is the image tower's"):  # these name the fix
         for part in ("softmax", "linear-{affine,focused,elu,relu}", "[-count|-kernel]", "-local{3,5}"):
             assert part in message
 

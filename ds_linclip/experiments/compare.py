@@ -7,7 +7,8 @@
 Every run uses OUR trainer (`python -m ds_linclip.train`, one process, DeepSpeed, fp32 on CPU) and
 OUR eval job (`python -m ds_linclip.eval --checkpoint R/final`, zero-shot top-1/top-5 on the
 Fashion-MNIST test split) under the same budget: same shards, steps, batch, seed, learning-rate
-schedule; only the attention kind of both towers (and, with --scale, the width) changes.
+schedule; only the attention variant (both towers, or `<image>+text-<text>`) and, with --scale,
+the width change.
 
 Measured per run: zero-shot top-1/top-5, final training loss, the trainer's images/s (median of its
 logged windows) and peak memory (the trainer process's peak RSS on CPU / max allocated on GPU),
@@ -52,7 +53,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from ds_linclip.models.attention import DEFAULT_FOCUSED_POWER, NAME_GRAMMAR, AttentionSpecError, parse_attention_name
+from ds_linclip.models.attention import (DEFAULT_FOCUSED_POWER, NAME_GRAMMAR, AttentionSpec, AttentionSpecError,
+                                         parse_attention_name)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,7 +62,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # A variant name is the row label and the run folder's prefix; parse_variant turns it into the trainer
 # overrides of both towers; the grammar is the models' one (ds_linclip/models/attention.py).
 
-VARIANT_GRAMMAR = NAME_GRAMMAR + " (e.g. linear-affine, linear-affine-kernel, linear-focused-local3)"
+TEXT_SEPARATOR = "+text-"  # `<image name>+text-<text name>`: a text tower that differs from the image one
+VARIANT_GRAMMAR = (f"{NAME_GRAMMAR} for both towers, or <image name>{TEXT_SEPARATOR}<text name> (e.g. linear-affine, "
+                   f"linear-affine-kernel, linear-focused-local3, linear-focused-local3{TEXT_SEPARATOR}softmax)")
 BEST = "best"  # in --long-kinds/--scale-kinds/--sweep-kinds: the best linear variant of the comparison
 
 DEFAULT_KINDS = ("softmax", "linear-affine", "linear-focused", "linear-focused-local3", "linear-affine-local3")
@@ -84,44 +88,54 @@ class VariantError(ValueError):
 
 @dataclass(frozen=True)
 class Variant:
-    """One attention variant, for both towers: `attention` is softmax or a shorthand; `denominator`
-    the normaliser of the linear kinds (None for softmax); `local_kernel` the image tower's depthwise
-    k x k branch on V (0: none; the text tower never gets one)."""
+    """One attention variant: the image and the text tower's AttentionSpec. A plain name gives both towers
+    the same map and normaliser (the local branch goes to the image tower only: the text tower never gets
+    one); `<image>+text-<text>` sets the text tower apart (e.g. linear image, softmax text)."""
 
     name: str
-    attention: str
-    denominator: str | None
-    local_kernel: int = 0
+    image: AttentionSpec
+    text: AttentionSpec
 
     @property
     def linear(self) -> bool:
-        return self.attention != "softmax"
+        return self.image.linear is not None or self.text.linear is not None
 
     def overrides(self) -> list[str]:
-        """Both towers' keys (`AttentionSpec.config_overrides`); the local branch goes to the image only."""
-        spec = parse_attention_name(self.name)
-        keys = {**replace(spec, local_kernel=0).config_overrides("image"),
-                **replace(spec, local_kernel=0).config_overrides("text"), **spec.config_overrides("image")}
+        """Both towers' keys (`AttentionSpec.config_overrides`), the image's local branch last."""
+        keys = {**replace(self.image, local_kernel=0).config_overrides("image"), **self.text.config_overrides("text"),
+                **self.image.config_overrides("image")}
         return [f"{key}={value}" for key, value in keys.items()]
 
 
+def _tower_spec(variant: str, name: str, causal: bool) -> AttentionSpec:
+    try:
+        spec = parse_attention_name(name, causal)
+    except AttentionSpecError as err:
+        raise VariantError(f"attention variant '{variant}': {err}; variants are {VARIANT_GRAMMAR}") from None
+    if spec.linear is None and spec.local_kernel:
+        raise VariantError(f"attention variant '{variant}': softmax takes no suffixes; variants are {VARIANT_GRAMMAR}")
+    if spec.linear is not None and spec.linear.power != DEFAULT_FOCUSED_POWER:
+        raise VariantError(f"attention variant '{variant}': the comparison runs the default focused power only")
+    return spec
+
+
 def parse_variant(name: str) -> Variant:
-    """A variant name in the models' one grammar (`parse_attention_name`, NAME_GRAMMAR) -> Variant.
+    """A variant name (VARIANT_GRAMMAR: the models' one grammar, `parse_attention_name`, optionally
+    `+text-<name>` for the text tower) -> Variant.
 
     The overrides name the shorthand and the normaliser explicitly (not `attention=linear` +
     `feature_map`), so a run's resolved config says what it ran and earlier finished runs still match.
     """
-    try:
-        spec = parse_attention_name(name)
-    except AttentionSpecError as err:
-        raise VariantError(f"attention variant '{name}': {err}; variants are {VARIANT_GRAMMAR}") from None
-    if spec.linear is None:
-        if spec.local_kernel:
-            raise VariantError(f"attention variant '{name}': softmax takes no suffixes; variants are {VARIANT_GRAMMAR}")
-        return Variant(name, "softmax", None)
-    if spec.linear.power != DEFAULT_FOCUSED_POWER:
-        raise VariantError(f"attention variant '{name}': the comparison runs the default focused power only")
-    return Variant(name, f"linear-{spec.linear.feature_map}", spec.linear.denominator, spec.local_kernel)
+    image_name, sep, text_name = name.partition(TEXT_SEPARATOR)
+    image = _tower_spec(name, image_name, causal=False)
+    if not sep:
+        return Variant(name, image, replace(image, local_kernel=0))
+    if TEXT_SEPARATOR in text_name:
+        raise VariantError(f"attention variant '{name}': one '{TEXT_SEPARATOR}' at most; variants are {VARIANT_GRAMMAR}")
+    text = _tower_spec(name, text_name, causal=True)  # refuses a local branch: the text tower is causal
+    if text == replace(image, local_kernel=0):
+        raise VariantError(f"attention variant '{name}': the text tower is the image tower's; write '{image_name}'")
+    return Variant(name, image, text)
 
 
 def variant_argument(name: str) -> str:
@@ -749,12 +763,14 @@ def aggregate(specs: Sequence[RunSpec], done: dict[RunSpec, RunResult]) -> list[
 
 
 def pick_best(rows: Sequence[Row], steps: int) -> str | None:
-    """The linear variant with the highest zero-shot top-1, averaged over the image sizes of the
-    `steps`-step rows (each size's mean over seeds); only variants with runs at every size count."""
+    """The linear variant (both towers linear: an O(N) model) with the highest zero-shot top-1, averaged
+    over the image sizes of the `steps`-step rows (each size's mean over seeds); only variants with runs at
+    every size count."""
     sizes = {r.image_size for r in rows if r.steps == steps}
     scores: dict[str, list[float]] = {}
     for row in rows:
-        if row.steps == steps and row.kind != "softmax" and row.n:
+        variant = parse_variant(row.kind)
+        if row.steps == steps and variant.image.linear and variant.text.linear and row.n:
             scores.setdefault(row.kind, []).append(row.stat("top1").mean)
     complete = {k: sum(v) / len(v) for k, v in scores.items() if len(v) == len(sizes)}
     return max(complete, key=complete.get) if complete else None
@@ -843,7 +859,7 @@ def table_rows(rows: Sequence[Row], timing: dict[str, dict]) -> list[list[str]]:
     return out
 
 
-SUMMARY_HEADER = ["attention (both towers)", "px (tokens)", "steps", "zero-shot top-1 %", "top-5 %", "final loss",
+SUMMARY_HEADER = ["attention (image[+text])", "px (tokens)", "steps", "zero-shot top-1 %", "top-5 %", "final loss",
                   "train img/s (vs softmax)", "activations MiB", "attn MFLOPs/img"]
 
 
@@ -1200,7 +1216,7 @@ def build_parser() -> argparse.ArgumentParser:
             "targets for the best linear variant. Writes markdown tables, a JSON file and PNG plots to --out."
         ),
         epilog=(
-            f"attention variants (both towers): {VARIANT_GRAMMAR}\n"
+            f"attention variants: {VARIANT_GRAMMAR}\n"
             "examples:\n"
             "  python -m ds_linclip.experiments.compare --seeds 3 --steps 150 --image-sizes 28 56\n"
             "  python -m ds_linclip.experiments.compare --kinds softmax linear-affine linear-focused-local3 \\\n"
@@ -1214,7 +1230,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS), type=variant_argument, metavar="VARIANT",
-                        help="attention variants, both towers (grammar below). Default: %(default)s")
+                        help="attention variants (grammar below; a plain name sets both towers). Default: %(default)s")
     parser.add_argument("--image-sizes", nargs="+", type=int, default=[28, 56], metavar="PX",
                         help="image sizes in pixels, multiples of the patch size (default: %(default)s -> 49 and 196 "
                              "patches with patch 4; the data pipeline resizes the 28 px images)")
