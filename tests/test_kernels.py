@@ -114,8 +114,8 @@ def check_against_oracle(fn, q, k, v, feature_map, causal, denominator, tol, gra
 # fast PyTorch path
 # ---------------------------------------------------------------------------------------------
 
-# 300 > CAUSAL_DENSE_MAX_TOKENS: the chunked causal branch; 50, 77 and 197: the dense masked branch
-TORCH_TOKENS = [1, 7, 50, 77, 197, 300]
+# 300, 1025 > CAUSAL_DENSE_MAX_TOKENS: the chunked causal branch; 50, 77 and 197: the dense masked branch
+TORCH_TOKENS = [1, 7, 50, 77, 197, 300, 1025]
 assert max(TORCH_TOKENS) > CAUSAL_DENSE_MAX_TOKENS > 197
 
 
