@@ -12,11 +12,6 @@ reproduces the uninterrupted run's losses bit for bit.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -28,8 +23,8 @@ from ds_linclip.train.linearize import (
     GROUP_KEY, STAGE_FINETUNE, STAGE_TRANSFER, TEACHER_KEY, Linearizer, reset_optimizer_state, strip_teacher,
     warmup_cosine,
 )
+from trainer_launch import DeepSpeedLaunch, steps_logged
 
-REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 
 
@@ -193,12 +188,6 @@ TRANSFER_STEPS, STEPS = 6, 12
 RUN_TIMEOUT_S = 900
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def open_clip_file(tmp_path_factory) -> Path:
     """A randomly initialised open_clip ViT-S-16 (shrunk) saved the way open_clip saves (`state_dict`)."""
@@ -237,54 +226,19 @@ def launcher_overrides(shards: Path, output_dir: Path, run_name: str, pretrained
     ]
 
 
-class Launch:
-    """`deepspeed --num_gpus 2 --module ds_linclip.train OVERRIDES` in its own process group."""
+class Launch(DeepSpeedLaunch):
+    """`deepspeed --num_gpus 2 --module ds_linclip.train OVERRIDES`, run to the end or killed at a point."""
 
     def __init__(self, overrides: list[str], log: Path):
-        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(key, None)
-        self.log = log
-        self.proc = subprocess.Popen(
-            ["deepspeed", "--num_gpus", str(WORLD), "--master_port", str(_free_port()), "--module",
-             "ds_linclip.train", *overrides],
-            env=env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log.read_text().splitlines()[-lines:])
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the launcher, both ranks, their loader workers
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=60)
+        super().__init__(overrides, log, RUN_TIMEOUT_S, world=WORLD)
 
     def run(self) -> None:
-        try:
-            code = self.proc.wait(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"no finish in {RUN_TIMEOUT_S}s\n{self.tail()}")
+        code = self.wait()
         assert code == 0, f"exit code {code}\n{self.tail()}"
 
     def kill_when(self, predicate, what: str) -> None:
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not predicate():
-            if self.proc.poll() is not None:
-                pytest.fail(f"the run ended while waiting for {what}\n{self.tail()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                pytest.fail(f"timed out waiting for {what}\n{self.tail()}")
-            time.sleep(0.1)
+        self.wait_until(predicate, what)
         self.kill()
-
-
-def steps_logged(run_dir: Path) -> int:
-    path = run_dir / "sample_keys" / "rank_00000.txt"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return int(lines[-1].split("\t")[0]) if lines else 0
 
 
 def latest_step(run_dir: Path) -> int:

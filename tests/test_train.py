@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_launch import cpu_env, free_port, steps_logged
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -33,12 +33,6 @@ STEPS = 20
 RUN_TIMEOUT_S = 900
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_overrides(shards: Path, output_dir: Path, run_name: str) -> list[str]:
@@ -65,14 +59,12 @@ class Ranks:
     """WORLD processes of `python -m ds_linclip.train OVERRIDES`, logs in LOG_DIR/rank<N>.log."""
 
     def __init__(self, overrides: list[str], log_dir: Path, tag: str):
-        port = _free_port()
+        port = free_port()
         self.logs = [log_dir / f"{tag}.rank{r}.log" for r in range(WORLD)]
         self.procs = []
         for rank in range(WORLD):
-            env = dict(
-                os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
-            )
+            env = dict(cpu_env(), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "ds_linclip.train", *overrides], env=env, cwd=REPO,
                 stdout=open(self.logs[rank], "w"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -104,14 +96,6 @@ class Ranks:
     def run(self) -> None:
         codes = self.wait()
         assert codes == [0] * WORLD, f"exit codes {codes}\n{self.tail()}"
-
-
-def steps_logged(run_dir: Path, rank: int = 0) -> int:
-    path = run_dir / "sample_keys" / f"rank_{rank:05d}.txt"
-    if not path.is_file():
-        return 0
-    lines = path.read_text().splitlines()
-    return int(lines[-1].split("\t")[0]) if lines else 0
 
 
 def wait_for(predicate, ranks: Ranks, timeout: float = RUN_TIMEOUT_S, what: str = "") -> None:

@@ -12,46 +12,30 @@ collective by then).
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from trainer_launch import DeepSpeedLaunch
 
-REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Launch:
+class Launch(DeepSpeedLaunch):
     """`deepspeed --num_gpus 2 --module ds_linclip.train OVERRIDES` with its output in a log file."""
 
     def __init__(self, shards: Path, out: Path, name: str, *overrides: str):
         self.run = out / name
-        self.log = out / f"{name}.log"
         args = [
             "model.preset=tiny", f"data.train_shards={shards}/train/shard-{{000000..000011}}.tar", "data.workers=1",
             f"train.output_dir={out}", f"train.run_name={name}", "train.steps=40", "train.micro_batch_size=8",
             "train.precision=fp32", "train.zero_stage=1", "train.warmup_steps=2", "train.log_every=1",
             "train.keep_last=2", *overrides,
         ]
-        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
-             "--module", "ds_linclip.train", *args],
-            env=env, cwd=REPO, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        super().__init__(args, out / f"{name}.log", TIMEOUT_S)
 
     def ranks(self) -> dict[int, "psutil.Process"]:  # noqa: F821
         """local rank -> the rank's process (the launcher's children; not their loader workers)."""
@@ -71,38 +55,8 @@ class Launch:
                 pass
         return found
 
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_until(self, predicate, what: str, timeout: float = TIMEOUT_S, poll: float = 0.01) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if self.proc.poll() is not None:
-                pytest.fail(f"the launcher exited ({self.proc.returncode}) while waiting for {what}\n{self.tail()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                pytest.fail(f"timed out waiting for {what}\n{self.tail()}")
-            time.sleep(poll)
-
     def signal(self, rank: int, sig: int) -> None:
         self.ranks()[rank].send_signal(sig)
-
-    def wait(self) -> int:
-        try:
-            return self.proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"the ranks hung: no exit within {TIMEOUT_S}s of the signal\n{self.tail()}")
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=60)
-
-    def tail(self, lines: int = 60) -> str:
-        return "\n".join(self.text().splitlines()[-lines:])
 
 
 def _latest(run: Path) -> str | None:
@@ -127,7 +81,7 @@ def test_signal_during_start_up_exits_75_before_training(fmnist_shards, tmp_path
     """One rank gets SIGUSR1 a moment after it started (importing torch): both ranks leave at the
     first agreement point, before any step, with nothing to checkpoint."""
     launch = Launch(fmnist_shards, tmp_path, "init")
-    launch.wait_until(lambda: len(launch.ranks()) == 2, "the two rank processes")
+    launch.wait_until(lambda: len(launch.ranks()) == 2, "the two rank processes", poll=0.01)
     time.sleep(1.0)  # the rank is past the interpreter's start-up, inside its imports or init
     launch.signal(1, signal.SIGUSR1)
     code = launch.wait()
@@ -158,7 +112,7 @@ def test_signal_during_a_checkpoint_save_keeps_latest_complete(fmnist_shards, tm
     exit 75, and `latest` never named a half-written tag."""
     launch = Launch(fmnist_shards, tmp_path, "save", "train.checkpoint_every=3")
     save_dir = launch.run / "checkpoints"
-    launch.wait_until(lambda: len(launch.ranks()) == 2, "the two rank processes")
+    launch.wait_until(lambda: len(launch.ranks()) == 2, "the two rank processes", poll=0.01)
     ranks = launch.ranks()  # looked up now: the signals below must not wait for a process scan
     launch.wait_until(lambda: (save_dir / "step_00000003").is_dir(), "the save of step 3", poll=0.002)
     ranks[1].send_signal(signal.SIGTERM)
