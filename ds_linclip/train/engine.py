@@ -100,6 +100,22 @@ def accelerator_name() -> str:
     return get_accelerator().device_name()
 
 
+def all_reduce_floats(values: list[float], op=None) -> list[float]:
+    """A few floats reduced over all ranks (op: a torch.distributed.ReduceOp, default SUM) in float64; the values themselves
+    without a process group. The tensor lives where the backend reduces: the CPU for gloo, this rank's
+    accelerator otherwise (NCCL reduces device tensors only)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [float(v) for v in values]
+    from deepspeed.accelerator import get_accelerator
+
+    device = "cpu" if dist.get_backend() == "gloo" else get_accelerator().current_device_name()
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op)
+    return tensor.tolist()
+
+
 def init_distributed(env: DistEnv, timeout_minutes: float = 10) -> None:
     """Process group over all ranks: gloo on CPU, DeepSpeed's choice (nccl, ...) on accelerators."""
     import deepspeed

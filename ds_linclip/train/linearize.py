@@ -16,7 +16,7 @@ counts zeroed), i.e. exactly what a new optimizer would start from.
 
 The teacher is not a second model. With every non-attention weight frozen and identical, teacher
 and student differ only in their attention projections, so each linear `Attention` gets a frozen
-copy of its pretrained softmax qkv/out_proj as a child module `attn.teacher` (`SoftmaxTeacher`),
+copy of its pretrained softmax qkv/out_proj as a child module `attn.teacher` (a softmax `Attention`),
 made before the DeepSpeed engine exists. Those are ordinary parameters of the model with
 requires_grad=False: ZeRO-1/2 keep them replicated like any non-optimised parameter (two small
 matrices per layer), ZeRO-3 partitions them like every other parameter and gathers one layer's
@@ -36,15 +36,16 @@ stage at the right step, and the stage-2 optimizer reset happens once, at the tr
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ds_linclip.config import ConfigError
+from ds_linclip.models.attention import SOFTMAX
 
 TEACHER = "teacher"  # child module name under each linear Attention
 TEACHER_KEY = f".attn.{TEACHER}."  # in parameter / state-dict names
@@ -58,28 +59,6 @@ GROUP_KEY = "linearize_transfer"  # param-group flag: trains in stage 1
 def strip_teacher(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """`state_dict` without the frozen teacher copies (what an export of the student holds)."""
     return {key: value for key, value in state_dict.items() if TEACHER_KEY not in key}
-
-
-class SoftmaxTeacher(nn.Module):
-    """Softmax multi-head attention with open_clip's layout (qkv = in_proj, out_proj): the pretrained
-    attention a linear layer replaces. `(batch, tokens, width) -> (batch, tokens, width)`."""
-
-    def __init__(self, width: int, heads: int, causal: bool):
-        super().__init__()
-        self.width, self.heads, self.head_dim, self.causal = width, heads, width // heads, causal
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out_proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, width = x.shape
-        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        mixed = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.out_proj(mixed.transpose(1, 2).reshape(batch, tokens, width))
-
-
-def is_linear(attn: nn.Module) -> bool:
-    """True when an Attention module computes linear attention (its AttentionSpec has a LinearSpec)."""
-    return attn.spec.linear is not None
 
 
 def stage_for_step(step: int, transfer_steps: int) -> int:
@@ -192,16 +171,10 @@ class Linearizer:
         for tower, prefix, module in (("image", "visual", model.visual), ("text", "text", model.text)):
             for index, block in enumerate(module.blocks):
                 attn = block.attn
-                if not is_linear(attn):
+                if attn.spec.linear is None:
                     continue
-                weight = attn.qkv.weight
-                teacher = SoftmaxTeacher(attn.qkv.in_features, attn.heads, bool(attn.causal))
-                teacher.to(device=weight.device, dtype=weight.dtype)
-                with torch.no_grad():  # the pretrained softmax projections, as loaded
-                    teacher.qkv.weight.copy_(attn.qkv.weight)
-                    teacher.qkv.bias.copy_(attn.qkv.bias)
-                    teacher.out_proj.weight.copy_(attn.out_proj.weight)
-                    teacher.out_proj.bias.copy_(attn.out_proj.bias)
+                teacher = copy.deepcopy(attn)  # the pretrained softmax projections, as loaded
+                teacher.set_spec(SOFTMAX)  # drops what the variant added (focus scale, local conv)
                 teacher.requires_grad_(False)
                 attn.add_module(TEACHER, teacher)
                 layers.append(Layer(tower, index, f"{prefix}.blocks.{index}.attn", attn))
@@ -263,8 +236,9 @@ class Linearizer:
             handle.remove()
         self._handles = []
 
-    def _computes_transfer(self) -> bool:
-        return self.stage == STAGE_TRANSFER or (self.stage == STAGE_FINETUNE and self.finetune_weight > 0)
+    def _computes_transfer(self, stage: int | None = None) -> bool:
+        stage = self.stage if stage is None else stage
+        return stage == STAGE_TRANSFER or (stage == STAGE_FINETUNE and self.finetune_weight > 0)
 
     def _detach_input(self, module, args, kwargs):
         # stage 1: the student reads the teacher's stream but sends no gradient into it
@@ -314,8 +288,9 @@ class Linearizer:
                 raise RuntimeError(f"transfer loss recorded for {len(self.losses)} of {len(self.layers)} layers")
             per_layer = torch.stack([self.losses[i] for i in range(len(self.layers))])
             transfer = per_layer.mean()
-            self._window_layers += per_layer.detach().double()
-            self._window_transfer += float(transfer.detach())
+            # summed where the loss is (no host sync per micro-batch); read once per log window
+            sums = per_layer.detach().double()
+            self._window_layers = sums if self._window_layers is None else self._window_layers + sums
         self.losses = {}
         self._window_contrastive += float(contrastive.detach())
         self._window_count += 1
@@ -328,8 +303,7 @@ class Linearizer:
 
     # ------------------------------------------------------------------ logging, checkpoints
     def _reset_window(self) -> None:
-        self._window_layers = torch.zeros(len(self.layers), dtype=torch.float64)
-        self._window_transfer = 0.0
+        self._window_layers: torch.Tensor | None = None  # per-layer transfer-loss sums (float64)
         self._window_contrastive = 0.0
         self._window_count = 0
         self._window_stage = self.stage
@@ -337,16 +311,16 @@ class Linearizer:
     def log_window(self, writer, step: int) -> str:
         """Average the window over micro-batches and ranks (collective: every rank calls it);
         rank 0 (the one with a writer) writes `linearize/*`. Returns the console summary."""
-        import torch.distributed as dist
+        from ds_linclip.train.engine import all_reduce_floats
 
-        totals = torch.cat([self._window_layers, torch.tensor(
-            [self._window_transfer, self._window_contrastive, float(self._window_count)], dtype=torch.float64)])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(totals)
+        layer_sums = [0.0] * len(self.layers) if self._window_layers is None else self._window_layers.tolist()
+        totals = torch.tensor(all_reduce_floats(layer_sums + [self._window_contrastive, float(self._window_count)]),
+                              dtype=torch.float64)
         count = max(1.0, float(totals[-1]))
-        layers, transfer, contrastive = totals[:len(self.layers)] / count, float(totals[-3]) / count, float(totals[-2]) / count
-        has_transfer = self._window_stage == STAGE_TRANSFER or self.finetune_weight > 0
+        layers, contrastive = totals[:len(self.layers)] / count, float(totals[-2]) / count
+        transfer = float(layers.mean())  # the mean over micro-batches of the per-layer mean
         stage = self._window_stage
+        has_transfer = self._computes_transfer(stage)
         self._reset_window()
         if writer is not None:
             writer.add_scalar("linearize/stage", float(stage), step)

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from ds_linclip.config import to_yaml
 from ds_linclip.train import checkpoint as ckpt
 from ds_linclip.train.engine import (
-    build_ds_config, build_engine, dist_env, global_batch_size, init_distributed, write_ds_config,
+    all_reduce_floats, build_ds_config, build_engine, dist_env, global_batch_size, init_distributed, write_ds_config,
 )
 from ds_linclip.train.linearize import Linearizer
 from ds_linclip.train.loss import ClipLoss
@@ -56,7 +56,7 @@ def run_dir(cfg: DictConfig) -> Path:
 
 def agree_to_stop(stop: StopRequest) -> bool:
     """Collective (every rank, same order): True on every rank if any rank got a stop signal."""
-    (signum,) = _all_reduce([float(stop.signum or 0)], op=dist.ReduceOp.MAX)
+    (signum,) = all_reduce_floats([float(stop.signum or 0)], op=dist.ReduceOp.MAX)
     if signum and not stop.requested:
         stop.signum = int(signum)  # another rank got it: leave together, under its signal's name
     return bool(signum)
@@ -93,13 +93,6 @@ class NonFiniteGuard:
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=op)
-    return tensor.tolist()
 
 
 def peak_memory_mb() -> float:
@@ -343,7 +336,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
                     loss = linearizer.objective(loss)
                 state.samples_seen += images.shape[0]
                 # one collective decides for all ranks: skip a non-finite micro-batch, stop on a signal
-                nonfinite_any, stop_any = _all_reduce(
+                nonfinite_any, stop_any = all_reduce_floats(
                     [0.0 if torch.isfinite(loss) else 1.0, 1.0 if stop.requested else 0.0], op=dist.ReduceOp.MAX
                 )
                 if stop_any:
@@ -431,8 +424,8 @@ def _submit_eval(cfg: DictConfig, tag_dir: Path) -> None:
 def _log_window(engine, writer, loader, window: Window, state: TrainState, guard: NonFiniteGuard, scale: float,
                 tc, world: int, global_batch: int, run_start: float, run_start_step: int) -> None:
     """Reduce the window over ranks; rank 0 writes TensorBoard and the console line."""
-    loss_sum, samples = _all_reduce([window.loss_sum, float(window.samples)])
-    step_time_max, data_wait_max, peak_mb = _all_reduce(
+    loss_sum, samples = all_reduce_floats([window.loss_sum, float(window.samples)])
+    step_time_max, data_wait_max, peak_mb = all_reduce_floats(
         [window.step_time, window.data_wait, peak_memory_mb()], op=dist.ReduceOp.MAX
     )
     skipped_by_rank: list[dict] = [None] * world  # type: ignore[list-item]
