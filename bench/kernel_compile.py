@@ -39,10 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from kernels.reference import FEATURE_MAPS  # noqa: E402
+
 ARCHS = (80, 90)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HEAD_DIMS = (32, 64, 80, 96, 128)
-FEATURE_MAPS = ("affine", "focused", "elu", "relu")
 # pointer arguments in the input dtype; every other pointer is in the accumulation dtype
 _IO_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 _INT_SCALARS = {"H", "N", "tokens_per_split"}
@@ -66,10 +67,10 @@ class Case:
 
 def _switches(kernel: str):
     """(rowsum_den, chunked) values that change the kernel's code."""
-    from kernels.linear_attention import _NO_ROWSUM_SWITCH
+    from kernels.linear_attention import _CHUNKED_SWITCH, _NO_ROWSUM_SWITCH
 
     rowsum = (False,) if kernel in _NO_ROWSUM_SWITCH else (False, True)
-    chunked = (False, True) if kernel.startswith("_causal") and kernel != "_causal_reverse_state_kernel" else (False,)
+    chunked = (False, True) if kernel in _CHUNKED_SWITCH else (False,)
     return itertools.product(rowsum, chunked)
 
 
@@ -180,7 +181,7 @@ def compile_case(case: Case) -> dict:
     fn = getattr(module, case.kernel)
     constexprs, options = kernel_constexprs(case.kernel, dtype, case.head_dim, case.head_dim, case.feature_map,
                                             case.rowsum_den, 3.0, case.chunked, case.arch)
-    signature, attrs = _signature(fn, constexprs, {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[case.dtype], "fp32")
+    signature, attrs = _signature(fn, constexprs, case.dtype, "fp32")
     started = time.perf_counter()
     log = io.StringIO()
     dump_before = knobs.nvidia.dump_ptxas_log

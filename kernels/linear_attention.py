@@ -29,8 +29,10 @@ from types import ModuleType
 
 import torch
 
-FEATURE_CODES = {"affine": 0, "focused": 1, "elu": 2, "relu": 3}
-NORM_EPS = 1e-6  # F.normalize's eps in the reference
+from kernels.reference import FEATURE_MAPS, NORM_EPS
+
+# the kernels' KIND constexpr: 0 affine, 1 focused, 2 elu, 3 relu (FEATURE_MAPS' order)
+FEATURE_CODES = {feature_map: code for code, feature_map in enumerate(FEATURE_MAPS)}
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # causal inputs at least this long run chunk-parallel (below: one program per (batch, head))
 CHUNKED_MIN_TOKENS = 1024
@@ -114,6 +116,8 @@ KERNELS = (
 _LIGHT_KERNELS = ("_bidir_state_kernel", "_bidir_out_kernel", "_causal_reverse_state_kernel")
 # kernels without the ROWSUM_DEN / CHUNKED switches
 _NO_ROWSUM_SWITCH = ("_bidir_state_kernel", "_bidir_bwd_key_kernel", "_causal_reverse_state_kernel")
+# kernels with a CHUNKED constexpr (the chunk-parallel causal form)
+_CHUNKED_SWITCH = ("_causal_fwd_kernel", "_causal_bwd_query_kernel", "_causal_bwd_key_kernel")
 # dynamic shared memory one block may use (opt-in maximum), bytes: A100, H100/H200
 SHARED_MEMORY_LIMITS = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -174,7 +178,7 @@ def kernel_constexprs(
     )
     if kernel not in _NO_ROWSUM_SWITCH:
         meta["ROWSUM_DEN"] = rowsum_den
-    if kernel.startswith("_causal") and kernel != "_causal_reverse_state_kernel":
+    if kernel in _CHUNKED_SWITCH:
         meta["CHUNKED"] = chunked
     options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
     return meta, options

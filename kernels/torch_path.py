@@ -278,15 +278,12 @@ def linear_attention_torch(
     Arguments as `kernels.linear_attention` (which validates them; this path trusts its caller).
     """
     affine = feature_map == "affine"
+    if feature_map == "focused":  # its own Function; the products below then take φq, φk as given
+        q, k, feature_map = _FocusedFeatures.apply(q, scale, power), _FocusedFeatures.apply(k, scale, power), "identity"
     if causal:
-        if feature_map == "focused":
-            phi_q, phi_k = _FocusedFeatures.apply(q, scale, power), _FocusedFeatures.apply(k, scale, power)
-        else:
-            phi_q, phi_k = features(q, feature_map, scale, power), features(k, feature_map, scale, power)
-        return _causal(phi_q, phi_k, v, affine, denominator, eps)
-    if feature_map == "focused":
-        phi_q, phi_k = _FocusedFeatures.apply(q, scale, power), _FocusedFeatures.apply(k, scale, power)
-        return _BidirectionalLinearAttention.apply(phi_q, phi_k, v, "identity", denominator, eps)
+        if feature_map != "identity":
+            q, k = features(q, feature_map, scale, power), features(k, feature_map, scale, power)
+        return _causal(q, k, v, affine, denominator, eps)
     return _BidirectionalLinearAttention.apply(q, k, v, feature_map, denominator, eps)
 
 

@@ -204,15 +204,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         batch, tokens, width = x.shape
         qkv = self.qkv(x)  # (batch, tokens, 3·width)
-        # -> 3 × (batch, heads, tokens, head_dim)
-        q, k, v = qkv.view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # -> (3, batch, heads, tokens, head_dim)
+        heads = qkv.view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         linear = self.spec.linear
         if linear is None:
+            q, k, v = heads
             mixed = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
-            # one copy into (3, batch, heads, tokens, head_dim) order, instead of one inside every matmul
-            # that meets a permuted q, k or v (forward and backward: ~20 strided copies per call on CPU)
-            q, k, v = qkv.view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).contiguous()
+            # one copy into head-major order, instead of one inside every matmul that meets a permuted
+            # q, k or v (forward and backward: ~20 strided copies per call on CPU)
+            q, k, v = heads.contiguous()
             scale = F.softplus(self.focus_scale).to(q.dtype) if self.focus_scale is not None else None
             mixed = linear_attention(q, k, v, causal=self.causal, scale=scale, backend=self.backend,
                                      **linear.kernel_kwargs())
