@@ -337,7 +337,8 @@ def test_kill9_in_each_stage_then_resume_matches_uninterrupted(fmnist_shards, la
     for tag in ("train/loss", "linearize/contrastive_loss", "linearize/transfer_loss", "linearize/stage",
                 "linearize/transfer/image/layers_1-1", "train/lr"):
         assert stitched[tag] == reference[tag], tag  # bit for bit
-    assert sorted(segments[1]["train/loss"]) == list(range(4, 10)) or min(segments[1]["train/loss"]) == 4
+    # each resumed segment starts right after its checkpoint: 3 -> step 4, 9 -> step 10
+    assert min(segments[1]["train/loss"]) == 4 and min(segments[2]["train/loss"]) == 10
 
 
 @pytest.mark.slow

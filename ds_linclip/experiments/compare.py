@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -49,7 +50,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -98,7 +99,8 @@ class Variant:
 
     @property
     def linear(self) -> bool:
-        return self.image.linear is not None or self.text.linear is not None
+        """Both towers linear: an O(N) model (what `best` is picked from)."""
+        return self.image.linear is not None and self.text.linear is not None
 
     def overrides(self) -> list[str]:
         """Both towers' keys (`AttentionSpec.config_overrides`), the image's local branch last."""
@@ -119,6 +121,7 @@ def _tower_spec(variant: str, name: str, causal: bool) -> AttentionSpec:
     return spec
 
 
+@functools.lru_cache(maxsize=None)  # a pure function of the name, asked for several times per run
 def parse_variant(name: str) -> Variant:
     """A variant name (VARIANT_GRAMMAR: the models' one grammar, `parse_attention_name`, optionally
     `+text-<name>` for the text tower) -> Variant.
@@ -189,6 +192,11 @@ class Budget:
         return max(1, self.steps // 40)
 
 
+def shape_name(kind: str, image_size: int, width: int) -> str:
+    """A variant at one shape: the timing pass's key and the run folder's prefix."""
+    return f"{kind}-{image_size}px-w{width}"
+
+
 @dataclass(frozen=True)
 class RunSpec:
     kind: str
@@ -199,7 +207,7 @@ class RunSpec:
     @property
     def shape_name(self) -> str:
         """Variant and shapes only: what the interleaved timing pass measures (seed and steps do not matter)."""
-        return f"{self.kind}-{self.image_size}px-w{self.width}"
+        return shape_name(self.kind, self.image_size, self.width)
 
     @property
     def name(self) -> str:
@@ -726,7 +734,7 @@ class Row:
 
     @property
     def shape_name(self) -> str:
-        return f"{self.kind}-{self.image_size}px-w{self.width}"
+        return shape_name(self.kind, self.image_size, self.width)
 
     def stat(self, field_name: str) -> Stat:
         return mean_std(getattr(r, field_name) for r in self.runs)
@@ -769,8 +777,7 @@ def pick_best(rows: Sequence[Row], steps: int) -> str | None:
     sizes = {r.image_size for r in rows if r.steps == steps}
     scores: dict[str, list[float]] = {}
     for row in rows:
-        variant = parse_variant(row.kind)
-        if row.steps == steps and variant.image.linear and variant.text.linear and row.n:
+        if row.steps == steps and parse_variant(row.kind).linear and row.n:
             scores.setdefault(row.kind, []).append(row.stat("top1").mean)
     complete = {k: sum(v) / len(v) for k, v in scores.items() if len(v) == len(sizes)}
     return max(complete, key=complete.get) if complete else None
@@ -814,7 +821,7 @@ def target_checks(rows: Sequence[Row], best: str | None, base_steps: int, long_s
 
     for row in rows:
         if row.kind == best and row.tokens == 197 and row.steps == base_steps:
-            soft = timing.get(f"softmax-{row.image_size}px-w{row.width}", {})
+            soft = timing.get(shape_name("softmax", row.image_size, row.width), {})
             speed(f"197 tokens (interleaved pass, batch {soft.get('batch_size', '?')})",
                   timing.get(row.shape_name, {}).get("images_per_s"), soft.get("images_per_s"), 1.0)
     points = {(p["kind"], p["tokens"]): p["images_per_s"] for p in (sweep or {}).get("points", [])}
@@ -869,7 +876,7 @@ def summary_markdown(command: str, budget: Budget, rows: Sequence[Row], timing: 
     out = []
     for r in rows:
         t = timing.get(r.shape_name, {})
-        rate, base = t.get("images_per_s"), timing.get(f"softmax-{r.image_size}px-w{r.width}", {}).get("images_per_s")
+        rate, base = t.get("images_per_s"), timing.get(shape_name("softmax", r.image_size, r.width), {}).get("images_per_s")
         attention = r.first("attention_flops_per_image")
         out.append([
             r.kind, f"{r.image_size} ({r.tokens})", str(r.steps), r.stat("top1").cell(".1f", 100),
@@ -1465,7 +1472,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
         absent = [s.shape_name for s in timing_specs if s.shape_name not in timing]
         if absent:
             _log(f"  not in it (shown as -): {', '.join(absent)}")
-    elif args.timing_rounds > 0:
+    else:
+        timing_info = {"rounds": args.timing_rounds, "batch_size": timing_batch,
+                       "torch_threads": torch.get_num_threads()}
+    if not earlier and args.timing_rounds > 0:
         _log(f"interleaved timing pass: {args.timing_rounds} rounds x {len(args.kinds)} variants x "
              f"{len(args.image_sizes)} sizes, batch {timing_batch}")
         timing = interleaved_timing(timing_specs, args.timing_rounds, timing_batch, progress=not args.no_progress)
@@ -1473,10 +1483,6 @@ def _main(argv: Sequence[str] | None = None) -> int:
             t = timing[s.shape_name]
             _log(f"  {s.shape_name}: {t['images_per_s']:.1f} img/s (median of {len(t['seconds'])}), "
                  f"activations {t['activation_mib']:.1f} MiB")
-    if not earlier:
-        timing_info = {"rounds": args.timing_rounds, "batch_size": timing_batch,
-                       "torch_threads": torch.get_num_threads()}
-        sweep = {}
     if args.sweep_sizes and args.timing_rounds > 0 and not earlier:
         sweep_kinds = resolve(args.sweep_kinds or args.kinds)
         if "softmax" not in sweep_kinds:

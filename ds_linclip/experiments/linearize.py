@@ -40,32 +40,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ds_linclip.experiments.compare import (
-    HEAD_DIM, Budget, CompareError, Launcher, RunSpec, _log, contrastive_loss, ensure_shards, free_port,
-    git_commit, machine_note, markdown_table, parse_variant, read_scalars, run_one,
+    Budget, CompareError, Launcher, RunSpec, _log, contrastive_loss, ensure_shards, free_port,
+    git_commit, machine_note, markdown_table, read_scalars, run_one,
 )
 
 
-def variant_overrides(kind: str) -> list[str]:
-    """Both towers' attention keys for a variant name (the comparison's, so runs of both tools agree)."""
-    return parse_variant(kind).overrides()
-
-
 @dataclass(frozen=True)
-class Spec(RunSpec):
-    """compare's run (same shapes, budget, trainer overrides) for any attention variant name."""
-
-    def model_overrides(self) -> list[str]:
-        heads, b = max(1, self.width // HEAD_DIM), self.budget
-        out = ["model.preset=tiny", f"model.embed_dim={self.width}"]
-        for tower in ("image", "text"):
-            out += [f"model.{tower}.width={self.width}", f"model.{tower}.heads={heads}", f"model.{tower}.layers={b.layers}"]
-        return out + variant_overrides(self.kind) + [
-            f"model.image.image_size={self.image_size}", f"model.image.patch_size={b.patch_size}",
-            f"model.text.context_length={b.context_length}"]
-
-
-@dataclass(frozen=True)
-class FromTeacherSpec(Spec):
+class FromTeacherSpec(RunSpec):
     """A run that starts from the teacher's weights: ordinary fine-tune, or train.linearize if transfer_steps > 0."""
 
     pretrained: str = ""
@@ -95,7 +76,7 @@ class FromTeacherSpec(Spec):
 
 
 @dataclass(frozen=True)
-class NoRecipeSpec(Spec):
+class NoRecipeSpec(RunSpec):
     """(c): a run folder holding only the teacher's export, its config naming the linear kind."""
 
     @property
@@ -103,7 +84,7 @@ class NoRecipeSpec(Spec):
         return f"{self.kind}-norecipe-{self.image_size}px-w{self.width}"
 
 
-def score_without_training(kind_spec: Spec, teacher_dir: Path, launcher: Launcher) -> dict[str, Any]:
+def score_without_training(kind_spec: RunSpec, teacher_dir: Path, launcher: Launcher) -> dict[str, Any]:
     """(c): the teacher's weights loaded the way `model.pretrained` loads them into the linear model (the
     parameters a variant adds start at their neutral init), saved as an export, scored by the eval job."""
     from safetensors.torch import save_file
@@ -189,9 +170,8 @@ def other_settings(runs_dir: Path, args: argparse.Namespace, shown: set) -> list
     return out
 
 
-def trainer_step_times(run_dir: Path, first: int, last: int) -> float | None:
-    """Median of the trainer's logged perf/step_time_s over steps first..last."""
-    series = read_scalars(run_dir / "tensorboard").get("perf/step_time_s", [])
+def trainer_step_times(series: Sequence[tuple[int, float]], first: int, last: int) -> float | None:
+    """Median of a run's logged perf/step_time_s (`read_scalars` series) over steps first..last."""
     values = [v for s, v in series if first <= s <= last]
     return statistics.median(values) if values else None
 
@@ -273,7 +253,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     finetune_steps = args.linearize_steps - args.transfer_steps
     finetune_warmup = max(1, finetune_steps // 10)
 
-    teacher_spec = Spec("softmax", args.image_size, args.width, full)
+    teacher_spec = RunSpec("softmax", args.image_size, args.width, full)
     teacher = run_one(teacher_spec, launcher)
     teacher_dir = runs_dir / teacher_spec.name
     teacher_file = teacher_dir / "final" / "model.safetensors"
@@ -282,7 +262,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
                                    "final_loss": teacher.final_loss}]
     timing: dict[str, Any] = {}
     for kind in args.kinds:
-        scratch_spec = Spec(kind, args.image_size, args.width, full)
+        scratch_spec = RunSpec(kind, args.image_size, args.width, full)
         if not args.recipe_only:
             record = score_without_training(scratch_spec, teacher_dir, launcher)
             _log(f"{kind} with the teacher's weights, no training: top-1 {100 * record['metrics']['top1']:.2f}%")
@@ -290,7 +270,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
                      "top1": float(record["metrics"]["top1"]), "top5": float(record["metrics"]["top5"]),
                      "final_loss": None})
         plain = run_one(FromTeacherSpec(kind, args.image_size, args.width, short, pretrained=str(teacher_file),
-                                        label=f"finetune-n{args.linearize_steps}-flr{args.finetune_lr:g}", finetune_warmup_steps=max(1, args.linearize_steps // 10)),
+                                        label=f"finetune-n{args.linearize_steps}-flr{args.finetune_lr:g}"),
                         launcher)
         rows.append({"label": "(c') teacher weights + ordinary fine-tune", "kind": kind, "run": plain.name,
                      "steps": args.linearize_steps,
@@ -309,17 +289,19 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
                      "top1": scratch.top1, "top5": scratch.top5, "final_loss": scratch.final_loss})
         scalars = read_scalars(runs_dir / recipe_spec.name / "tensorboard")
         transfer_curve = scalars.get("linearize/transfer_loss", [])
+        step_times = scalars.get("perf/step_time_s", [])
         rows.append({"label": "(d) linearised (train.linearize)", "kind": kind, "run": recipe_spec.name,
                      "steps": args.linearize_steps,
                      "transfer_steps": args.transfer_steps, "top1": linearized.top1, "top5": linearized.top5,
                      "final_loss": linearized.final_loss,
                      "transfer_loss_first": transfer_curve[0][1] if transfer_curve else None,
                      "transfer_loss_last": transfer_curve[-1][1] if transfer_curve else None,
-                     "trainer_stage1_step_s": trainer_step_times(runs_dir / recipe_spec.name, 2, args.transfer_steps),
-                     "trainer_stage2_step_s": trainer_step_times(runs_dir / recipe_spec.name, args.transfer_steps + 2,
+                     "trainer_stage1_step_s": trainer_step_times(step_times, 2, args.transfer_steps),
+                     "trainer_stage2_step_s": trainer_step_times(step_times, args.transfer_steps + 2,
                                                                  args.linearize_steps),
-                     "trainer_scratch_step_s": None if scratch is None else
-                     trainer_step_times(runs_dir / scratch_spec.name, 2, args.teacher_steps)})
+                     "trainer_scratch_step_s": None if scratch is None else trainer_step_times(
+                         read_scalars(runs_dir / scratch_spec.name / "tensorboard").get("perf/step_time_s", []),
+                         2, args.teacher_steps)})
         if args.timing_rounds > 0:
             _log(f"{kind}: interleaved timing, ordinary step vs stage-1 step, {args.timing_rounds} rounds")
             timing[kind] = stage1_timing(scratch_spec, teacher_file, args.transfer_steps, args.timing_rounds,
