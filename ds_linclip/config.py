@@ -52,6 +52,9 @@ class VisionConfig:
     # local branch: 0 (off) | 3 | 5: depthwise k x k conv of V over the patch grid, added to the
     # attention output of the patch tokens (the CLS token gets nothing)
     local_kernel: int = 0
+    # FLIP patch dropout in [0, 1): the fraction of patch tokens each training image drops after the
+    # position embedding (the CLS token is always kept; eval keeps all). 0 = off
+    patch_dropout: float = 0.0
 
 
 @dataclass
@@ -325,6 +328,10 @@ def _check_choices(cfg: DictConfig, sources: dict[str, str]) -> None:
                 f"width {t.width} is not divisible by heads {t.heads}", f"model.{tower}.heads",
                 sources.get(f"model.{tower}.heads", "preset"),
             )
+    dropout = cfg.model.image.patch_dropout
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"{dropout} is not in [0, 1)", "model.image.patch_dropout",
+                          sources.get("model.image.patch_dropout", "default"))
     if cfg.model.image.image_size % cfg.model.image.patch_size:
         raise ConfigError(
             f"image_size {cfg.model.image.image_size} is not a multiple of patch_size {cfg.model.image.patch_size}",

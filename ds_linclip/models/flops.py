@@ -12,6 +12,10 @@ as `torch.utils.flop_counter` does. Attention ("token mixing") is reported apart
 
 Everything else: patch embedding, qkv/out projections 8·N·width², MLP 4·N·width·mlp_width,
 and the output projection of the pooled token 2·width·embed_dim.
+
+Patch dropout (a training forward): the blocks see N = 1 + kept tokens (`kept_patch_count`);
+the patch embedding still runs on every patch, and a local branch convolves the full grid
+(the kept tokens are scattered back into it, see Attention), so both count every patch.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from ds_linclip.models.attention import AttentionSpec, as_spec
 from ds_linclip.models.clip import _as_dict, build_model, tower_attention
+from ds_linclip.models.vit import kept_patch_count
 
 
 @dataclass(frozen=True)
@@ -102,11 +107,13 @@ def _block_other_flops(tokens: int, width: int, mlp_width: int) -> int:
     return 2 * tokens * width * (3 * width) + 2 * tokens * width * width + 2 * 2 * tokens * width * mlp_width
 
 
-def model_cost(model_cfg: Any, image_size: int | None = None) -> ModelCost:
+def model_cost(model_cfg: Any, image_size: int | None = None, patch_dropout: float = 0.0) -> ModelCost:
     """Parameters and per-input forward FLOPs of the model `build_model(model_cfg)` would build.
 
     `image_size` (pixels, a multiple of the patch size) overrides the config's: the position
-    embedding, and so the parameter count, follows it.
+    embedding, and so the parameter count, follows it. `patch_dropout`: the cost of a training
+    forward that drops this fraction of patches (the default 0: every patch, as in eval);
+    `image.tokens` is then the tokens the blocks see.
     """
     cfg = _as_dict(model_cfg)
     embed_dim, image, text = cfg["embed_dim"], cfg["image"], cfg["text"]
@@ -115,12 +122,12 @@ def model_cost(model_cfg: Any, image_size: int | None = None) -> ModelCost:
     if size % patch:
         raise ValueError(f"image size {size} is not a multiple of patch size {patch}")
     patches = (size // patch) ** 2
-    tokens = 1 + patches
+    tokens = 1 + kept_patch_count(patches, patch_dropout)  # what the blocks see
     mlp_width = int(width * image.get("mlp_ratio", 4.0))
     image_spec = tower_attention(image, "image")
     image_params = (
         3 * patch * patch * width  # patch embedding, no bias
-        + width + tokens * width  # class + position embeddings
+        + width + (1 + patches) * width  # class + position embeddings
         + 2 * width  # ln_pre
         + image["layers"] * (_block_params(width, mlp_width) + _variant_params(image_spec, width))
         + 2 * width + width * embed_dim  # ln_post, proj
@@ -162,8 +169,10 @@ def attention_flops_per_image(model_cfg: Any, image_size: int | None = None) -> 
     return model_cost(model_cfg, image_size).image.attention_flops
 
 
-def measure_forward_flops(model_cfg: Any, image_size: int | None = None) -> dict[str, int]:
-    """FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` on one image / one caption.
+def measure_forward_flops(model_cfg: Any, image_size: int | None = None, patch_dropout: float = 0.0,
+                          batch: int = 1) -> dict[str, int]:
+    """FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` on `batch` images / captions
+    (a training-mode forward: `patch_dropout` drops patches as in training; 0 keeps all).
 
     The model is built on the meta device (no memory, no arithmetic; on meta, SDPA decomposes
     into matmuls the counter sees, while on CPU its fused kernel is not counted).
@@ -173,13 +182,12 @@ def measure_forward_flops(model_cfg: Any, image_size: int | None = None) -> dict
 
     cfg = _as_dict(model_cfg)
     cfg["pretrained"] = None
-    if image_size:
-        cfg["image"] = dict(cfg["image"], image_size=image_size)
+    cfg["image"] = dict(cfg["image"], patch_dropout=patch_dropout, **({"image_size": image_size} if image_size else {}))
     with torch.device("meta"):
         model = build_model(cfg)
         size, context = cfg["image"]["image_size"], cfg["text"]["context_length"]
-        images = torch.empty(1, 3, size, size)
-        tokens = torch.zeros(1, context, dtype=torch.long)
+        images = torch.empty(batch, 3, size, size)
+        tokens = torch.zeros(batch, context, dtype=torch.long)
     measured = {}
     with torch.no_grad():
         with FlopCounterMode(display=False) as counter:
