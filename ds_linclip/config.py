@@ -132,6 +132,22 @@ class LinearizeConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """One entry of train.phases (ds_linclip/train/phases.py): a share of train.steps with its own
+    image resolution and patch dropout (e.g. FLIP / CLIPA: most steps at low resolution with patch
+    dropout, then a short phase at full resolution without)."""
+
+    # the phase's share of train.steps: a fraction (every phase's fractions sum to 1) or a step count
+    # (they sum to train.steps); exactly one of the two, the same one in every phase
+    fraction: Optional[float] = None
+    steps: Optional[int] = None
+    # null = model.image.image_size (where the position embedding is stored; other sizes interpolate it)
+    image_size: Optional[int] = None
+    # null = model.image.patch_dropout
+    patch_dropout: Optional[float] = None
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs"
     run_name: str = "linclip"
@@ -176,6 +192,8 @@ class TrainConfig:
     log_sample_keys: bool = False
     # two-stage linearisation of a pretrained softmax CLIP (off by default)
     linearize: LinearizeConfig = field(default_factory=LinearizeConfig)
+    # training phases in order (empty: one phase, model.image.* for all steps); see PhaseConfig
+    phases: list[PhaseConfig] = field(default_factory=list)
 
 
 @dataclass

@@ -231,3 +231,67 @@ def format_table(cost: ModelCost, title: str = "", measured: dict[str, int] | No
     out = [title] if title else []
     out += [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- activation memory
+# Elements autograd saves per token and width in one pre-LN block (forward, training), from what
+# each op keeps for its backward: ln_1 input, qkv input, q/k/v, the attention output and its
+# (tokens, width) copy for out_proj, ln_2 input, c_fc input, GELU input (4·width) and c_proj input
+# (4·width) = 16. The focused feature map keeps φ(q), φ(k) besides q, k (+2); the local branch
+# keeps its V grid (1 per grid patch, see `_block_saved_elements`). Per-row statistics (LayerNorm
+# mean/rstd, softmax logsumexp, feature-map norms) and the linear state (heads·head_dim² per
+# sequence) are left out: a few percent at head_dim 64 (tests/test_phases.py measures the gap).
+SAVED_PER_TOKEN_WIDTH = 16
+FOCUSED_EXTRA_PER_TOKEN_WIDTH = 2
+
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    """Bytes of activations one rank holds for backward, for `batch` image-caption pairs."""
+
+    saved_after_forward: int  # what autograd holds when the forward (and the loss) is done
+    recompute_peak: int  # with checkpointing: the most one recomputed segment adds during backward
+
+    @property
+    def peak(self) -> int:
+        return self.saved_after_forward + self.recompute_peak
+
+
+def _block_saved_elements(spec: AttentionSpec, tokens: int, width: int, grid_patches: int) -> int:
+    focused = spec.linear is not None and spec.linear.feature_map == "focused"
+    per_token = SAVED_PER_TOKEN_WIDTH + (FOCUSED_EXTRA_PER_TOKEN_WIDTH if focused else 0)
+    return tokens * width * per_token + (grid_patches * width if spec.local_kernel else 0)
+
+
+def _tower_saved_elements(spec: AttentionSpec, layers: int, tokens: int, width: int, grid_patches: int,
+                          checkpoint_every: int) -> tuple[int, int]:
+    """(elements saved after the forward, elements one recomputed segment adds) for one sequence:
+    a checkpointed segment of k blocks keeps only its input (tokens·width) until backward
+    recomputes it; the others keep everything."""
+    block = _block_saved_elements(spec, tokens, width, grid_patches)
+    if checkpoint_every <= 0:
+        return layers * block, 0
+    # run_blocks checkpoints every k-th block alone; the k-1 after it run normally
+    checkpointed = len(range(0, layers, checkpoint_every))
+    return checkpointed * tokens * width + (layers - checkpointed) * block, block
+
+
+def activation_bytes(model_cfg: Any, batch: int, image_size: int | None = None, patch_dropout: float = 0.0,
+                     checkpoint_every: int = 0, bytes_per_element: int = 2) -> ActivationEstimate:
+    """Estimated activation memory of one training micro-batch of `batch` pairs, from the shapes:
+    the blocks of both towers (see SAVED_PER_TOKEN_WIDTH), the pixels the patch embedding keeps,
+    the embeddings' LayerNorm inputs; not the parameters, gradients or optimizer state."""
+    cfg = _as_dict(model_cfg)
+    image, text = cfg["image"], cfg["text"]
+    size, patch = image_size or image["image_size"], image["patch_size"]
+    grid_patches = (size // patch) ** 2
+    image_tokens = 1 + kept_patch_count(grid_patches, patch_dropout)
+    image_saved, image_peak = _tower_saved_elements(tower_attention(image, "image"), image["layers"], image_tokens,
+                                                    image["width"], grid_patches, checkpoint_every)
+    image_saved += 3 * size * size + image_tokens * image["width"]  # pixels (patch embedding), ln_pre input
+    context = text["context_length"]
+    text_saved, text_peak = _tower_saved_elements(tower_attention(text, "text"), text["layers"], context,
+                                                  text["width"], 0, checkpoint_every)
+    text_saved += context * text["width"]  # ln_final input
+    return ActivationEstimate(batch * (image_saved + text_saved) * bytes_per_element,
+                              batch * max(image_peak, text_peak) * bytes_per_element)
