@@ -357,6 +357,26 @@ def _check_choices(cfg: DictConfig, sources: dict[str, str]) -> None:
         )
 
 
+def _check_phase_keys(node: DictConfig, source: str) -> None:
+    """Name a bad key inside a `train.phases` entry by its index (OmegaConf names only the leaf)."""
+    phases = OmegaConf.select(node, "train.phases", default=None)
+    if phases is None or not OmegaConf.is_list(phases):
+        return
+    known = [f.name for f in fields(PhaseConfig)]
+    for index, entry in enumerate(phases):
+        key = f"train.phases[{index}]"
+        if not OmegaConf.is_dict(entry):
+            raise ConfigError(f"'{entry}' is not a mapping (e.g. {{fraction: 0.9, image_size: 112}})", key, source)
+        for name in entry.keys():
+            if name not in known:
+                hint = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
+                raise ConfigError("unknown key" + (f"; did you mean '{key}.{hint[0]}'?" if hint else
+                                                   f" (known: {', '.join(known)})"), f"{key}.{name}", source)
+            value = entry._get_node(name)._value()
+            if (value is not None and not isinstance(value, (int, float))) or isinstance(value, bool):
+                raise ConfigError(f"{value!r} is not a number", f"{key}.{name}", source)
+
+
 def _leaf_sources(node: DictConfig, source: str, prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for key in node.keys():
@@ -413,6 +433,7 @@ def load_config(
             )
         cfg = OmegaConf.merge(cfg, {"model": PRESETS[preset]})
     for node, source in layers:
+        _check_phase_keys(node, source)
         try:
             cfg = OmegaConf.merge(cfg, node)
         except OmegaConfBaseException as err:

@@ -62,6 +62,17 @@ def test_bad_phases_name_the_key(phases, key):
     assert f"config key '{key}'" in str(info.value)
 
 
+@pytest.mark.parametrize("phases,key,message", [
+    ("[{fraction: 0.9}, {fracton: 0.1}]", "train.phases[1].fracton", "did you mean 'train.phases[1].fraction'"),
+    ("[{fraction: 0.5}, {fraction: half}]", "train.phases[1].fraction", "'half' is not a number"),
+    ("[0.5, 0.5]", "train.phases[0]", "is not a mapping"),
+])
+def test_bad_phase_entries_name_the_key_as_the_config_loads(phases, key, message):
+    with pytest.raises(ConfigError) as info:
+        _cfg(f"train.phases={phases}")
+    assert f"config key '{key}'" in str(info.value) and message in str(info.value)
+
+
 # ----------------------------------------------------------------------------- the loader
 
 
