@@ -580,6 +580,12 @@ class TrainLoader:
         """Skipped samples/shards by reason on this rank (all workers), since the run started."""
         return {k: int(v) for k, v in sorted(self.counters.items()) if k != REPEATED}
 
+    def set_image_size(self, size: int) -> None:
+        """Images of `size` px from the next `iter()` on (a training phase's resolution). Call it
+        between iterations: a new iter() goes on from the last batch delivered (the raw positions
+        are known in this process), so no sample is repeated or skipped by the change."""
+        self.stream.cfg.image_size = int(size)
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch = epoch

@@ -29,6 +29,46 @@ from omegaconf import DictConfig, OmegaConf
 
 from ds_linclip.config import ConfigError
 from ds_linclip.data import shards as shardlib
+from ds_linclip.train.phases import Phase, plan_phases
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class PhaseCost:
+    """One phase's per-sample cost (models/flops.py) and estimated activation memory per rank."""
+
+    phase: Phase
+    tokens_per_image: int  # what the image blocks see (CLS + kept patches)
+    forward_gflops_per_sample: float  # one image + one caption, training forward
+    attention_share: float  # of those FLOPs, token mixing
+    activation_bytes: int  # one micro-batch, no activation checkpointing
+    checkpointed_activation_bytes: int  # with train.grad_checkpointing (1 if it is off), recompute peak included
+    checkpoint_every: int
+
+    def row(self) -> list[str]:
+        p = self.phase
+        return [str(p.index), f"{p.first_step}-{p.last_step}", str(p.steps), str(p.image_size), f"{p.patch_dropout:g}",
+                str(self.tokens_per_image), f"{self.forward_gflops_per_sample:.2f}", f"{100 * self.attention_share:.1f}",
+                f"{self.activation_bytes / GIB:.2f}", f"{self.checkpointed_activation_bytes / GIB:.2f}"]
+
+
+def phase_costs(cfg: DictConfig, phases: Sequence[Phase]) -> tuple[PhaseCost, ...]:
+    """Per-phase tokens, forward FLOPs and activation memory at train.micro_batch_size."""
+    from ds_linclip.models.flops import activation_bytes, model_cost
+
+    bytes_per_element = 4 if cfg.train.precision == "fp32" else 2
+    every = int(cfg.train.grad_checkpointing) or 1
+    out = []
+    for phase in phases:
+        cost = model_cost(cfg.model, phase.image_size, phase.patch_dropout)
+        flops = cost.image.flops + cost.text.flops
+        memory = {k: activation_bytes(cfg.model, int(cfg.train.micro_batch_size), phase.image_size,
+                                      phase.patch_dropout, k, bytes_per_element).peak for k in (0, every)}
+        out.append(PhaseCost(phase, cost.image.tokens, flops / 1e9,
+                             (cost.image.attention_flops + cost.text.attention_flops) / flops,
+                             memory[0], memory[every], every))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -45,6 +85,7 @@ class Plan:
     batches_per_epoch: int  # per rank
     steps: int
     resume: str | None  # the checkpoint a start would resume from
+    phases: tuple[PhaseCost, ...] = ()
 
     @property
     def epochs(self) -> float:
@@ -60,7 +101,20 @@ class Plan:
             f"{self.batches_per_epoch} micro-batches per rank per epoch",
             f"steps:             {self.steps} ({self.epochs:.2f} epochs)",
             f"resume from:       {self.resume or 'nothing (a fresh run)'}",
+            *self.phase_table(),
         ])
+
+    def phase_table(self) -> list[str]:
+        if not self.phases:
+            return []
+        every = self.phases[0].checkpoint_every
+        header = ["phase", "steps", "n", "px", "drop", "tokens/img", "fwd GFLOPs/sample", "attn %",
+                  "act GiB/rank", f"act GiB/rank ckpt {every}"]
+        rows = [header] + [cost.row() for cost in self.phases]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+        return ["phases (activation memory: estimated from shapes at micro batch "
+                f"{self.micro_batch_size}; 'ckpt {every}' = train.grad_checkpointing={every}):", *lines]
 
 
 def _value(cfg: DictConfig, key: str) -> Any:
@@ -253,6 +307,7 @@ def check_train(cfg: DictConfig, world_size: int) -> Plan:
         raise ConfigError("a value is required (e.g. data.train_shards='data/train/{000000..000011}.tar')",
                           key="data.train_shards")
     check_numbers(cfg)
+    phases = plan_phases(cfg)
     check_deepspeed_options(cfg, world_size)
     num_shards, samples, source, batches = check_train_data(cfg, world_size)
     if cfg.model.pretrained:
@@ -269,5 +324,5 @@ def check_train(cfg: DictConfig, world_size: int) -> Plan:
         world_size=world_size, micro_batch_size=int(tc.micro_batch_size), grad_accum_steps=int(tc.grad_accum_steps),
         global_batch_size=int(tc.micro_batch_size) * int(tc.grad_accum_steps) * world_size, num_shards=num_shards,
         samples_per_epoch=samples, samples_per_epoch_source=source, batches_per_epoch=batches, steps=int(tc.steps),
-        resume=resume,
+        resume=resume, phases=phase_costs(cfg, phases),
     )
