@@ -28,7 +28,7 @@ from ds_linclip.config import ConfigError
 from ds_linclip.data.benchmark_layout import LayoutError, read_layout
 from ds_linclip.data.pipeline import eval_transform, tokenize
 from ds_linclip.eval.checkpoint import LoadedCheckpoint, load_checkpoint
-from ds_linclip.eval.errors import EvalError
+from ds_linclip.eval.errors import EvalError, exit_with
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval")
 
@@ -122,12 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         loaded = load_checkpoint(args.checkpoint)
         metrics = evaluate(loaded, args.dataset_dir, args.task, args.split, args.batch_size, args.workers, args.device)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except EvalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (ConfigError, EvalError) as err:
+        return exit_with(err)
     text = json.dumps({"task": args.task, "dataset_dir": str(args.dataset_dir), "split": args.split,
                        "checkpoint": str(args.checkpoint), "metrics": metrics}, indent=2)
     print(text)

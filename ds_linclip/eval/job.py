@@ -42,7 +42,7 @@ from ds_linclip.eval.checkpoint import (
     resolve_checkpoint,
     tag_step,
 )
-from ds_linclip.eval.errors import EvalError
+from ds_linclip.eval.errors import EvalError, exit_with
 from ds_linclip.train import checkpoint as train_ckpt
 from ds_linclip.train.preflight import check_eval_inputs
 
@@ -608,9 +608,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         records, failures = watch(args.watch, args.config, args.overrides, args.poll_seconds, args.once, progress)
         print_summary(records, failures)
         return 1 if failures else 0
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except EvalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (ConfigError, EvalError) as err:
+        return exit_with(err)
