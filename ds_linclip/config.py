@@ -198,15 +198,21 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    # labelled shards (`cls` key) or an ImageFolder for zero-shot classification
+    # labelled shards (`cls` key), an ImageFolder, or a CLIP_benchmark dataset folder (its
+    # webdataset layout: SPLIT/nshards.txt + SPLIT/{0..n-1}.tar, classnames.txt, templates) for zero-shot
     zeroshot_data: Optional[str] = None
     # class names in label order: `imagenet1k` (open_clip's), `fashion_mnist`, a file (one per line;
-    # e.g. ImageNet-21K's names, not shipped), or `folders` (an ImageFolder's folder names)
+    # e.g. ImageNet-21K's names, not shipped), `folders` (an ImageFolder's folder names) or
+    # `dataset` (a CLIP_benchmark folder's classnames.txt)
     classnames: str = "imagenet1k"
-    # openai | simple | a file with one template per line, `{}` for the class name
+    # openai | simple | dataset (a CLIP_benchmark folder's templates) | a file with one template per
+    # line, `{}` for the class name
     templates: str = "openai"
-    # captioned shards for image<->text retrieval
+    # captioned shards for image<->text retrieval, or a CLIP_benchmark retrieval folder (a `txt` of
+    # one caption per line per image)
     retrieval_data: Optional[str] = None
+    # the split of a CLIP_benchmark folder to score (its SPLIT/ subfolder)
+    split: str = "test"
     batch_size: int = 256
     workers: int = 2
     # rows of the similarity matrix computed at once (retrieval)

@@ -274,27 +274,45 @@ def check_output_dir(cfg: DictConfig) -> None:
 
 def check_eval_inputs(cfg: DictConfig, tasks: Sequence[str] = ("zeroshot", "retrieval")) -> None:
     """The eval data specs of `tasks` match something, and class-name/template files exist."""
+    from ds_linclip.data.benchmark_layout import LayoutError, is_benchmark_layout, read_layout
     from ds_linclip.eval.imagefolder import is_image_folder
     from ds_linclip.eval.zeroshot import BUILTIN_CLASSNAMES, BUILTIN_TEMPLATES
 
     ev = cfg.eval
+
+    def benchmark_folder(key: str) -> bool:
+        """`eval.<key>` is a CLIP_benchmark folder whose `eval.split` has its shards."""
+        if not is_benchmark_layout(str(ev[key])):
+            return False
+        try:
+            read_layout(str(ev[key]), ev.split)
+        except LayoutError as err:
+            raise ConfigError(str(err), key="eval.split") from None
+        return True
+
     if "zeroshot" in tasks and ev.zeroshot_data:
-        folder = is_image_folder(str(ev.zeroshot_data))
-        if not folder:
+        benchmark = benchmark_folder("zeroshot_data")
+        folder = not benchmark and is_image_folder(str(ev.zeroshot_data))
+        if not (folder or benchmark):
             try:
                 shardlib.parse_spec(ev.zeroshot_data)
             except shardlib.ShardSpecError as err:
-                raise ConfigError(f"{err} (nor is it an ImageFolder)", key="eval.zeroshot_data") from None
+                raise ConfigError(f"{err} (nor is it an ImageFolder or a CLIP_benchmark folder)",
+                                  key="eval.zeroshot_data") from None
+        for key, value in (("eval.classnames", ev.classnames), ("eval.templates", ev.templates)):
+            if value == "dataset" and not benchmark:
+                raise _fail(key, value, f"needs eval.zeroshot_data to be a CLIP_benchmark folder, not {ev.zeroshot_data!r}")
         if ev.classnames == "folders":
             if not folder:
                 raise _fail("eval.classnames", ev.classnames,
                             f"needs eval.zeroshot_data to be an ImageFolder, not {ev.zeroshot_data!r}")
-        elif ev.classnames not in BUILTIN_CLASSNAMES and not Path(ev.classnames).expanduser().is_file():
+        elif ev.classnames not in (*BUILTIN_CLASSNAMES, "dataset") and not Path(ev.classnames).expanduser().is_file():
             raise _fail("eval.classnames", ev.classnames,
-                        f"no such file (or use one of {', '.join(BUILTIN_CLASSNAMES)}, folders)")
-        if ev.templates not in BUILTIN_TEMPLATES and not Path(ev.templates).expanduser().is_file():
-            raise _fail("eval.templates", ev.templates, f"no such file (or use one of {', '.join(BUILTIN_TEMPLATES)})")
-    if "retrieval" in tasks and ev.retrieval_data:
+                        f"no such file (or use one of {', '.join(BUILTIN_CLASSNAMES)}, folders, dataset)")
+        if ev.templates not in (*BUILTIN_TEMPLATES, "dataset") and not Path(ev.templates).expanduser().is_file():
+            raise _fail("eval.templates", ev.templates,
+                        f"no such file (or use one of {', '.join(BUILTIN_TEMPLATES)}, dataset)")
+    if "retrieval" in tasks and ev.retrieval_data and not benchmark_folder("retrieval_data"):
         try:
             shardlib.parse_spec(ev.retrieval_data)
         except shardlib.ShardSpecError as err:
