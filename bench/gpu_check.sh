@@ -16,8 +16,9 @@
 #
 # Usage: bash bench/gpu_check.sh [OUT_DIR]     (default OUT_DIR: $OUT if set, else bench/results)
 #   PART=trainer runs only step 5, with TRAINER_DEVICE (cuda), TRAINER_PRESET (vit_b16),
-#   TRAINER_SIZES ("224:32 448:16 896:8", px:batch) and TRAINER_PRECISION (bf16): the CPU test of
-#   its plumbing runs `PART=trainer TRAINER_DEVICE=cpu TRAINER_PRESET=tiny ...`.
+#   TRAINER_SIZES ("224:32 448:16 896:8", px:batch), TRAINER_PRECISION (bf16), TRAINER_WORKERS (6
+#   data workers), TRAINER_THREADS (4) and TRAINER_TIMEOUT (120 s a size): the CPU test of its
+#   plumbing runs `PART=trainer TRAINER_DEVICE=cpu TRAINER_PRESET=tiny ...`.
 # Targets: gradients within bf16 tolerance of the float64 reference; fwd+bwd at least as
 # fast as SDPA at N=1025 and >= 4x faster at N=4097. Exit status: non-zero if a step failed.
 set -uo pipefail
@@ -37,6 +38,9 @@ TRAINER_DEVICE="${TRAINER_DEVICE:-cuda}"
 TRAINER_PRESET="${TRAINER_PRESET:-vit_b16}"
 TRAINER_SIZES="${TRAINER_SIZES:-224:32 448:16 896:8}"
 TRAINER_PRECISION="${TRAINER_PRECISION:-bf16}"
+TRAINER_WORKERS="${TRAINER_WORKERS:-6}"
+TRAINER_THREADS="${TRAINER_THREADS:-4}"
+TRAINER_TIMEOUT="${TRAINER_TIMEOUT:-120}"
 TRAINER_RUNS="softmax linear-focused-local3 softmax:pd0.5"
 
 trainer_pass() {
@@ -44,9 +48,10 @@ trainer_pass() {
   for size_batch in $TRAINER_SIZES; do
     size=${size_batch%%:*}; batch=${size_batch##*:}
     step "trainer: $TRAINER_PRESET at $size px, batch $batch, $TRAINER_PRECISION, ZeRO-2 ($TRAINER_RUNS)"
-    timeout 120 $PYTHON bench/throughput.py --device "$TRAINER_DEVICE" --preset "$TRAINER_PRESET" --image-size "$size" \
+    timeout "$TRAINER_TIMEOUT" $PYTHON bench/throughput.py --device "$TRAINER_DEVICE" --preset "$TRAINER_PRESET" --image-size "$size" \
       --precision "$TRAINER_PRECISION" --zero-stage 2 --batch-size "$batch" --steps 16 --skip-steps 8 --log-every 4 \
-      --workers 6 --threads 4 --repeats 1 --baseline none --runs $TRAINER_RUNS --timeout 100 \
+      --workers "$TRAINER_WORKERS" --threads "$TRAINER_THREADS" --repeats 1 --baseline none --runs $TRAINER_RUNS \
+      --timeout "$TRAINER_TIMEOUT" \
       --out "$OUT_DIR/trainer_${size}px.json" || { echo "FAILED: trainer pass at $size px"; status=1; }
   done
 }

@@ -271,7 +271,9 @@ def main(argv=None) -> int:
             from ds_linclip.data.writer import write_synthetic
 
             samples = max(args.batch_size * (args.steps + 1), 512)
-            train = write_synthetic(root / "synthetic", samples=samples, image_size=64) / "train"
+            # at least two shards per data worker: epoch mode deals whole shards to the workers
+            shard_size = max(16, samples // (2 * max(args.workers, 1)))
+            train = write_synthetic(root / "synthetic", samples=samples, image_size=64, shard_size=shard_size) / "train"
             last = len(json.loads((train / "sizes.json").read_text())) - 1
             args.shards = str(train / f"shard-{{000000..{last:06d}}}.tar")  # a brace range: open_clip does not glob
         print(f"preset {args.preset} at {args.image_size} px / patch {args.patch_size} "

@@ -35,7 +35,8 @@ def test_run_entries_parse_and_refuse_clearly():
 @pytest.mark.slow
 def test_gpu_check_trainer_pass_runs_on_cpu(tmp_path):
     env = dict(os.environ, PART="trainer", TRAINER_DEVICE="cpu", TRAINER_PRESET="tiny", TRAINER_SIZES="32:8",
-               TRAINER_PRECISION="fp32", OMP_NUM_THREADS="1", PYTHON=sys.executable)
+               TRAINER_PRECISION="fp32", TRAINER_WORKERS="1", TRAINER_THREADS="1", TRAINER_TIMEOUT="500",
+               PYTHON=sys.executable)
     result = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
