@@ -12,7 +12,7 @@
 #      affine bidirectional, affine causal (text tower), focused bidirectional.
 #
 # Usage: bash bench/gpu_check.sh [OUT_DIR]     (default OUT_DIR: $OUT if set, else bench/results)
-# Targets (issue 3): gradients within bf16 tolerance of the float64 reference; fwd+bwd at least as
+# Targets: gradients within bf16 tolerance of the float64 reference; fwd+bwd at least as
 # fast as SDPA at N=1025 and >= 4x faster at N=4097. Exit status: non-zero if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -42,6 +42,21 @@ def save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
+def style_axes(ax: Any, xlabel: str, ylabel: str | None = None, xlog: bool = True, ylog: bool = False,
+               legend: float | None = 8, label_size: float | None = None) -> None:
+    """Log axes (x by default), labels, a light grid on major and minor ticks, a legend of `legend` pt."""
+    if xlog:
+        ax.set_xscale("log")
+    if ylog:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel, fontsize=label_size)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    if legend:
+        ax.legend(fontsize=legend)
+
+
 def plot_sweep(sweep: dict[str, Any], path: Path,
                title: str = "Training step speed vs token count, kinds interleaved (nothing trained)") -> None:
     plt = pyplot()
@@ -61,10 +76,7 @@ def plot_sweep(sweep: dict[str, Any], path: Path,
     axes[1].axhline(1.0, color="gray", linewidth=1)
     axes[1].set_ylabel("speed relative to softmax (>1: faster)")
     for ax in axes:
-        ax.set_xscale("log")
-        ax.set_xlabel("image tokens (patches + CLS)")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        style_axes(ax, "image tokens (patches + CLS)")
     fig.suptitle(title)
     save(fig, path)
 
@@ -124,10 +136,7 @@ def plot_accuracy_vs_compute(rows: Sequence[Row], timing: dict[str, dict], path:
                              color=color(r.kind), marker=marker, markersize=7, capsize=3, linestyle="")
     for ax, label in ((axes[0], "training compute (FLOPs, 3 x forward x samples; equal values spread 2%)"),
                       (axes[1], "training time at the interleaved img/s (s, steps x batch / img/s)")):
-        ax.set_xscale("log")
-        ax.set_xlabel(label, fontsize=9)
-        ax.set_ylabel("zero-shot top-1 % (mean ± std over seeds)")
-        ax.grid(alpha=0.3, which="both")
+        style_axes(ax, label, "zero-shot top-1 % (mean ± std over seeds)", legend=None, label_size=9)
     handles = [plt.Line2D([], [], color=color(k), marker="o", linestyle="", label=k) for k in kinds]
     handles += [plt.Line2D([], [], color="gray", marker=markers[i % len(markers)], linestyle="",
                            label=f"{size} px, {steps} steps") for i, (size, steps) in enumerate(panels)]
@@ -185,11 +194,6 @@ def plot_scaling(results: Sequence[RunResult], fits: dict[str, dict], path: Path
         grid = np.geomspace(xs.min(), xs.max(), 50)
         ax.plot(grid, power_law(grid, fit), color=color_, linestyle="--",
                 label=f"{kind}: L = {fit['coefficient']:.3g}·C^(-b), b = {fit['exponent']:.3f} (R² {fit['r2']:.2f})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training compute C (FLOPs)")
-    ax.set_ylabel("final training loss L")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    style_axes(ax, "training compute C (FLOPs)", "final training loss L", ylog=True)
     ax.set_title(title)
     save(fig, path)

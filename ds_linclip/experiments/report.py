@@ -54,32 +54,17 @@ def mean_std(values: Iterable[float | None]) -> Stat:
 class Row:
     """One table row: a RunSpec with its seed left out, over the seeds that finished.
 
-    spec: the first seed's spec (everything but the seed is the row's); seeds_asked: every seed the grid
-    asked for; runs: the results of those that finished, in seed order of the grid."""
+    seeds_asked: every seed the grid asked for; runs: the results of those that finished, in the grid's
+    seed order; spec: the first seed's spec (its overrides and label are the row's too)."""
 
-    spec: RunSpec
+    kind: str
+    image_size: int
+    tokens: int
+    width: int
+    steps: int
     seeds_asked: list[int]
     runs: list[RunResult]
-
-    @property
-    def kind(self) -> str:
-        return self.spec.kind
-
-    @property
-    def image_size(self) -> int:
-        return self.spec.image_size
-
-    @property
-    def tokens(self) -> int:
-        return self.spec.tokens
-
-    @property
-    def width(self) -> int:
-        return self.spec.width
-
-    @property
-    def steps(self) -> int:
-        return self.spec.budget.steps
+    spec: RunSpec | None = None
 
     @property
     def n(self) -> int:
@@ -121,7 +106,7 @@ def aggregate(specs: Sequence[RunSpec], done: dict[RunSpec, RunResult]) -> list[
     for spec in specs:
         key = spec.with_seed(0)
         if key not in rows:
-            rows[key] = Row(spec, [], [])
+            rows[key] = Row(spec.kind, spec.image_size, spec.tokens, spec.width, spec.budget.steps, [], [], spec)
         row = rows[key]
         if spec.budget.seed not in row.seeds_asked:
             row.seeds_asked.append(spec.budget.seed)

@@ -228,6 +228,10 @@ class RunResult:
         """The training loss at `step` of this run's curve (`window_mean_loss`; window default: 10% of step)."""
         return window_mean_loss(self.loss_curve, step, window)
 
+    def loss_vs_compute(self) -> list[tuple[float, float]]:
+        """The logged loss curve on a compute axis: [(step x flops_per_step (FLOPs), loss), ...]."""
+        return [(step * self.flops_per_step, loss) for step, loss in self.loss_curve]
+
 
 def read_scalars(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series of the trainer's event file(s) in `tensorboard_dir` (not its subfolders):
@@ -315,13 +319,29 @@ def _scored(record: dict[str, Any] | None, budget: Budget) -> bool:
                 or record.get("templates") != budget.eval_templates)
 
 
+def model_cost_of(spec: RunSpec) -> Any:
+    """ds_linclip.models.flops.model_cost of the spec's model (params, per-tower FLOPs per sample)."""
+    from ds_linclip.config import load_config
+    from ds_linclip.models.flops import model_cost
+
+    return model_cost(load_config([], spec.model_overrides()).model)
+
+
+def train_flops_per_step(spec: RunSpec) -> float:
+    """Analytic training FLOPs of one step: 3 x forward (one image + one caption) x batch."""
+    cost = model_cost_of(spec)
+    return 3.0 * (cost.image.flops + cost.text.flops) * spec.budget.batch_size
+
+
+def steps_for_flops(spec: RunSpec, flops: float) -> int:
+    """Steps of `spec` that spend `flops` training FLOPs (rounded, at least 1): for fixed-compute grids."""
+    return max(1, round(flops / train_flops_per_step(spec)))
+
+
 def run_one(spec: RunSpec, launcher: Launcher, train: bool = True, evaluate: bool = True) -> RunResult:
     """Train (unless an identical finished run exists), evaluate (unless already scored; evaluate=False:
     not at all, top1/top5 None), collect numbers. train=False: a run not finished with this resolved
     config raises MissingRun instead of training."""
-    from ds_linclip.config import load_config
-    from ds_linclip.models.flops import model_cost
-
     run_dir = launcher.runs_dir / spec.name
     overrides = spec.train_overrides(launcher.data_dir, launcher.runs_dir)
     reused = same_config(run_dir, overrides) or (launcher.reuse_any_finished and (run_dir / "DONE").is_file())
@@ -355,7 +375,7 @@ def run_one(spec: RunSpec, launcher: Launcher, train: bool = True, evaluate: boo
         raise ExperimentError(f"{run_dir / 'tensorboard'} has no train/loss scalars")
     loss_curve = scalars["train/loss"]
     peak = scalars.get("memory/peak_mb")
-    cost = model_cost(load_config([], spec.model_overrides()).model)
+    cost = model_cost_of(spec)
     forward = cost.image.flops + cost.text.flops
     return RunResult(
         name=spec.name, kind=spec.kind, image_size=spec.image_size, width=spec.width, tokens=spec.tokens,
