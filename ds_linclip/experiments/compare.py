@@ -28,6 +28,9 @@ Outputs in --out: compare.md (method + table), compare.json (every number), comp
 (loss vs step), compare_accuracy_vs_compute.png, compare_throughput.png and, with --scale,
 scale_loss_vs_compute.png and its fitted power laws (in compare.md/json). Runs go to --runs-dir;
 a run whose R/DONE exists with the same resolved config is reused, not retrained.
+
+This module holds the comparison's grid, targets, report text and CLI; specs, runs, the launcher,
+tables, plots, fits and the timing pass are the experiments package's shared pieces.
 """
 
 from __future__ import annotations
@@ -48,10 +51,10 @@ from ds_linclip.experiments.plots import (plot_accuracy_vs_compute, plot_loss, p
                                           plot_throughput)
 from ds_linclip.experiments.report import (Row, aggregate, fmt, load_average_1m, machine_sentence, markdown_table,
                                            run_meta, write_json)
-from ds_linclip.experiments.runs import (HEAD_DIM, Budget, ExperimentError, RunResult, RunSpec,
-                                         ensure_shards, log, parse_seeds, set_log_prefix, shape_name)
+from ds_linclip.experiments.runs import (Budget, ExperimentError, RunResult, RunSpec, ensure_shards, log, parse_seeds,
+                                         set_log_prefix, shape_name)
 from ds_linclip.experiments.timing import interleaved_timing
-from ds_linclip.experiments.variants import VARIANT_GRAMMAR, parse_variant, variant_argument as _variant_argument
+from ds_linclip.experiments.variants import HEAD_DIM, VARIANT_GRAMMAR, parse_variant, variant_argument as _variant_argument
 
 CompareError = ExperimentError  # the name the comparison's callers know
 BEST = "best"  # in --long-kinds/--scale-kinds/--sweep-kinds: the best linear variant of the comparison
