@@ -97,7 +97,7 @@ def test_loader_changes_resolution_between_iterations_without_losing_its_place(f
 
 
 def _measured_saved_bytes(overrides: dict, checkpoint_every: int, batch: int = 4) -> int:
-    from ds_linclip.experiments.compare import contrastive_loss, saved_activation_bytes
+    from ds_linclip.experiments.timing import contrastive_loss, saved_activation_bytes
     from ds_linclip.models import build_model
     from ds_linclip.models.clip import model_config
 
