@@ -94,7 +94,7 @@ def _tokenizer(cfg: DictConfig):
 
 def _loader(cfg: DictConfig, spec: str, kind: str):
     from ds_linclip.data.pipeline import build_eval_loader
-    from ds_linclip.eval.imagefolder import ImageFolderLoader, is_image_folder
+    from ds_linclip.data.imagefolder import ImageFolderLoader, is_image_folder
 
     if kind == "classification" and is_image_folder(spec):
         return ImageFolderLoader(spec, cfg.model.image.image_size, cfg.eval.batch_size, cfg.eval.workers)
@@ -124,13 +124,14 @@ def score_task(task: str, loaded: LoadedCheckpoint, device: torch.device, progre
 
     try:
         return _score_task(task, loaded, device, progress)
-    except DataError as err:  # unreadable or empty data: the data pipeline's message names the spec
+    except DataError as err:  # unreadable or empty data, class-name/template files: the message names them
         raise EvalError(f"{task} data: {err}") from err
 
 
 def _score_task(task: str, loaded: LoadedCheckpoint, device: torch.device, progress: bool) -> dict[str, Any]:
     from ds_linclip.eval.retrieval import encode_pairs, retrieval_recall
-    from ds_linclip.eval.zeroshot import build_classifier, load_classnames, load_templates, run_zeroshot
+    from ds_linclip.data.prompts import load_classnames, load_templates
+    from ds_linclip.eval.zeroshot import build_classifier, run_zeroshot
 
     cfg = loaded.cfg
     model = loaded.model.to(device)

@@ -220,8 +220,8 @@ def check_output_dir(cfg: DictConfig) -> None:
 
 def check_eval_inputs(cfg: DictConfig, tasks: Sequence[str] = ("zeroshot", "retrieval")) -> None:
     """The eval data specs of `tasks` match something, and class-name/template files exist."""
-    from ds_linclip.eval.imagefolder import is_image_folder
-    from ds_linclip.eval.zeroshot import BUILTIN_CLASSNAMES, BUILTIN_TEMPLATES
+    from ds_linclip.data.imagefolder import is_image_folder
+    from ds_linclip.data.prompts import BUILTIN_CLASSNAMES, BUILTIN_TEMPLATES
 
     ev = cfg.eval
     if "zeroshot" in tasks and ev.zeroshot_data:
