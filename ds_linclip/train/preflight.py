@@ -203,6 +203,12 @@ def check_resume(cfg: DictConfig, world_size: int) -> str | None:
         raise _fail("train.resume", resume, f"{tag_dir} was written by {len(states)} rank(s), this run has "
                                             f"{world_size}; the data-loader position is per rank, so resume with "
                                             "the same world size")
+    from ds_linclip.serialization import UnsafeCheckpointError, check_tag_dir
+
+    try:
+        check_tag_dir(tag_dir)
+    except UnsafeCheckpointError as err:
+        raise _fail("train.resume", resume, str(err)) from None
     return str(tag_dir)
 
 
