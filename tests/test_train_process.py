@@ -77,3 +77,20 @@ def test_deepspeeds_deprecated_collective_and_cuda_toolkit_note_are_filtered():
     before, _, after = result.stdout.partition("---- without our filter")
     assert "FutureWarning" not in before and "No CUDA runtime" not in before, before[-3000:]
     assert "FutureWarning" in after and "all_gather" in after, after[-3000:]
+
+
+def test_the_cuda_toolkit_note_is_filtered_where_it_is_printed():
+    """torch.utils.cpp_extension logs the note at import where nvcc exists without a GPU (DeepSpeed's
+    init and TorchInductor import it); after quiet_dependency_output it does not."""
+    import shutil
+
+    quiet = "from ds_linclip.train.engine import quiet_dependency_output; quiet_dependency_output(); "
+    import torch
+
+    toolkit_without_gpu = shutil.which("nvcc") is not None and not torch.cuda.is_available()
+    for prelude, expect_note in ((quiet, False), ("", toolkit_without_gpu)):
+        result = subprocess.run([sys.executable, "-c", prelude + "import torch.utils.cpp_extension"], env=cpu_env(),
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout[-2000:]
+        assert ("No CUDA runtime" in result.stdout) is expect_note, (prelude, result.stdout[-2000:])
+

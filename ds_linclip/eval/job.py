@@ -550,8 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ds_linclip.train.engine import quiet_dependency_output
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_dependency_output()  # the focused map's TorchInductor compile would log the CUDA-toolkit note
     progress = not args.no_progress
     try:
         if args.print_config:

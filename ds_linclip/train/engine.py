@@ -129,16 +129,18 @@ def all_reduce_floats(values: list[float], op=None) -> list[float]:
 
 
 def quiet_dependency_output() -> None:
-    """Silence what DeepSpeed makes torch print on every rank that says nothing about the run.
-    Our own code calls no deprecated API; these come from inside DeepSpeed 0.19."""
+    """Silence what dependencies make torch print on every rank that says nothing about the run
+    (the trainer calls it before the process group starts, the eval CLI at start). Our own code
+    calls no deprecated API; these come from inside DeepSpeed 0.19 and torch."""
     # DeepSpeed's comm backend (deepspeed/comm/torch.py) calls torch.distributed.all_gather_into_tensor
     # or _all_gather_base for ZeRO's parameter all-gather; torch 2.14 deprecates both in favour of
     # all_gather_single and says so with a FutureWarning in each rank
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=r"`torch\.distributed\.(all_gather_into_tensor|_all_gather_base)` ")
-    # DeepSpeed's CPU accelerator JIT-loads its shared-memory comm op at init through
-    # torch.utils.cpp_extension, whose import logs "No CUDA runtime is found, using CUDA_HOME=..."
-    # wherever a CUDA toolkit (nvcc) is installed on a machine without a GPU
+    # torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." when it is
+    # imported wherever a CUDA toolkit (nvcc) is installed on a machine without a GPU; DeepSpeed's
+    # CPU accelerator imports it at init (to JIT-load its shared-memory comm op), TorchInductor
+    # when it compiles the focused feature map (kernels/torch_path.py)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
