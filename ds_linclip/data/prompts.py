@@ -6,6 +6,7 @@ config gives exist before a run starts. Problems are DataError naming the file (
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Callable, Union
 
@@ -13,12 +14,27 @@ from ds_linclip.data.pipeline import DataError
 
 Template = Union[str, Callable[[str], str]]
 
-BUILTIN_CLASSNAMES = ("imagenet1k", "fashion_mnist")
-BUILTIN_TEMPLATES = ("openai", "simple")
+# built-in lists by name -> (module, attribute) that holds them, imported on first use
+_CLASSNAME_SOURCES = {
+    "imagenet1k": ("open_clip.zero_shot_metadata", "IMAGENET_CLASSNAMES"),
+    # the names the shard writer put into the training captions (and into DIR/classnames.txt)
+    "fashion_mnist": ("ds_linclip.data.writer", "FASHION_MNIST_CLASSNAMES"),
+}
+_TEMPLATE_SOURCES = {
+    "openai": ("open_clip.zero_shot_metadata", "OPENAI_IMAGENET_TEMPLATES"),  # 80
+    "simple": ("open_clip.zero_shot_metadata", "SIMPLE_IMAGENET_TEMPLATES"),  # 7
+}
+BUILTIN_CLASSNAMES = tuple(_CLASSNAME_SOURCES)
+BUILTIN_TEMPLATES = tuple(_TEMPLATE_SOURCES)
+
+
+def _builtin(sources: dict[str, tuple[str, str]], name: str) -> list:
+    module, attribute = sources[name]
+    return list(getattr(importlib.import_module(module), attribute))
 
 
 def _read_lines(path: Path, what: str, key: str) -> list[tuple[int, str]]:
-    """(line number, text) of the non-empty lines of a UTF-8 file."""
+    """(line number, text) of the non-empty lines of a UTF-8 file; DataError if there are none."""
     if not path.is_file():
         raise DataError(
             f"{what} file not found: {path} (config key '{key}': use one of "
@@ -28,7 +44,10 @@ def _read_lines(path: Path, what: str, key: str) -> list[tuple[int, str]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"{what} file {path} is not UTF-8 text: {err}") from err
-    return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise DataError(f"{what} file {path} has no {what}")
+    return lines
 
 
 def load_classnames(spec: str) -> list[str]:
@@ -37,19 +56,10 @@ def load_classnames(spec: str) -> list[str]:
     Blank lines are ignored. A name listed twice is an error (two labels would share one
     text embedding, so one of them could never be predicted).
     """
-    if spec == "imagenet1k":
-        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-        return list(IMAGENET_CLASSNAMES)
-    if spec == "fashion_mnist":
-        # the names the shard writer put into the training captions (and into DIR/classnames.txt)
-        from ds_linclip.data.writer import FASHION_MNIST_CLASSNAMES
-
-        return list(FASHION_MNIST_CLASSNAMES)
+    if spec in _CLASSNAME_SOURCES:
+        return _builtin(_CLASSNAME_SOURCES, spec)
     path = Path(spec).expanduser()
     lines = _read_lines(path, "class names", "eval.classnames")
-    if not lines:
-        raise DataError(f"class names file {path} has no class names")
     first_seen: dict[str, int] = {}
     duplicates: list[str] = []
     for lineno, name in lines:
@@ -65,18 +75,10 @@ def load_classnames(spec: str) -> list[str]:
 
 def load_templates(spec: str) -> list[Template]:
     """Prompt templates: `openai` (80), `simple` (7) from open_clip, or a file, one per line, `{}` = class."""
-    if spec == "openai":
-        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-        return list(OPENAI_IMAGENET_TEMPLATES)
-    if spec == "simple":
-        from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
-
-        return list(SIMPLE_IMAGENET_TEMPLATES)
+    if spec in _TEMPLATE_SOURCES:
+        return _builtin(_TEMPLATE_SOURCES, spec)
     path = Path(spec).expanduser()
     lines = _read_lines(path, "templates", "eval.templates")
-    if not lines:
-        raise DataError(f"templates file {path} has no templates")
     for lineno, template in lines:
         if "{}" not in template:
             raise DataError(f"templates file {path} line {lineno}: '{template}' has no '{{}}' for the class name")
