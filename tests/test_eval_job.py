@@ -341,7 +341,7 @@ def test_submitit_local_executor_runs_the_eval_job(deepspeed_run, eval_overrides
     (target / "config.yaml").write_text(to_yaml(cfg))
     monkeypatch.chdir(REPO_ROOT)  # the hook's `python -m` imports this checkout
     monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
-    _submit_eval(cfg, tag_dir)
+    _submit_eval(tag_dir)
 
     # the CLI: submit, wait, print the job's table
     run = _export_run(tmp_path / "cli", seed=1)

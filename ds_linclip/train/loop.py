@@ -306,7 +306,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         if is_main:
             log.info("checkpoint %s", save_dir / tag)
             if tc.eval_after_checkpoint:
-                _submit_eval(cfg, save_dir / tag)
+                _submit_eval(save_dir / tag)
         return tag
 
     guard = NonFiniteGuard(int(tc.max_nonfinite_steps))
@@ -409,7 +409,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
             writer.close()
 
 
-def _submit_eval(cfg: DictConfig, tag_dir: Path) -> None:
+def _submit_eval(tag_dir: Path) -> None:
     """train.eval_after_checkpoint: hand the checkpoint to the eval job (submitit: Slurm or local)
     through its command line, `python -m ds_linclip.eval.submit --checkpoint TAG_DIR`: the eval
     layer sits above training, so the trainer knows its CLI only. The job reads the run's `eval`
