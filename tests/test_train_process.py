@@ -57,26 +57,34 @@ from ds_linclip.train.engine import dist_env, init_distributed
 init_distributed(dist_env())
 import torch
 import deepspeed.comm as ds_comm
-out = torch.zeros(3)
-ds_comm.allgather_fn(out, torch.arange(3.0))  # what ZeRO does with its parameters
-assert out.tolist() == [0.0, 1.0, 2.0]
+
+def collectives():  # what ZeRO does with its parameters (all-gather) and ZeRO-3 with gradients
+    out = torch.zeros(3)
+    ds_comm.allgather_fn(out, torch.arange(3.0))
+    assert out.tolist() == [0.0, 1.0, 2.0]
+    ds_comm.reduce_scatter_fn(out, torch.arange(3.0))
+    assert out.tolist() == [0.0, 1.0, 2.0]
+
+
+collectives()
 import sys
 print("---- without our filter", file=sys.stderr, flush=True)
 warnings.resetwarnings()
-ds_comm.allgather_fn(out, torch.arange(3.0))
+collectives()
 """
 
 
 def test_deepspeeds_deprecated_collective_and_cuda_toolkit_note_are_filtered():
-    """ZeRO's all-gather through DeepSpeed's comm layer in a real (1-rank) process group: torch's
-    FutureWarning about the collective DeepSpeed calls is filtered by the trainer's setup and
-    appears without it (so the check can fail); the CUDA-toolkit note is not printed."""
+    """ZeRO's all-gather and reduce-scatter through DeepSpeed's comm layer in a real (1-rank)
+    process group: torch's FutureWarnings about the collectives DeepSpeed calls are filtered by the
+    trainer's setup and appear without it (so the check can fail); the CUDA-toolkit note is not
+    printed."""
     result = subprocess.run([sys.executable, "-c", _GATHER], env=cpu_env(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
     before, _, after = result.stdout.partition("---- without our filter")
     assert "FutureWarning" not in before and "No CUDA runtime" not in before, before[-3000:]
-    assert "FutureWarning" in after and "all_gather" in after, after[-3000:]
+    assert "all_gather_into_tensor` is deprecated" in after and "reduce_scatter_tensor` is deprecated" in after, after[-3000:]
 
 
 def test_the_cuda_toolkit_note_is_filtered_where_it_is_printed():

@@ -133,10 +133,13 @@ def quiet_dependency_output() -> None:
     (the trainer calls it before the process group starts, the eval CLI at start). Our own code
     calls no deprecated API; these come from inside DeepSpeed 0.19 and torch."""
     # DeepSpeed's comm backend (deepspeed/comm/torch.py) calls torch.distributed.all_gather_into_tensor
-    # or _all_gather_base for ZeRO's parameter all-gather; torch 2.14 deprecates both in favour of
-    # all_gather_single and says so with a FutureWarning in each rank
-    warnings.filterwarnings("ignore", category=FutureWarning,
-                            message=r"`torch\.distributed\.(all_gather_into_tensor|_all_gather_base)` ")
+    # or _all_gather_base for ZeRO's parameter all-gather, and reduce_scatter_tensor or
+    # _reduce_scatter_base for ZeRO-3's gradient reduce-scatter; torch 2.14 deprecates them in favour
+    # of all_gather_single / reduce_scatter_single and says so with a FutureWarning in each rank
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning,
+        message=r"`torch\.distributed\.(all_gather_into_tensor|_all_gather_base|reduce_scatter_tensor|_reduce_scatter_base)` ",
+    )
     # torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." when it is
     # imported wherever a CUDA toolkit (nvcc) is installed on a machine without a GPU; DeepSpeed's
     # CPU accelerator imports it at init (to JIT-load its shared-memory comm op), TorchInductor
