@@ -38,6 +38,11 @@ class VisionTransformer(nn.Module):
     `patch_size`) use it interpolated on the fly.
     """
 
+    # roles of the top-level parameters for lock groups and layer ids (models/groups.py)
+    EMBEDDING_PARAMS = ("patch_embed", "class_embedding", "positional_embedding", "ln_pre")
+    FINAL_NORM_PARAMS = ("ln_post",)
+    PROJECTION_PARAMS = ("proj",)
+
     def __init__(
         self,
         image_size: int,
