@@ -100,6 +100,7 @@ def test_freeze_layer_norm_false_keeps_frozen_layer_norms_trainable():
     (["train.image_lr=-1e-4"], "train.image_lr"),
     (["train.text_layer_decay=0"], "train.text_layer_decay"),
     (["train.image_layer_decay=1.5"], "train.image_layer_decay"),
+    (["train.compile=true", "train.linearize.enabled=true"], "train.compile"),
 ])
 def test_bad_settings_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
