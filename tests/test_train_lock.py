@@ -90,3 +90,25 @@ def test_locked_towers_zero3_unchanged_through_training_and_resume(fmnist_shards
         in_optimizer = {name for group in states["param_shapes"] for name in group}
         assert in_optimizer == trainable
         assert set(states["frozen_param_shapes"]) == locked
+
+
+def test_zero1_export_holds_the_locked_tower(fmnist_shards, tmp_path, pretrained):
+    """ZeRO-1 checkpoints list no frozen parameters beside the optimizer partitions (DeepSpeed does from
+    stage 2 on); the export takes them from the whole module in the model states."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from trainer_launch import REPO, cpu_env
+
+    args = [o for o in overrides(fmnist_shards, tmp_path, pretrained, 2) if not o.startswith("train.zero_stage=")]
+    done = subprocess.run([sys.executable, "-m", "ds_linclip.train", *args, "train.zero_stage=1"], env=cpu_env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    final = load_file(tmp_path / "lit" / "final" / "model.safetensors")
+    model = build_model(load_config([tmp_path / "lit" / "final" / "config.yaml"]).model)
+    model.load_state_dict(final, strict=True)
+    pretrained_state = from_open_clip_state_dict(torch.load(pretrained, weights_only=True)["state_dict"])
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert torch.equal(final[name], pretrained_state.get(name, torch.zeros_like(final[name]))), name

@@ -313,9 +313,8 @@ def promote_scalar_parameters(model: torch.nn.Module) -> list[str]:
 
 def build_engine(cfg: DictConfig, model: torch.nn.Module, ds_config: dict, groups: list[dict] | None = None):
     """deepspeed.initialize with our param groups (or `groups`, e.g. train.linearize's; a group's lr is
-    train.lr x its lr_groups.LR_SCALE); returns the
-    engine (optimizer and scheduler inside). 0-dim parameters become 1-element ones first
-    (see `promote_scalar_parameters`)."""
+    train.lr x its lr_groups.LR_SCALE); returns the engine (optimizer and scheduler inside).
+    0-dim parameters become 1-element ones first (see `promote_scalar_parameters`)."""
     import deepspeed
 
     promote_scalar_parameters(model)
