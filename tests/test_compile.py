@@ -73,10 +73,10 @@ def _train(tmp_path: Path, shards: Path, name: str, *extra: str) -> dict[int, tu
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [1, 3])
-def test_compiled_training_matches_eager(fmnist_shards, tmp_path, zero_stage):
-    eager = _train(tmp_path, fmnist_shards, "eager", f"train.zero_stage={zero_stage}")
-    compiled = _train(tmp_path, fmnist_shards, "compiled", f"train.zero_stage={zero_stage}", "train.compile=true")
+def test_compiled_training_matches_eager_zero3(fmnist_shards, tmp_path):
+    # ZeRO-3: the compiled forward runs with DeepSpeed's parameter-gathering hooks on every submodule
+    eager = _train(tmp_path, fmnist_shards, "eager", "train.zero_stage=3")
+    compiled = _train(tmp_path, fmnist_shards, "compiled", "train.zero_stage=3", "train.compile=true")
     assert sorted(compiled) == sorted(eager) == [1, 2, 3, 4]
     for step in eager:  # step 4's loss is after a real update (DeepSpeed's warmup gives steps 1-2 lr 0)
         assert compiled[step][0] == pytest.approx(eager[step][0], abs=1e-5), (step, compiled, eager)
