@@ -87,7 +87,8 @@ def main(argv=None) -> int:
         row = {"attention": name}
         for mode in ("eager", "compiled"):
             cmd = [sys.executable, __file__, "--child", "--preset", args.preset, "--batch-size", str(args.batch_size),
-                   "--steps", str(args.steps), "--overrides", json.dumps(overrides)] + (["--compiled"] if mode == "compiled" else [])
+                   "--steps", str(args.steps), "--overrides", json.dumps(overrides)]
+            cmd += ["--compiled"] if mode == "compiled" else []
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=1800)
             row[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         row["ratio"] = row["eager"]["step_s"] / row["compiled"]["step_s"]

@@ -379,7 +379,8 @@ def _check_lock_and_lrs(cfg: DictConfig, sources: dict[str, str]) -> None:
         key = f"train.{tower}_layer_decay"
         decay = cfg.train[f"{tower}_layer_decay"]
         if not 0 < decay <= 1:
-            raise ConfigError(f"{decay} must be in (0, 1] (1.0 = no layer-wise decay)", key, sources.get(key, "default"))
+            raise ConfigError(f"{decay} must be in (0, 1] (1.0 = no layer-wise decay)", key,
+                              sources.get(key, "default"))
     if cfg.train.compile and cfg.train.linearize.enabled:
         # linearize's per-layer forward hooks record losses and swap outputs: not verified under TorchDynamo
         raise ConfigError("true is not supported together with train.linearize.enabled=true", "train.compile",
