@@ -23,6 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ds_linclip.models.attention import ATTENTION_KINDS, AttentionSpecError, resolve_attention
+from ds_linclip.models.groups import num_lock_groups
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -55,6 +56,11 @@ class VisionConfig:
     # FLIP patch dropout in [0, 1): the fraction of patch tokens each training image drops after the
     # position embedding (the CLS token is always kept; eval keeps all). 0 = off
     patch_dropout: float = 0.0
+    # LiT: freeze this tower (open_clip --lock-image); its parameters get no optimizer state at all
+    lock: bool = False
+    # with lock: leave the last N of the tower's layers + 2 groups trainable (open_clip's groups:
+    # [patch_embed, class/pos embedding, ln_pre], block 0, ..., [last block, ln_post], [proj])
+    unlocked_groups: int = 0
 
 
 @dataclass
@@ -70,6 +76,12 @@ class TextConfig:
     feature_map: Optional[str] = None
     denominator: Optional[str] = None
     focused_power: float = 3.0
+    # freeze this tower (open_clip --lock-text), but the last `unlocked_layers` of its layers + 2 groups:
+    # [token/pos embedding], block 0, ..., [last block, ln_final], [text_projection]
+    lock: bool = False
+    unlocked_layers: int = 0
+    # false: the frozen groups' LayerNorms still train (open_clip's HF text tower semantics)
+    freeze_layer_norm: bool = True
 
 
 @dataclass
@@ -156,6 +168,13 @@ class TrainConfig:
     grad_accum_steps: int = 1
     steps: int = 1000
     lr: float = 5.0e-4
+    # peak lr of each tower's parameters; null = train.lr (logit_scale always gets train.lr)
+    image_lr: Optional[float] = None
+    text_lr: Optional[float] = None
+    # layer-wise lr decay (BEiT / EVA-CLIP): block i of L gets decay^(L-i), embeddings decay^(L+1),
+    # final norm + projection decay^0; 1.0 = off
+    image_layer_decay: float = 1.0
+    text_layer_decay: float = 1.0
     min_lr: float = 0.0
     warmup_steps: int = 100
     weight_decay: float = 0.2
@@ -190,6 +209,9 @@ class TrainConfig:
     # append each step's sample keys to R/sample_keys/rank_NNNNN.txt: audits exactly-once data
     # order across restarts (tests, debugging); off by default since it costs a little I/O per step
     log_sample_keys: bool = False
+    # torch.compile the model (TorchInductor) before DeepSpeed wraps it; Triton linear attention stays
+    # its own kernels (a graph break around each call)
+    compile: bool = False
     # two-stage linearisation of a pretrained softmax CLIP (off by default)
     linearize: LinearizeConfig = field(default_factory=LinearizeConfig)
     # training phases in order (empty: one phase, model.image.* for all steps); see PhaseConfig
@@ -383,6 +405,39 @@ def _check_phase_keys(node: DictConfig, source: str) -> None:
                 raise ConfigError(f"{value!r} is not a number", f"{key}.{name}", source)
 
 
+def _check_lock_and_lrs(cfg: DictConfig, sources: dict[str, str]) -> None:
+    """model.*.lock / unlocked groups against the tower's group count; per-tower lrs and layer decay;
+    train.compile's one exclusion."""
+    for tower, unlocked_key in (("image", "unlocked_groups"), ("text", "unlocked_layers")):
+        section = cfg.model[tower]
+        key = f"model.{tower}.{unlocked_key}"
+        unlocked, groups = section[unlocked_key], num_lock_groups(section.layers)
+        if unlocked and not section.lock:
+            raise ConfigError(f"{unlocked} is set but model.{tower}.lock is false (set it to true to lock the "
+                              "tower)", key, sources.get(key, "default"))
+        if not 0 <= unlocked <= groups:
+            raise ConfigError(f"{unlocked} is not in 0..{groups}: the {tower} tower has {groups} lock groups "
+                              f"({section.layers} layers + 2)", key, sources.get(key, "default"))
+    if not cfg.model.text.freeze_layer_norm and not cfg.model.text.lock:
+        key = "model.text.freeze_layer_norm"
+        raise ConfigError("false only applies to a locked tower; model.text.lock is false", key,
+                          sources.get(key, "default"))
+    for tower in ("image", "text"):
+        key = f"train.{tower}_lr"
+        lr = cfg.train[f"{tower}_lr"]
+        if lr is not None and not lr >= 0:
+            raise ConfigError(f"{lr} must be >= 0 (or null: train.lr)", key, sources.get(key, "default"))
+        key = f"train.{tower}_layer_decay"
+        decay = cfg.train[f"{tower}_layer_decay"]
+        if not 0 < decay <= 1:
+            raise ConfigError(f"{decay} must be in (0, 1] (1.0 = no layer-wise decay)", key,
+                              sources.get(key, "default"))
+    if cfg.train.compile and cfg.train.linearize.enabled:
+        # linearize's per-layer forward hooks record losses and swap outputs: not verified under TorchDynamo
+        raise ConfigError("true is not supported together with train.linearize.enabled=true", "train.compile",
+                          sources.get("train.compile", "default"))
+
+
 def _leaf_sources(node: DictConfig, source: str, prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for key in node.keys():
@@ -458,6 +513,7 @@ def load_config(
                 key=key, source=sources.get(key, "nowhere: not set"),
             )
     _check_choices(cfg, sources)
+    _check_lock_and_lrs(cfg, sources)
     OmegaConf.set_readonly(cfg, False)
     return cfg
 

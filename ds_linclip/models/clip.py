@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_linclip.models.attention import AttentionSpec, AttentionSpecError, as_spec, resolve_attention
+from ds_linclip.models.groups import lock_tower
 from ds_linclip.models.text import TextTransformer
 from ds_linclip.models.vit import VisionTransformer
 
@@ -49,6 +50,16 @@ class CLIP(nn.Module):
             raise ValueError(f"grad checkpointing interval must be >= 0, got {every}")
         self.visual.checkpoint_every = int(every)
         self.text.checkpoint_every = int(every)
+
+    def lock_image_tower(self, unlocked_groups: int = 0) -> list[str]:
+        """LiT: freeze the image tower but its last `unlocked_groups` lock groups (open_clip's grouping,
+        models/groups.py); returns the frozen parameter names (model-relative)."""
+        return [f"visual.{name}" for name in lock_tower(self.visual, unlocked_groups)]
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> list[str]:
+        """Freeze the text tower but its last `unlocked_layers` lock groups; freeze_layer_norm=False keeps
+        the frozen groups' LayerNorms trainable. Returns the frozen parameter names (model-relative)."""
+        return [f"text.{name}" for name in lock_tower(self.text, unlocked_layers, freeze_layer_norm)]
 
     def no_weight_decay_names(self) -> set[str]:
         """Names of parameters exempt from weight decay: biases, norms, embeddings, logit_scale."""
@@ -116,6 +127,7 @@ def build_model(cfg: Any, load_pretrained_weights: bool = True) -> CLIP:
     If `cfg.pretrained` is set and `load_pretrained_weights`, the weights are loaded with
     `convert.load_pretrained` (open_clip or ours; a softmax checkpoint loads into linear attention).
     Pass `load_pretrained_weights=False` when the caller loads them itself (e.g. under ZeRO-3 init).
+    `model.<tower>.lock` freezes that tower (requires_grad=False) but its unlocked groups (models/groups.py).
     """
     if isinstance(cfg, str):
         cfg = model_config(cfg)
@@ -140,4 +152,8 @@ def build_model(cfg: Any, load_pretrained_weights: bool = True) -> CLIP:
         from ds_linclip.models.convert import load_pretrained
 
         load_pretrained(model, pretrained)
+    if image.get("lock"):
+        model.lock_image_tower(int(image.get("unlocked_groups", 0)))
+    if text.get("lock"):
+        model.lock_text_tower(int(text.get("unlocked_layers", 0)), bool(text.get("freeze_layer_norm", True)))
     return model

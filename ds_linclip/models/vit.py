@@ -60,6 +60,11 @@ class VisionTransformer(nn.Module):
     the global one) is what the draw uses.
     """
 
+    # roles of the top-level parameters for lock groups and layer ids (models/groups.py)
+    EMBEDDING_PARAMS = ("patch_embed", "class_embedding", "positional_embedding", "ln_pre")
+    FINAL_NORM_PARAMS = ("ln_post",)
+    PROJECTION_PARAMS = ("proj",)
+
     def __init__(
         self,
         image_size: int,

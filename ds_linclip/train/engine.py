@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ds_linclip.config import ConfigError
+from ds_linclip.train import lr_groups
 
 # set by our batch keys; the `deepspeed:` section must not restate them (one statement of batch size)
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -300,21 +301,38 @@ def write_ds_config(ds_config: dict, run_dir: str | Path) -> Path:
     return path
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: Iterable[str] | None = None) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: Iterable[str] | None = None,
+                 lr_scales: Mapping[str, tuple[str, float]] | None = None) -> list[dict]:
     """AdamW groups: decay for weight matrices; none for the names the model exempts (biases,
     norms, embeddings, logit_scale). Both groups are always present (possibly empty) so the
-    optimizer state layout does not depend on the model."""
+    optimizer state layout does not depend on the model. Parameters with requires_grad=False
+    (locked towers, frozen teachers) are in no group: no optimizer state, no update.
+
+    lr_scales (name -> (label, lr scale), `lr_groups.lr_scales`): one decay and one no-decay group per
+    label, in the mapping's order, named `<label>.decay` (just `decay` for the label ''), each with
+    its scale under `lr_groups.LR_SCALE` (`build_engine` turns it into the group's lr)."""
     exempt = set(no_decay_names if no_decay_names is not None else model.no_weight_decay_names())
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     unknown = exempt - {n for n, _ in model.named_parameters()}
     if unknown:
         raise ValueError(f"no_weight_decay_names() lists parameters the model does not have: {sorted(unknown)[:5]}")
-    decay = [p for n, p in named if n not in exempt]
-    no_decay = [p for n, p in named if n in exempt]
-    return [
-        {"params": decay, "weight_decay": float(weight_decay), "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
+    if lr_scales is None:
+        lr_scales = {n: ("", None) for n, _ in named}
+    label_scales: dict[str, float | None] = {}
+    for label, scale in lr_scales.values():
+        if label_scales.setdefault(label, scale) != scale:
+            raise ValueError(f"lr group '{label}' has two lr scales, {label_scales[label]} and {scale}")
+    groups: dict[tuple[str, bool], dict] = {}
+    for label, scale in label_scales.items():
+        for decays in (True, False):
+            name = ("decay" if decays else "no_decay") if not label else f"{label}.{'decay' if decays else 'no_decay'}"
+            group = {"params": [], "weight_decay": float(weight_decay) if decays else 0.0, "name": name}
+            if scale is not None:
+                group[lr_groups.LR_SCALE] = float(scale)
+            groups[(label, decays)] = group
+    for n, p in named:
+        groups[(lr_scales[n][0], n not in exempt)]["params"].append(p)
+    return list(groups.values())
 
 
 def promote_scalar_parameters(model: torch.nn.Module) -> list[str]:
@@ -337,16 +355,18 @@ def promote_scalar_parameters(model: torch.nn.Module) -> list[str]:
 
 
 def build_engine(cfg: DictConfig, model: torch.nn.Module, ds_config: dict, groups: list[dict] | None = None):
-    """deepspeed.initialize with our param groups (or `groups`, e.g. train.linearize's); returns the
-    engine (optimizer and scheduler inside). 0-dim parameters become 1-element ones first
-    (see `promote_scalar_parameters`)."""
+    """deepspeed.initialize with our param groups (or `groups`, e.g. train.linearize's; a group's lr is
+    train.lr x its lr_groups.LR_SCALE); returns the engine (optimizer and scheduler inside).
+    0-dim parameters become 1-element ones first (see `promote_scalar_parameters`)."""
     import deepspeed
 
     promote_scalar_parameters(model)
     if groups is None:
-        groups = param_groups(model, cfg.train.weight_decay)
+        groups = param_groups(model, cfg.train.weight_decay, lr_scales=lr_groups.lr_scales(model, cfg.train))
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g.pop("name", None)
+        if lr_groups.LR_SCALE in g:  # DeepSpeed's scheduler scales each group's own start lr
+            g["lr"] = float(cfg.train.lr) * g[lr_groups.LR_SCALE]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     return engine

@@ -61,6 +61,12 @@ def fp32_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
 
         with contextlib.redirect_stdout(io.StringIO()):  # it prints per-file progress lines
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        # ZeRO-1 records no frozen parameters (a locked tower) beside its optimizer partitions (DeepSpeed
+        # does from stage 2 on); its model states hold the whole module, frozen parameters included
+        model_states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        if model_states:
+            module = torch.load(model_states[0], map_location="cpu", weights_only=False, mmap=True)["module"]
+            state.update({name: tensor for name, tensor in module.items() if name not in state and tensor.numel()})
     else:  # stage 0 in fp32: DeepSpeed keeps no partitions, the module is whole in the model states
         model_states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if not model_states:

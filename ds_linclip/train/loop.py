@@ -37,11 +37,13 @@ from omegaconf import DictConfig, OmegaConf
 from ds_linclip.config import to_yaml
 from ds_linclip.train import checkpoint as ckpt
 from ds_linclip.train.engine import (
-    all_reduce_floats, build_ds_config, build_engine, dist_env, global_batch_size, init_distributed, write_ds_config,
+    all_reduce_floats, build_ds_config, build_engine, dist_env, global_batch_size, init_distributed, param_groups,
+    promote_scalar_parameters, write_ds_config,
 )
 from ds_linclip.train.linearize import Linearizer
 from ds_linclip.train.loss import ClipLoss
 from ds_linclip.train.phases import Phase, phase_at, plan_phases
+from ds_linclip.train.lr_groups import describe_groups, lr_scales, scheduled_lr
 from ds_linclip.train.signals import REQUEUE_EXIT_CODE, StopRequest, install as install_stop_handlers
 
 NONFINITE_EXIT_CODE = 3
@@ -245,16 +247,25 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     from ds_linclip.models import build_model
 
     torch.manual_seed(int(tc.seed))  # the same initial weights on every rank
-    model = build_model(cfg.model)
+    model = build_model(cfg.model)  # model.<tower>.lock freezes here, after the pretrained weights
     model.set_grad_checkpointing(int(tc.grad_checkpointing))
+    promote_scalar_parameters(model)  # before the groups take the parameter objects
+    frozen_params = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     # train.linearize: frozen softmax teachers join the model before the engine (ZeRO partitions them too)
     linearizer = Linearizer(cfg, model) if tc.linearize.enabled else None
+    scales = lr_scales(model, tc)
+    groups = (linearizer.param_groups(tc.weight_decay, scales) if linearizer
+              else param_groups(model, tc.weight_decay, lr_scales=scales))
     ds_config = build_ds_config(cfg, world)
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
         (root / "config.yaml").write_text(config_yaml)
         write_ds_config(ds_config, root)
-    engine = build_engine(cfg, model, ds_config, linearizer.param_groups(tc.weight_decay) if linearizer else None)
+        log.info("optimizer groups (peak lr before warmup/cosine):\n%s", describe_groups(groups, tc.lr, frozen_params))
+    if tc.compile:
+        # in place (nn.Module.compile): parameter and state-dict names stay those of the plain model
+        model.compile()
+    engine = build_engine(cfg, model, ds_config, groups)
     if linearizer is not None:
         linearizer.attach()
     loss_fn = ClipLoss(local_loss=bool(tc.local_loss), gather_with_grad=bool(tc.gather_with_grad))
@@ -483,7 +494,7 @@ def _log_window(engine, writer, loader, window: Window, state: TrainState, guard
         return
     step, steps = state.step, window.steps
     loss = loss_sum / world / max(1, steps)
-    lr = float(engine.get_lr()[0])
+    lr = scheduled_lr(engine.optimizer.param_groups)  # train.lr's schedule; groups have their own scales
     images_per_s = samples / max(step_time_max, 1e-9)
     scalars = {
         "train/loss": loss,
