@@ -487,7 +487,7 @@ def _log_window(engine, writer, loader, window: Window, state: TrainState, guard
     eta = (tc.steps - step) * elapsed / done_here if done_here else float("inf")
     print(
         f"step {step}/{tc.steps} ({100.0 * step / tc.steps:.1f}%) | epoch {loader.epoch} | loss {loss:.4f} | "
-        f"lr {lr:.3g} | logit_scale {scale:.3f} | {images_per_s:,.0f} img/s ({images_per_s / world:,.0f}/rank) | "
+        f"lr {lr:.3g} | logit_scale {scale:.3f}{'' if logit_bias is None else f' | logit_bias {logit_bias:.3f}'} | {images_per_s:,.0f} img/s ({images_per_s / world:,.0f}/rank) | "
         f"step {step_time_max / steps:.3f}s (data {data_wait_max / steps:.3f}s) | peak {peak_mb:,.0f} MiB"
         + (f" | skipped {sum(skipped.values())}" if skipped else "")
         + (f" | non-finite {guard.total}" if guard.total else "")
