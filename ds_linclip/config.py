@@ -57,6 +57,9 @@ class VisionConfig:
     # local branch: 0 (off) | 3 | 5: depthwise k x k conv of V over the patch grid, added to the
     # attention output of the patch tokens (the CLS token gets nothing)
     local_kernel: int = 0
+    # FLIP patch dropout in [0, 1): the fraction of patch tokens each training image drops after the
+    # position embedding (the CLS token is always kept; eval keeps all). 0 = off
+    patch_dropout: float = 0.0
 
 
 @dataclass
@@ -138,6 +141,22 @@ class LinearizeConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """One entry of train.phases (ds_linclip/train/phases.py): a share of train.steps with its own
+    image resolution and patch dropout (e.g. FLIP / CLIPA: most steps at low resolution with patch
+    dropout, then a short phase at full resolution without)."""
+
+    # the phase's share of train.steps: a fraction (every phase's fractions sum to 1) or a step count
+    # (they sum to train.steps); exactly one of the two, the same one in every phase
+    fraction: Optional[float] = None
+    steps: Optional[int] = None
+    # null = model.image.image_size (where the position embedding is stored; other sizes interpolate it)
+    image_size: Optional[int] = None
+    # null = model.image.patch_dropout
+    patch_dropout: Optional[float] = None
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs"
     run_name: str = "linclip"
@@ -191,19 +210,27 @@ class TrainConfig:
     log_sample_keys: bool = False
     # two-stage linearisation of a pretrained softmax CLIP (off by default)
     linearize: LinearizeConfig = field(default_factory=LinearizeConfig)
+    # training phases in order (empty: one phase, model.image.* for all steps); see PhaseConfig
+    phases: list[PhaseConfig] = field(default_factory=list)
 
 
 @dataclass
 class EvalConfig:
-    # labelled shards (`cls` key) or an ImageFolder for zero-shot classification
+    # labelled shards (`cls` key), an ImageFolder, or a CLIP_benchmark dataset folder (its
+    # webdataset layout: SPLIT/nshards.txt + SPLIT/{0..n-1}.tar, classnames.txt, templates) for zero-shot
     zeroshot_data: Optional[str] = None
     # class names in label order: `imagenet1k` (open_clip's), `fashion_mnist`, a file (one per line;
-    # e.g. ImageNet-21K's names, not shipped), or `folders` (an ImageFolder's folder names)
+    # e.g. ImageNet-21K's names, not shipped), `folders` (an ImageFolder's folder names) or
+    # `dataset` (a CLIP_benchmark folder's classnames.txt)
     classnames: str = "imagenet1k"
-    # openai | simple | a file with one template per line, `{}` for the class name
+    # openai | simple | dataset (a CLIP_benchmark folder's templates) | a file with one template per
+    # line, `{}` for the class name
     templates: str = "openai"
-    # captioned shards for image<->text retrieval
+    # captioned shards for image<->text retrieval, or a CLIP_benchmark retrieval folder (a `txt` of
+    # one caption per line per image)
     retrieval_data: Optional[str] = None
+    # the split of a CLIP_benchmark folder to score (its SPLIT/ subfolder)
+    split: str = "test"
     batch_size: int = 256
     workers: int = 2
     # rows of the similarity matrix computed at once (retrieval)
@@ -345,11 +372,35 @@ def _check_choices(cfg: DictConfig, sources: dict[str, str]) -> None:
                 f"width {t.width} is not divisible by heads {t.heads}", f"model.{tower}.heads",
                 sources.get(f"model.{tower}.heads", "preset"),
             )
+    dropout = cfg.model.image.patch_dropout
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"{dropout} is not in [0, 1)", "model.image.patch_dropout",
+                          sources.get("model.image.patch_dropout", "default"))
     if cfg.model.image.image_size % cfg.model.image.patch_size:
         raise ConfigError(
             f"image_size {cfg.model.image.image_size} is not a multiple of patch_size {cfg.model.image.patch_size}",
             "model.image.image_size", sources.get("model.image.image_size", "preset"),
         )
+
+
+def _check_phase_keys(node: DictConfig, source: str) -> None:
+    """Name a bad key inside a `train.phases` entry by its index (OmegaConf names only the leaf)."""
+    phases = OmegaConf.select(node, "train.phases", default=None)
+    if phases is None or not OmegaConf.is_list(phases):
+        return
+    known = [f.name for f in fields(PhaseConfig)]
+    for index, entry in enumerate(phases):
+        key = f"train.phases[{index}]"
+        if not OmegaConf.is_dict(entry):
+            raise ConfigError(f"'{entry}' is not a mapping (e.g. {{fraction: 0.9, image_size: 112}})", key, source)
+        for name in entry.keys():
+            if name not in known:
+                hint = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
+                raise ConfigError("unknown key" + (f"; did you mean '{key}.{hint[0]}'?" if hint else
+                                                   f" (known: {', '.join(known)})"), f"{key}.{name}", source)
+            value = entry._get_node(name)._value()
+            if (value is not None and not isinstance(value, (int, float))) or isinstance(value, bool):
+                raise ConfigError(f"{value!r} is not a number", f"{key}.{name}", source)
 
 
 def _leaf_sources(node: DictConfig, source: str, prefix: str = "") -> dict[str, str]:
@@ -408,6 +459,7 @@ def load_config(
             )
         cfg = OmegaConf.merge(cfg, {"model": PRESETS[preset]})
     for node, source in layers:
+        _check_phase_keys(node, source)
         try:
             cfg = OmegaConf.merge(cfg, node)
         except OmegaConfBaseException as err:

@@ -293,5 +293,5 @@ def test_eval_cli_error_is_one_line_as_a_process(corrupt_export, tmp_path):
     assert result.returncode == 2, result.stderr
     assert [line for line in result.stderr.splitlines() if line.strip()] == [
         "error: config key 'eval.zeroshot_data': shard spec '/nonexistent/{0..3}.tar' (in '/nonexistent/{0..3}.tar') "
-        "matches no shards (nor is it an ImageFolder)"], result.stderr
+        "matches no shards (nor is it an ImageFolder or a CLIP_benchmark folder)"], result.stderr
     assert seconds < FAST_S

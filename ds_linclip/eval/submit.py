@@ -28,7 +28,7 @@ import ds_linclip
 from ds_linclip.config import EVAL_CLUSTERS as CLUSTERS
 from ds_linclip.config import ConfigError, add_config_arguments
 from ds_linclip.eval.checkpoint import resolve_checkpoint
-from ds_linclip.eval.errors import EvalError
+from ds_linclip.eval.errors import EvalError, exit_with
 
 log = logging.getLogger("ds_linclip.eval.submit")
 
@@ -161,12 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.wait:
             print(job.result())
         return 0
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except EvalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (ConfigError, EvalError) as err:
+        return exit_with(err)
     except submitit.core.utils.FailedJobError as err:
         print(f"error: the eval job failed:\n{err}", file=sys.stderr)
         return 1

@@ -132,6 +132,7 @@ def build_model(cfg: Any, load_pretrained_weights: bool = True) -> CLIP:
         image_size=image["image_size"], patch_size=image["patch_size"], width=image["width"],
         layers=image["layers"], heads=image["heads"], embed_dim=embed_dim,
         mlp_ratio=image.get("mlp_ratio", 4.0), attention=tower_attention(image, "image"), backend=backend,
+        patch_dropout=float(image.get("patch_dropout", 0.0) or 0.0),
     )
     text_tower = TextTransformer(
         context_length=text["context_length"], vocab_size=text["vocab_size"], width=text["width"],

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check", action="store_true",
         help="dry run: check the config and the file system, print the resolved config, the global batch, "
-             "the shard count and samples per epoch, and exit 0 without starting anything (run it on a login "
+             "the shard count and samples per epoch, per training phase the tokens per image, forward GFLOPs, "
+             "attention share and estimated activation memory, and exit 0 without starting anything (run it on a login "
              "node before sbatch)",
     )
     parser.add_argument(

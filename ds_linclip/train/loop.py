@@ -44,6 +44,7 @@ from ds_linclip.train.engine import (
 )
 from ds_linclip.train.linearize import Linearizer
 from ds_linclip.train.loss import build_loss
+from ds_linclip.train.phases import Phase, phase_at, plan_phases
 from ds_linclip.train.signals import REQUEUE_EXIT_CODE, StopRequest, install as install_stop_handlers
 
 NONFINITE_EXIT_CODE = 3
@@ -228,6 +229,12 @@ class _KeyLog:
             self.handle.close()
 
 
+def _patch_dropout_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of a step's patch-dropout draws on a rank: each rank drops differently, and a resumed
+    run draws what an uninterrupted one would have (the draw depends on the step, not on history)."""
+    return ((int(seed) * 1_000_003 + rank) * 1_000_003 + step) % 2**63
+
+
 def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     """Train per `cfg` on this process's rank; returns the process exit code.
 
@@ -284,6 +291,19 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     loader = build_train_loader(cfg, rank, world, start_state=data_state, with_keys=bool(tc.log_sample_keys))
     if agree_to_stop(stop):  # a signal while the model, engine or loader were built
         return _stop_before_training(stop, is_main, "while the engine was built")
+    phases = plan_phases(cfg)
+    visual = engine.module.visual
+    visual.patch_dropout_generator = torch.Generator()
+
+    def enter_phase(phase: Phase) -> None:
+        """The phase's resolution from the loader's next iter() on, and its patch dropout."""
+        loader.set_image_size(phase.image_size)
+        visual.patch_dropout = phase.patch_dropout
+        if is_main and len(phases) > 1:
+            log.info("step %d: %s", state.step + 1, phase.describe())
+
+    phase = phase_at(phases, state.step + 1)
+    enter_phase(phase)
 
     global_batch = global_batch_size(tc, world)
     writer = None
@@ -337,6 +357,14 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     try:
         while state.step < tc.steps:
             step_start = time.perf_counter()
+            if phase_at(phases, state.step + 1) != phase:
+                # the running loader iterator's workers make the old size (and prefetch): end it; the
+                # next iter() goes on from the last batch this rank trained on
+                batches.close()
+                phase = phase_at(phases, state.step + 1)
+                enter_phase(phase)
+                batches = _batches(loader)
+            visual.patch_dropout_generator.manual_seed(_patch_dropout_seed(tc.seed, rank, state.step + 1))
             accumulated, step_loss = 0, 0.0
             # decided only from the all-reduced flag: a signal landing on one rank after the
             # collective is picked up by the next step's, so every rank leaves at the same step
@@ -379,6 +407,10 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
             if state.step % tc.log_every == 0 or state.step == tc.steps or stop_agreed:
                 _log_window(engine, writer, loader, window, state, guard, scale, tc, world, global_batch,
                             run_start, run_start_step)
+                if writer is not None:
+                    for tag, value in (("train/phase", phase.index), ("train/image_size", phase.image_size),
+                                       ("train/patch_dropout", phase.patch_dropout)):
+                        writer.add_scalar(tag, value, state.step)
                 if linearizer is not None:
                     summary = linearizer.log_window(writer, state.step)
                     if is_main:
