@@ -36,6 +36,11 @@ CASES = {
 }
 
 
+# patch dropout draws at random: the step is not the big batch's (other draws), but each micro-batch's
+# second encoding must keep the patches of its first, or the pieces are not pieces of one loss
+PATCH_DROPOUT_CASE = ["train.zero_stage=2", "model.image.patch_dropout=0.5"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,6 +72,7 @@ def _one_step(overrides: list[str], batches: list[tuple[torch.Tensor, torch.Tens
     torch.manual_seed(0)
     model = build_model(cfg.model)
     model.set_grad_checkpointing(int(cfg.train.grad_checkpointing))
+    model.visual.patch_dropout_generator = torch.Generator().manual_seed(1)  # as the step loop holds one
     promote_scalar_parameters(model)
     ds_config = build_ds_config(cfg, WORLD, device="cpu")
     assert ds_config["gradient_accumulation_steps"] == cfg.train.accum_freq
@@ -91,6 +97,8 @@ def _one_step(overrides: list[str], batches: list[tuple[torch.Tensor, torch.Tens
             measure["cached_need_grad"] = any(t.requires_grad for tower in unit.cached for t in tower)
     assert engine.is_gradient_accumulation_boundary() == (cfg.train.accum_freq == 1)
     unit.backward_and_step(loss)
+    if measure is not None and isinstance(unit, FeatureCachedStep):
+        measure["piece_losses"] = unit.piece_losses
     assert engine.global_steps == 1, "one optimizer step"
     after = _full_params(engine)
     engine.destroy()
@@ -114,6 +122,12 @@ def _rank_main(rank: int, port: int, out_path: str):
                           micro_batches, accum_measure)
         big = _one_step(overrides + [f"train.micro_batch_size={ACCUM * MICRO}"], [(images, tokens)], big_measure)
         results[name] = {"accum": accum, "big": big, "accum_measure": accum_measure, "big_measure": big_measure}
+    dropout_measure = {}
+    dropout_loss, *_ = _one_step(PATCH_DROPOUT_CASE + [f"train.accum_freq={ACCUM}", f"train.micro_batch_size={MICRO}"],
+                                 micro_batches, dropout_measure)
+    no_dropout_loss, *_ = _one_step(PATCH_DROPOUT_CASE[:1] + [f"train.accum_freq={ACCUM}", f"train.micro_batch_size={MICRO}"],
+                                    micro_batches)
+    results["patch_dropout"] = {"loss": dropout_loss, "no_dropout_loss": no_dropout_loss, **dropout_measure}
     torch.save(results, f"{out_path}.{rank}")
 
 
@@ -147,8 +161,20 @@ def test_cached_forward_keeps_no_autograd_graph(step_results):
     """The caching forward saves no tensor for backward (only the features stay); a forward with
     autograd over the same samples saves activations."""
     for results in step_results:
-        for case, result in results.items():
+        for case in CASES:
+            result = results[case]
             accum, big = result["accum_measure"], result["big_measure"]
             assert accum["saved_numel"] == 0 and not accum["loss_has_graph"] and not accum["cached_need_grad"], case
             assert accum["cached_numel"] == 2 * ACCUM * MICRO * 32  # two towers x (N*B, embed_dim)
             assert big["loss_has_graph"] and big["saved_numel"] > accum["cached_numel"], case
+
+
+def test_each_piece_is_the_loss_under_patch_dropout(step_results):
+    """Every re-encoded micro-batch keeps its cached patches: each of the N losses back-propagated
+    equals the step's loss (with other patches they would differ)."""
+    for results in step_results:
+        for case in CASES:
+            assert results[case]["accum_measure"]["piece_losses"] == pytest.approx([results[case]["accum"][0]] * ACCUM, rel=1e-6)
+        dropout = results["patch_dropout"]
+        assert dropout["loss"] != pytest.approx(dropout["no_dropout_loss"], rel=1e-4)  # patches were dropped
+        assert dropout["piece_losses"] == pytest.approx([dropout["loss"]] * ACCUM, rel=1e-6)

@@ -16,6 +16,8 @@ Under DeepSpeed the N re-encodings are its N accumulation micro-steps (`gradient
 steps at the N-th. Each backward is unscaled (`scale_wrt_gas=False`): the N losses are one loss's
 pieces, not N losses to average. The logit scale and bias enter every one of the N losses, so each
 carries 1/N of their gradient (open_clip lets each carry all of it, N times the true gradient).
+A micro-batch's second encoding draws the same random numbers as its first (patch dropout keeps
+the same patches): the random generators are rewound to where they stood before the first.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ class MicroStep:
         self.engine.step()
 
 
+def _generators(module: nn.Module) -> list[torch.Generator]:
+    """torch's default CPU generator and every torch.Generator a submodule holds (patch dropout's)."""
+    held = [value for sub in module.modules() for value in vars(sub).values() if isinstance(value, torch.Generator)]
+    return [torch.default_generator, *held]
+
+
 def _gradient_share(tensor: torch.Tensor, parts: int) -> torch.Tensor:
     """`tensor`'s value, carrying 1/parts of the gradient that reaches it."""
     return tensor.detach() + (tensor - tensor.detach()) / parts
@@ -68,21 +76,32 @@ class FeatureCachedStep:
         self.batches_per_unit = int(accum_freq)
         self.batches: list[Sequence] = []
         self.cached: list[list[torch.Tensor]] = []  # per tower: N tensors (B, E), no autograd graph
+        self.random_states: list[list[torch.Tensor]] = []  # per micro-batch: generator states before it
+        self.piece_losses: list[float] = []  # the last backward_and_step's N loss values (all = the loss)
 
     def loss(self, batches: Sequence[Sequence]) -> torch.Tensor:
         """The loss over all micro-batches' features (no autograd graph); caches the features."""
         if len(batches) != self.batches_per_unit:
             raise ValueError(f"expected {self.batches_per_unit} micro-batches, got {len(batches)}")
         self.batches = list(batches)
+        generators = _generators(self.engine.module)
+        self.random_states, outputs = [], []
         with torch.no_grad():
-            outputs = [model_outputs(self.engine, batch, self.input_dtype) for batch in self.batches]
+            for batch in self.batches:
+                self.random_states.append([g.get_state() for g in generators])
+                outputs.append(model_outputs(self.engine, batch, self.input_dtype))
             self.cached = [[out[tower] for out in outputs] for tower in (0, 1)]
             return self.loss_fn(*(torch.cat(tower) for tower in self.cached), *outputs[-1][2:])
 
     def backward_and_step(self, loss: torch.Tensor | None = None) -> None:
         """Re-encode each micro-batch with autograd in the cached features' place; backward; engine.step()."""
         parts = self.batches_per_unit
+        generators = _generators(self.engine.module)
+        after_caching = [g.get_state() for g in generators]
+        self.piece_losses = []
         for index, batch in enumerate(self.batches):
+            for generator, state in zip(generators, self.random_states[index]):
+                generator.set_state(state)
             image_features, text_features, *scalars = model_outputs(self.engine, batch, self.input_dtype)
             features = [
                 torch.cat(cached[:index] + [live] + cached[index + 1:])
@@ -91,4 +110,7 @@ class FeatureCachedStep:
             piece = self.loss_fn(*features, *(_gradient_share(s, parts) for s in scalars))
             self.engine.backward(piece, scale_wrt_gas=False)
             self.engine.step()
-        self.batches, self.cached = [], []
+            self.piece_losses.append(float(piece.detach()))
+        for generator, state in zip(generators, after_caching):
+            generator.set_state(state)
+        self.batches, self.cached, self.random_states = [], [], []
