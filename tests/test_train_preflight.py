@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ds_linclip.config import ConfigError, load_config
 from ds_linclip.train.preflight import check_eval_inputs, check_train
@@ -163,6 +164,11 @@ def test_resume_must_be_a_checkpoint_this_run_can_load(fmnist_shards, tmp_path):
     (tag / "client_state" / "rank_00000.pt").write_bytes(b"x")
     (save_dir / "latest").write_text("step_00000005\n")
     assert "written by 1 rank(s), this run has 2" in _error(_cfg(fmnist_shards, tmp_path))  # resume=auto
+    # files DeepSpeed would unpickle are read-checked first (ds_linclip.serialization)
+    err = _error(_cfg(fmnist_shards, tmp_path), world=1)
+    assert f"{tag / 'client_state' / 'rank_00000.pt'}: not a torch.save checkpoint file" in err
+    torch.save({"module": {}}, tag / "mp_rank_00_model_states.pt")
+    torch.save({"step": 5}, tag / "client_state" / "rank_00000.pt")
     assert check_train(_cfg(fmnist_shards, tmp_path), 1).resume == str(tag)
     (save_dir / "latest").write_text("step_00000009\n")
     assert "step_00000009" in _error(_cfg(fmnist_shards, tmp_path), world=1)

@@ -110,7 +110,7 @@ def benchmark_layout(cfg: DictConfig, spec: str, kind: str):
 
 def _loader(cfg: DictConfig, spec: str, kind: str, layout=None):
     from ds_linclip.data.pipeline import build_eval_loader
-    from ds_linclip.eval.imagefolder import ImageFolderLoader, is_image_folder
+    from ds_linclip.data.imagefolder import ImageFolderLoader, is_image_folder
 
     if kind == "classification" and layout is None and is_image_folder(spec):
         return ImageFolderLoader(spec, cfg.model.image.image_size, cfg.eval.batch_size, cfg.eval.workers)
@@ -151,13 +151,14 @@ def score_task(task: str, loaded: LoadedCheckpoint, device: torch.device, progre
 
     try:
         return _score_task(task, loaded, device, progress)
-    except DataError as err:  # unreadable or empty data: the data pipeline's message names the spec
+    except DataError as err:  # unreadable or empty data, class-name/template files: the message names them
         raise EvalError(f"{task} data: {err}") from err
 
 
 def _score_task(task: str, loaded: LoadedCheckpoint, device: torch.device, progress: bool) -> dict[str, Any]:
     from ds_linclip.eval.retrieval import encode_pairs, retrieval_recall
-    from ds_linclip.eval.zeroshot import build_classifier, load_classnames, load_templates, run_zeroshot
+    from ds_linclip.data.prompts import load_classnames, load_templates
+    from ds_linclip.eval.zeroshot import build_classifier, run_zeroshot
 
     cfg = loaded.cfg
     model = loaded.model.to(device)
@@ -590,8 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ds_linclip.train.engine import quiet_dependency_output
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_dependency_output()  # the focused map's TorchInductor compile would log the CUDA-toolkit note
     progress = not args.no_progress
     try:
         if args.print_config:

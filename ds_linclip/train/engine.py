@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import logging
 import os
 import re
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -25,6 +27,13 @@ from ds_linclip.config import ConfigError
 # set by our batch keys; the `deepspeed:` section must not restate them (one statement of batch size)
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 DEFAULT_MASTER_PORT = 29500
+# MASTER_PORT of a single process started without a launcher: the OS gives its rendezvous store a
+# free port (no other rank needs to find it), so two quick runs on one machine do not collide
+ANY_FREE_PORT = 0
+
+
+class PortInUseError(RuntimeError):
+    """The launcher's MASTER_PORT is taken on this machine (another run or job holds it)."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +68,9 @@ def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
 
     `RANK`/`WORLD_SIZE`/`LOCAL_RANK` (deepspeed, torchrun) win; else `SLURM_PROCID`/
     `SLURM_NTASKS`/`SLURM_LOCALID` (srun); else one process. MASTER_ADDR defaults to the first
-    node of the Slurm allocation (or 127.0.0.1), MASTER_PORT to a port derived from the job id
-    (so two jobs sharing a node do not collide) or 29500.
+    node of the Slurm allocation (or 127.0.0.1). MASTER_PORT: the launcher's; for a single process
+    without one, any free port (ANY_FREE_PORT); else a port derived from the Slurm job id (so two
+    jobs sharing a node do not collide) or 29500.
     """
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -79,6 +89,8 @@ def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         master_addr = _first_slurm_host(nodelist) if nodelist and world > 1 else "127.0.0.1"
     if env.get("MASTER_PORT"):
         master_port = int(env["MASTER_PORT"])
+    elif world == 1:
+        master_port = ANY_FREE_PORT
     elif env.get("SLURM_JOB_ID", "").isdigit():
         master_port = 20000 + int(env["SLURM_JOB_ID"]) % 40000
     else:
@@ -116,10 +128,32 @@ def all_reduce_floats(values: list[float], op=None) -> list[float]:
     return tensor.tolist()
 
 
-def init_distributed(env: DistEnv, timeout_minutes: float = 10) -> None:
-    """Process group over all ranks: gloo on CPU, DeepSpeed's choice (nccl, ...) on accelerators."""
-    import deepspeed
+def quiet_dependency_output() -> None:
+    """Silence what dependencies make torch print on every rank that says nothing about the run
+    (the trainer calls it before the process group starts, the eval CLI at start). Our own code
+    calls no deprecated API; these come from inside DeepSpeed 0.19 and torch."""
+    # DeepSpeed's comm backend (deepspeed/comm/torch.py) calls torch.distributed.all_gather_into_tensor
+    # or _all_gather_base for ZeRO's parameter all-gather, and reduce_scatter_tensor or
+    # _reduce_scatter_base for ZeRO-3's gradient reduce-scatter; torch 2.14 deprecates them in favour
+    # of all_gather_single / reduce_scatter_single and says so with a FutureWarning in each rank
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning,
+        message=r"`torch\.distributed\.(all_gather_into_tensor|_all_gather_base|reduce_scatter_tensor|_reduce_scatter_base)` ",
+    )
+    # torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." when it is
+    # imported wherever a CUDA toolkit (nvcc) is installed on a machine without a GPU; DeepSpeed's
+    # CPU accelerator imports it at init (to JIT-load its shared-memory comm op), TorchInductor
+    # when it compiles the focused feature map (kernels/torch_path.py)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
+
+def init_distributed(env: DistEnv, timeout_minutes: float = 10) -> None:
+    """Process group over all ranks: gloo on CPU, DeepSpeed's choice (nccl, ...) on accelerators.
+    Raises PortInUseError when rank 0 cannot listen on the launcher's MASTER_PORT."""
+    import deepspeed
+    import torch.distributed as dist
+
+    quiet_dependency_output()
     export_dist_env(env)
     from deepspeed.accelerator import get_accelerator
 
@@ -127,9 +161,18 @@ def init_distributed(env: DistEnv, timeout_minutes: float = 10) -> None:
     if accel.device_name() != "cpu":
         accel.set_device(env.local_rank)
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
-    deepspeed.init_distributed(
-        dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes)
-    )
+    try:
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes)
+        )
+    except dist.DistNetworkError as err:
+        if "EADDRINUSE" not in str(err):
+            raise
+        raise PortInUseError(
+            f"MASTER_PORT={env.master_port}: port {env.master_port} on {env.master_addr} is already in use (another "
+            "run on this machine?); give the launcher a free port (deepspeed --master_port N, torchrun --master-port N, "
+            "MASTER_PORT=N)"
+        ) from None
 
 
 def deep_merge(base: dict, override: Mapping) -> dict:

@@ -342,7 +342,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         if is_main:
             log.info("checkpoint %s", save_dir / tag)
             if tc.eval_after_checkpoint:
-                _submit_eval(cfg, save_dir / tag)
+                _submit_eval(save_dir / tag)
         return tag
 
     guard = NonFiniteGuard(int(tc.max_nonfinite_steps))
@@ -452,16 +452,26 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
             writer.close()
 
 
-def _submit_eval(cfg: DictConfig, tag_dir: Path) -> None:
-    """train.eval_after_checkpoint: hand the checkpoint to the eval job (submitit: Slurm or local).
-    A failed submission is logged, never fatal: training goes on and `--watch` can catch up."""
-    try:
-        from ds_linclip.eval.submit import submit_eval
+def _submit_eval(tag_dir: Path) -> None:
+    """train.eval_after_checkpoint: hand the checkpoint to the eval job (submitit: Slurm or local)
+    through its command line, `python -m ds_linclip.eval.submit --checkpoint TAG_DIR`: the eval
+    layer sits above training, so the trainer knows its CLI only. The job reads the run's `eval`
+    section from the tag's config.yaml. A failed submission is logged, never fatal: training goes
+    on and `--watch` can catch up."""
+    import subprocess
+    import sys
 
-        job = submit_eval(cfg, tag_dir)
-        log.info("eval job %s submitted for %s", getattr(job, "job_id", job), tag_dir)
-    except Exception as err:  # noqa: BLE001 - any failure here must not stop training
+    command = [sys.executable, "-m", "ds_linclip.eval.submit", "--checkpoint", str(tag_dir)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as err:
         log.warning("could not submit the eval job for %s: %s", tag_dir, err)
+        return
+    if done.returncode == 0:  # its last line: "submitted eval job ID; logs: FOLDER"
+        log.info("%s (checkpoint %s)", (done.stdout.strip().splitlines() or ["eval job submitted"])[-1], tag_dir)
+    else:
+        reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        log.warning("could not submit the eval job for %s: %s", tag_dir, reason)
 
 
 def _log_window(engine, writer, loader, window: Window, state: TrainState, guard: NonFiniteGuard, scale: float,

@@ -265,6 +265,12 @@ def check_resume(cfg: DictConfig, world_size: int) -> str | None:
         raise _fail("train.resume", resume, f"{tag_dir} was written by {len(states)} rank(s), this run has "
                                             f"{world_size}; the data-loader position is per rank, so resume with "
                                             "the same world size")
+    from ds_linclip.serialization import UnsafeCheckpointError, check_tag_dir
+
+    try:
+        check_tag_dir(tag_dir)
+    except UnsafeCheckpointError as err:
+        raise _fail("train.resume", resume, str(err)) from None
     return str(tag_dir)
 
 
@@ -283,8 +289,8 @@ def check_output_dir(cfg: DictConfig) -> None:
 def check_eval_inputs(cfg: DictConfig, tasks: Sequence[str] = ("zeroshot", "retrieval")) -> None:
     """The eval data specs of `tasks` match something, and class-name/template files exist."""
     from ds_linclip.data.benchmark_layout import LayoutError, is_benchmark_layout, read_layout
-    from ds_linclip.eval.imagefolder import is_image_folder
-    from ds_linclip.eval.zeroshot import BUILTIN_CLASSNAMES, BUILTIN_TEMPLATES
+    from ds_linclip.data.imagefolder import is_image_folder
+    from ds_linclip.data.prompts import BUILTIN_CLASSNAMES, BUILTIN_TEMPLATES
 
     ev = cfg.eval
 
