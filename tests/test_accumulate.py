@@ -11,11 +11,11 @@ every parameter's update. All cases run in one spawned job (DeepSpeed's start-up
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from trainer_launch import free_port
 
 WORLD, ACCUM, MICRO = 2, 3, 2
 SMALL_MODEL = [
@@ -39,12 +39,6 @@ CASES = {
 # patch dropout draws at random: the step is not the big batch's (other draws), but each micro-batch's
 # second encoding must keep the patches of its first, or the pieces are not pieces of one loss
 PATCH_DROPOUT_CASE = ["train.zero_stage=2", "model.image.patch_dropout=0.5"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _full_params(engine) -> dict[str, torch.Tensor]:
@@ -134,7 +128,7 @@ def _rank_main(rank: int, port: int, out_path: str):
 @pytest.fixture(scope="module")
 def step_results(tmp_path_factory) -> list[dict]:
     out_path = str(tmp_path_factory.mktemp("accumulate") / "results")
-    mp.start_processes(_rank_main, args=(_free_port(), out_path), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_rank_main, args=(free_port(), out_path), nprocs=WORLD, start_method="spawn")
     return [torch.load(f"{out_path}.{rank}", weights_only=False) for rank in range(WORLD)]
 
 
