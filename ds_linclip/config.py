@@ -29,6 +29,11 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton")
 PRECISIONS = ("bf16", "fp16", "fp32")
 EVAL_CLUSTERS = ("auto", "slurm", "local", "debug")
 DATA_MODES = ("epoch", "resampled")
+LOSSES = ("clip", "siglip")
+SIGLIP_DISTS = ("bidir", "gather")
+# open_clip's initialisation for SigLIP (init_logit_scale, init_logit_bias): logits 10 * cos - 10
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
+SIGLIP_INIT_LOGIT_BIAS = -10.0
 RESUME_MODES_HINT = "auto | none | PATH"
 
 
@@ -93,7 +98,11 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     # where linear attention runs: auto (CUDA -> Triton, else PyTorch) | torch | triton
     attention_backend: str = "auto"
+    # ln of the initial inverse temperature; unset with train.loss=siglip: SIGLIP_INIT_LOGIT_SCALE (ln 10)
     init_logit_scale: float = math.log(1 / 0.07)
+    # a learned logit bias starting here (SigLIP's); null = none. Unset with train.loss=siglip:
+    # SIGLIP_INIT_LOGIT_BIAS (-10); the clip loss has no use for one
+    init_logit_bias: Optional[float] = None
     # optional weights to start from: an open_clip state dict (.pt/.bin/.safetensors) or ours
     pretrained: Optional[str] = None
 
@@ -189,8 +198,17 @@ class TrainConfig:
     offload_param: bool = False
     # activation checkpointing: 0 = off, k = every k-th block
     grad_checkpointing: int = 0
+    # clip (softmax over the batch, CLIP's) | siglip (sigmoid per pair, SigLIP's; adds model.init_logit_bias)
+    loss: str = "clip"
+    # clip only: each rank scores its own rows against the global batch; gradients through the gather
     local_loss: bool = True
     gather_with_grad: bool = True
+    # siglip only: how other ranks' text features arrive: bidir (neighbour exchange round the ring) | gather
+    siglip_dist: str = "bidir"
+    # feature-cached accumulation: one optimizer step over accum_freq micro-batches per rank whose
+    # contrastive loss contrasts all of them (open_clip's --accum-freq; see docs/losses.md). Not
+    # together with grad_accum_steps > 1, whose micro-batches each see only their own negatives
+    accum_freq: int = 1
     log_every: int = 10
     checkpoint_every: int = 500
     keep_last: int = 3
@@ -273,6 +291,8 @@ _CHOICES: dict[str, Sequence[str]] = {
     "model.attention_backend": ATTENTION_BACKENDS,
     "data.mode": DATA_MODES,
     "train.precision": PRECISIONS,
+    "train.loss": LOSSES,
+    "train.siglip_dist": SIGLIP_DISTS,
     "eval.precision": PRECISIONS,
     "eval.cluster": EVAL_CLUSTERS,
 }
@@ -514,8 +534,25 @@ def load_config(
             )
     _check_choices(cfg, sources)
     _check_lock_and_lrs(cfg, sources)
+    _apply_loss_defaults(cfg, sources)
     OmegaConf.set_readonly(cfg, False)
     return cfg
+
+
+def _apply_loss_defaults(cfg: DictConfig, sources: dict[str, str]) -> None:
+    """train.loss=siglip: the logit scale and bias no file or override set start where SigLIP's do
+    (ln 10, -10); a logit bias under the clip loss is an error (it would never get a gradient)."""
+    if cfg.train.loss == "siglip":
+        if "model.init_logit_scale" not in sources:
+            cfg.model.init_logit_scale = SIGLIP_INIT_LOGIT_SCALE
+        if "model.init_logit_bias" not in sources:
+            cfg.model.init_logit_bias = SIGLIP_INIT_LOGIT_BIAS
+    elif cfg.model.init_logit_bias is not None:
+        raise ConfigError(
+            f"{cfg.model.init_logit_bias}: a logit bias is used by train.loss=siglip only (train.loss is "
+            f"'{cfg.train.loss}'); set model.init_logit_bias=null or train.loss=siglip",
+            key="model.init_logit_bias", source=sources.get("model.init_logit_bias", "default"),
+        )
 
 
 def config_hash(cfg: DictConfig) -> str:

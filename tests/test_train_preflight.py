@@ -98,6 +98,17 @@ def test_deepspeed_option_conflicts(fmnist_shards, tmp_path):
     assert "train.log_every" in _error(_cfg(fmnist_shards, tmp_path, "train.log_every=0"))
 
 
+def test_accumulation_options(fmnist_shards, tmp_path):
+    assert _error(_cfg(fmnist_shards, tmp_path, "train.accum_freq=0")) == (
+        "config key 'train.accum_freq': 0: must be >= 1")
+    err = _error(_cfg(fmnist_shards, tmp_path, "train.accum_freq=2", "train.grad_accum_steps=2"))
+    assert err.startswith("config key 'train.accum_freq': 2:") and "train.grad_accum_steps=2" in err
+    assert "train.accum_freq" in _error(_cfg(fmnist_shards, tmp_path, "train.accum_freq=2",
+                                             "train.linearize.enabled=true"))
+    plan = check_train(_cfg(fmnist_shards, tmp_path, "train.accum_freq=4", "train.loss=siglip"), 2)
+    assert (plan.grad_accum_steps, plan.global_batch_size) == (4, 8 * 4 * 2)
+
+
 def test_pretrained_weights_must_be_readable(fmnist_shards, tmp_path):
     err = _error(_cfg(fmnist_shards, tmp_path, f"model.pretrained={tmp_path / 'nope.pt'}"))
     assert err.startswith("config key 'model.pretrained'") and "nope.pt" in err and "no such file" in err

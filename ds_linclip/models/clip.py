@@ -24,14 +24,18 @@ class CLIP(nn.Module):
     """Two towers mapping images and captions into one `embed_dim` space.
 
     `forward(images (B,3,H,W), tokens (B,context)) -> (image_features (B,E), text_features (B,E),
-    logit_scale.exp() ())`, features L2-normalised.
+    logit_scale.exp() ())`, features L2-normalised; with a logit bias (`init_logit_bias` not None,
+    SigLIP's) a fourth element, `logit_bias` (), as open_clip's CLIP returns it.
     """
 
-    def __init__(self, visual: VisionTransformer, text: TextTransformer, init_logit_scale: float = math.log(1 / 0.07)):
+    def __init__(self, visual: VisionTransformer, text: TextTransformer, init_logit_scale: float = math.log(1 / 0.07),
+                 init_logit_bias: float | None = None):
         super().__init__()
         self.visual = visual
         self.text = text
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))  # scalar, ln(temperature⁻¹)
+        # scalar added to every logit (SigLIP's sigmoid loss); None keeps the plain CLIP state dict
+        self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(batch, 3, H, W) float -> (batch, embed_dim), unit L2 norm."""
@@ -41,8 +45,9 @@ class CLIP(nn.Module):
         """(batch, context) long -> (batch, embed_dim), unit L2 norm."""
         return F.normalize(self.text(tokens), dim=-1)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = (self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp())
+        return outputs if self.logit_bias is None else outputs + (self.logit_bias,)
 
     def set_grad_checkpointing(self, every: int = 1) -> None:
         """Recompute every `every`-th block of both towers in backward (0 = off)."""
@@ -62,7 +67,7 @@ class CLIP(nn.Module):
         return [f"text.{name}" for name in lock_tower(self.text, unlocked_layers, freeze_layer_norm)]
 
     def no_weight_decay_names(self) -> set[str]:
-        """Names of parameters exempt from weight decay: biases, norms, embeddings, logit_scale."""
+        """Names of parameters exempt from weight decay: biases, norms, embeddings, logit_scale, logit_bias."""
         return {
             name
             for name, param in self.named_parameters()
@@ -146,7 +151,8 @@ def build_model(cfg: Any, load_pretrained_weights: bool = True) -> CLIP:
         layers=text["layers"], heads=text["heads"], embed_dim=embed_dim,
         mlp_ratio=text.get("mlp_ratio", 4.0), attention=tower_attention(text, "text"), backend=backend,
     )
-    model = CLIP(visual, text_tower, init_logit_scale=model_cfg.get("init_logit_scale", math.log(1 / 0.07)))
+    model = CLIP(visual, text_tower, init_logit_scale=model_cfg.get("init_logit_scale", math.log(1 / 0.07)),
+                 init_logit_bias=model_cfg.get("init_logit_bias"))
     pretrained = model_cfg.get("pretrained")
     if pretrained and load_pretrained_weights:
         from ds_linclip.models.convert import load_pretrained

@@ -187,9 +187,16 @@ def deep_merge(base: dict, override: Mapping) -> dict:
     return out
 
 
+def micro_batches_per_step(train: DictConfig) -> int:
+    """Micro-batches per rank per optimizer step: DeepSpeed's gradient_accumulation_steps. One of
+    train.grad_accum_steps (each micro-batch its own loss) and train.accum_freq (one loss over all,
+    feature-cached) is 1."""
+    return int(train.grad_accum_steps) * int(train.accum_freq)
+
+
 def global_batch_size(train: DictConfig, world_size: int) -> int:
     """Samples per optimizer step over all ranks."""
-    return train.micro_batch_size * train.grad_accum_steps * world_size
+    return train.micro_batch_size * micro_batches_per_step(train) * world_size
 
 
 def build_ds_config(cfg: DictConfig, world_size: int, device: str | None = None) -> dict[str, Any]:
@@ -205,9 +212,14 @@ def build_ds_config(cfg: DictConfig, world_size: int, device: str | None = None)
     if train.offload_optimizer and train.zero_stage == 0:
         raise ConfigError("true: optimizer offload needs ZeRO stage 1, 2 or 3, but train.zero_stage is 0",
                           "train.offload_optimizer")
-    for key in ("micro_batch_size", "grad_accum_steps", "steps"):
+    for key in ("micro_batch_size", "grad_accum_steps", "accum_freq", "steps"):
         if train[key] < 1:
             raise ConfigError(f"must be >= 1, got {train[key]}", f"train.{key}")
+    if train.grad_accum_steps > 1 and train.accum_freq > 1:
+        raise ConfigError(
+            f"{train.accum_freq}: train.accum_freq (one loss over the cached features of all micro-batches) and "
+            f"train.grad_accum_steps={train.grad_accum_steps} (one loss per micro-batch) are two ways to accumulate; "
+            "set one of them to 1", "train.accum_freq")
     if train.lr <= 0 or not 0 <= train.min_lr <= train.lr:
         raise ConfigError(f"need 0 < lr and 0 <= min_lr <= lr (lr={train.lr}, min_lr={train.min_lr})", "train.min_lr")
 
@@ -219,7 +231,8 @@ def build_ds_config(cfg: DictConfig, world_size: int, device: str | None = None)
 
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": int(train.micro_batch_size),
-        "gradient_accumulation_steps": int(train.grad_accum_steps),
+        # train.accum_freq's micro-batches are DeepSpeed's accumulation steps too (train/accumulate.py)
+        "gradient_accumulation_steps": micro_batches_per_step(train),
         "train_batch_size": global_batch_size(train, world_size),
         "gradient_clipping": float(train.grad_clip),
         "zero_optimization": zero,
@@ -261,7 +274,7 @@ def build_ds_config(cfg: DictConfig, world_size: int, device: str | None = None)
     for key in _BATCH_KEYS:
         if key in passthrough:
             raise ConfigError(
-                "batch size is stated once, in train.micro_batch_size and train.grad_accum_steps "
+                "batch size is stated once, in train.micro_batch_size and train.grad_accum_steps / train.accum_freq "
                 "(the global batch is derived); remove it from the deepspeed section",
                 f"deepspeed.{key}",
             )

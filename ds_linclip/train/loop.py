@@ -2,7 +2,8 @@
 
 Run dir R = {train.output_dir}/{train.run_name}:
     R/config.yaml  R/ds_config.json  R/tensorboard/  R/checkpoints/  R/final/  R/DONE
-(see CONTRACT.md). A step is one optimizer step = `grad_accum_steps` micro-batches per rank.
+(see CONTRACT.md). A step is one optimizer step = `grad_accum_steps` x `accum_freq` micro-batches
+per rank (one of the two is 1; see train/accumulate.py).
 
 Exit codes: 0 done; REQUEUE_EXIT_CODE (75) after SIGTERM/SIGUSR1 -> checkpoint (Slurm
 requeues on it), or no checkpoint when the signal came before the first step (nothing new to
@@ -36,12 +37,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from ds_linclip.config import to_yaml
 from ds_linclip.train import checkpoint as ckpt
+from ds_linclip.train.accumulate import FeatureCachedStep, MicroStep
 from ds_linclip.train.engine import (
-    all_reduce_floats, build_ds_config, build_engine, dist_env, global_batch_size, init_distributed, param_groups,
-    promote_scalar_parameters, write_ds_config,
+    all_reduce_floats, build_ds_config, build_engine, dist_env, global_batch_size, init_distributed,
+    micro_batches_per_step, param_groups, promote_scalar_parameters, write_ds_config,
 )
 from ds_linclip.train.linearize import Linearizer
-from ds_linclip.train.loss import ClipLoss
+from ds_linclip.train.loss import build_loss
 from ds_linclip.train.phases import Phase, phase_at, plan_phases
 from ds_linclip.train.lr_groups import describe_groups, lr_scales, scheduled_lr
 from ds_linclip.train.signals import REQUEUE_EXIT_CODE, StopRequest, install as install_stop_handlers
@@ -135,6 +137,16 @@ def clamp_logit_scale(engine, max_value: float = MAX_LOGIT_SCALE) -> float:
                 param.clamp_(max=max_value)
         value = max_value
     return value
+
+
+def parameter_value(engine, name: str) -> float:
+    """A scalar parameter's fp32 master value (ZeRO 1/2/3 or the module's own copy). Collective under
+    ZeRO-3: call on every rank."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    param = engine.module.get_parameter(name)
+    master = safe_get_full_fp32_param(param)
+    return float((param.detach() if master is None else master).float())
 
 
 def _loss_scale(engine) -> float | None:
@@ -268,8 +280,11 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     engine = build_engine(cfg, model, ds_config, groups)
     if linearizer is not None:
         linearizer.attach()
-    loss_fn = ClipLoss(local_loss=bool(tc.local_loss), gather_with_grad=bool(tc.gather_with_grad))
+    loss_fn = build_loss(tc)
     input_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+    # one unit of accumulation: a micro-batch with its own loss, or train.accum_freq sharing one
+    unit = (FeatureCachedStep(engine, loss_fn, input_dtype, int(tc.accum_freq)) if tc.accum_freq > 1
+            else MicroStep(engine, loss_fn, input_dtype, linearizer.objective if linearizer is not None else None))
 
     state = TrainState()
     data_state = None
@@ -308,9 +323,9 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         writer = SummaryWriter(str(root / "tensorboard"), flush_secs=30)
         log.info(
             "run %s: %d rank(s), micro batch %d x accumulation %d x %d ranks = global batch %d; "
-            "ZeRO %d, %s, %d steps (%.2f epochs of %d batches/rank)",
-            root, world, tc.micro_batch_size, tc.grad_accum_steps, world, global_batch, tc.zero_stage,
-            tc.precision, tc.steps, tc.steps * tc.grad_accum_steps / max(1, loader.batches_per_epoch),
+            "%s loss, ZeRO %d, %s, %d steps (%.2f epochs of %d batches/rank)",
+            root, world, tc.micro_batch_size, micro_batches_per_step(tc), world, global_batch, tc.loss, tc.zero_stage,
+            tc.precision, tc.steps, tc.steps * micro_batches_per_step(tc) / max(1, loader.batches_per_epoch),
             loader.batches_per_epoch,
         )
         writer.add_text("config", "```\n" + config_yaml + "\n```", state.step)
@@ -366,14 +381,10 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
             stop_agreed = False
             while accumulated < tc.grad_accum_steps:
                 wait_start = time.perf_counter()
-                batch = next(batches)
+                unit_batches = [next(batches) for _ in range(unit.batches_per_unit)]
                 window.data_wait += time.perf_counter() - wait_start
-                images, tokens = batch[0], batch[1]
-                image_features, text_features, logit_scale = engine(images.to(engine.device, input_dtype), tokens.to(engine.device))
-                loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
-                if linearizer is not None:
-                    loss = linearizer.objective(loss)
-                state.samples_seen += images.shape[0]
+                loss = unit.loss(unit_batches)
+                state.samples_seen += sum(batch[0].shape[0] for batch in unit_batches)
                 # one collective decides for all ranks: skip a non-finite micro-batch, stop on a signal
                 nonfinite_any, stop_any = all_reduce_floats(
                     [0.0 if torch.isfinite(loss) else 1.0, 1.0 if stop.requested else 0.0], op=dist.ReduceOp.MAX
@@ -385,14 +396,13 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
                 guard.update(not nonfinite_any, state.step + 1)
                 if nonfinite_any:
                     # no backward, no engine.step(): the gradient accumulation is untouched and the
-                    # optimizer step is made of `grad_accum_steps` finite micro-batches
+                    # optimizer step is made of `grad_accum_steps` finite units
                     continue
-                engine.backward(loss)
-                engine.step()
+                unit.backward_and_step(loss)
                 accumulated += 1
                 step_loss += float(loss.detach())
                 if tc.log_sample_keys:
-                    key_log.write(state.step + 1, batch[2])
+                    key_log.write(state.step + 1, [key for batch in unit_batches for key in batch[2]])
             state.step += 1
             if linearizer is not None and state.step < tc.steps:  # stage and lr of the next step, saved with it
                 linearizer.prepare(engine.optimizer, state.step + 1)
@@ -401,7 +411,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
             window.steps += 1
             window.loss_sum += step_loss / tc.grad_accum_steps
             window.step_time += elapsed
-            window.samples += tc.micro_batch_size * tc.grad_accum_steps
+            window.samples += tc.micro_batch_size * micro_batches_per_step(tc)
             window.grad_norm = _grad_norm(engine)
 
             if state.step % tc.log_every == 0 or state.step == tc.steps or stop_agreed:
@@ -481,6 +491,7 @@ def _log_window(engine, writer, loader, window: Window, state: TrainState, guard
     step_time_max, data_wait_max, peak_mb = all_reduce_floats(
         [window.step_time, window.data_wait, peak_memory_mb()], op=dist.ReduceOp.MAX
     )
+    logit_bias = parameter_value(engine, "logit_bias") if getattr(engine.module, "logit_bias", None) is not None else None
     skipped_by_rank: list[dict] = [None] * world  # type: ignore[list-item]
     local_skipped = dict(loader.skipped)
     if world > 1:
@@ -509,6 +520,8 @@ def _log_window(engine, writer, loader, window: Window, state: TrainState, guard
         "perf/data_wait_s": data_wait_max / steps,
         "memory/peak_mb": peak_mb,
     }
+    if logit_bias is not None:
+        scalars["train/logit_bias"] = logit_bias
     if window.grad_norm is not None:
         scalars["train/grad_norm"] = window.grad_norm
     loss_scale = _loss_scale(engine)
@@ -526,7 +539,7 @@ def _log_window(engine, writer, loader, window: Window, state: TrainState, guard
     eta = (tc.steps - step) * elapsed / done_here if done_here else float("inf")
     print(
         f"step {step}/{tc.steps} ({100.0 * step / tc.steps:.1f}%) | epoch {loader.epoch} | loss {loss:.4f} | "
-        f"lr {lr:.3g} | logit_scale {scale:.3f} | {images_per_s:,.0f} img/s ({images_per_s / world:,.0f}/rank) | "
+        f"lr {lr:.3g} | logit_scale {scale:.3f}{'' if logit_bias is None else f' | logit_bias {logit_bias:.3f}'} | {images_per_s:,.0f} img/s ({images_per_s / world:,.0f}/rank) | "
         f"step {step_time_max / steps:.3f}s (data {data_wait_max / steps:.3f}s) | peak {peak_mb:,.0f} MiB"
         + (f" | skipped {sum(skipped.values())}" if skipped else "")
         + (f" | non-finite {guard.total}" if guard.total else "")

@@ -77,7 +77,7 @@ class Plan:
 
     world_size: int
     micro_batch_size: int
-    grad_accum_steps: int
+    grad_accum_steps: int  # micro-batches per rank per step (train.grad_accum_steps x train.accum_freq)
     global_batch_size: int
     num_shards: int
     samples_per_epoch: int
@@ -131,7 +131,7 @@ def _fail(key: str, value: Any, problem: str) -> ConfigError:
 def check_numbers(cfg: DictConfig) -> None:
     """Ranges the schema's types cannot express (a 0 here would divide by zero hours into a run)."""
     at_least = {
-        "train.micro_batch_size": 1, "train.grad_accum_steps": 1, "train.steps": 1, "train.log_every": 1,
+        "train.micro_batch_size": 1, "train.grad_accum_steps": 1, "train.accum_freq": 1, "train.steps": 1, "train.log_every": 1,
         "train.keep_last": 1, "train.checkpoint_every": 0, "train.warmup_steps": 0, "train.max_nonfinite_steps": 1,
         "train.dist_timeout_minutes": 1, "train.keep_unscored_max": 0, "data.workers": 0,
         "data.shuffle_buffer": 0,
@@ -143,6 +143,14 @@ def check_numbers(cfg: DictConfig) -> None:
     samples = cfg.data.train_num_samples
     if samples is not None and samples < 1:
         raise _fail("data.train_num_samples", samples, "must be >= 1 (or null: read sizes.json)")
+
+
+def check_loss(cfg: DictConfig) -> None:
+    """Loss and accumulation options that do not combine (the choices themselves: config.py)."""
+    if cfg.train.accum_freq > 1 and cfg.train.linearize.enabled:
+        raise _fail("train.accum_freq", cfg.train.accum_freq,
+                    "feature-cached accumulation is not available with train.linearize.enabled=true (its transfer "
+                    "loss is per micro-batch); use train.grad_accum_steps")
 
 
 def check_deepspeed_options(cfg: DictConfig, world_size: int) -> dict:
@@ -331,6 +339,7 @@ def check_train(cfg: DictConfig, world_size: int) -> Plan:
         raise ConfigError("a value is required (e.g. data.train_shards='data/train/{000000..000011}.tar')",
                           key="data.train_shards")
     check_numbers(cfg)
+    check_loss(cfg)
     phases = plan_phases(cfg)
     check_deepspeed_options(cfg, world_size)
     num_shards, samples, source, batches = check_train_data(cfg, world_size)
@@ -343,10 +352,12 @@ def check_train(cfg: DictConfig, world_size: int) -> Plan:
         check_eval_inputs(cfg)
     resume = check_resume(cfg, world_size)
     check_output_dir(cfg)
+    from ds_linclip.train.engine import global_batch_size, micro_batches_per_step
+
     tc = cfg.train
     return Plan(
-        world_size=world_size, micro_batch_size=int(tc.micro_batch_size), grad_accum_steps=int(tc.grad_accum_steps),
-        global_batch_size=int(tc.micro_batch_size) * int(tc.grad_accum_steps) * world_size, num_shards=num_shards,
+        world_size=world_size, micro_batch_size=int(tc.micro_batch_size), grad_accum_steps=micro_batches_per_step(tc),
+        global_batch_size=global_batch_size(tc, world_size), num_shards=num_shards,
         samples_per_epoch=samples, samples_per_epoch_source=source, batches_per_epoch=batches, steps=int(tc.steps),
         resume=resume, phases=phase_costs(cfg, phases),
     )
