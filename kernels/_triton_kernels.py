@@ -157,15 +157,20 @@ def _program(SCALE, H, D, KIND: tl.constexpr, ACC: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
     """This program's (batch, head) and the offsets every kernel indexes with.
 
-    Returns pid_bh, b, h, offs_n (BLOCK_N,), offs_d (BLOCK_D,), offs_e (BLOCK_E,), and 1/s (BLOCK_D,)."""
+    Returns pid_bh, slot (the index of this (batch, head, token range) in the per-range state buffers,
+    for kernels whose grid axis 1 is the token range), b, h, offs_n (BLOCK_N,), offs_d (BLOCK_D,),
+    offs_e (BLOCK_E,), and 1/s (BLOCK_D,). The grid reads come first: where ptxas sees them changes
+    its register count."""
     pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    slot = pid_bh * tl.num_programs(1) + split
     b = pid_bh // H
     h = pid_bh % H
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     inv_s = _inverse_scale(SCALE, h, offs_d, D, KIND, ACC)
-    return pid_bh, b, h, offs_n, offs_d, offs_e, inv_s
+    return pid_bh, slot, b, h, offs_n, offs_d, offs_e, inv_s
 
 
 @_device
@@ -175,33 +180,24 @@ def _token_range(N, tokens_per_split):
     return start, tl.minimum(start + tokens_per_split, N)
 
 
-@_device
-def _range_slot(pid_bh):
-    """Index of this program's (batch, head, range) in the per-range state buffers."""
-    return pid_bh * tl.num_programs(1) + tl.program_id(1)
-
-
-@_device
-def _state_offsets(slot, offs_d, offs_e, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Offsets of one slot's state (BLOCK_D, BLOCK_E), key sum (BLOCK_D,), value sum (BLOCK_E,): the
-    layout of `_Launch.state_buffers` ((bh, splits, BLOCK_D, BLOCK_E), ... in the accumulation dtype)."""
-    return (slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :], slot * BLOCK_D + offs_d,
-            slot * BLOCK_E + offs_e)
+# The state buffers (`_Launch.state_buffers`): per slot (batch*heads + head, range) a state
+# (BLOCK_D, BLOCK_E), a key sum (BLOCK_D,) and a value sum (BLOCK_E,), in the accumulation dtype.
+# Pointers are formed base + slot, then + rows, then + columns, load after load: another association
+# or order is other IR, and measured other register counts.
 
 
 @_device
 def _load_state(S, Z, SV, slot, offs_d, offs_e, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
-    state_offs, key_offs, value_offs = _state_offsets(slot, offs_d, offs_e, BLOCK_D, BLOCK_E)
-    return tl.load(S + state_offs), tl.load(Z + key_offs), tl.load(SV + value_offs)
+    state = tl.load(S + slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :])
+    return state, tl.load(Z + slot * BLOCK_D + offs_d), tl.load(SV + slot * BLOCK_E + offs_e)
 
 
 @_device
 def _store_state(S, Z, SV, slot, state, key_sum, value_sum, offs_d, offs_e, BLOCK_D: tl.constexpr,
                  BLOCK_E: tl.constexpr):
-    state_offs, key_offs, value_offs = _state_offsets(slot, offs_d, offs_e, BLOCK_D, BLOCK_E)
-    tl.store(S + state_offs, state)
-    tl.store(Z + key_offs, key_sum)
-    tl.store(SV + value_offs, value_sum)
+    tl.store(S + slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :], state)
+    tl.store(Z + slot * BLOCK_D + offs_d, key_sum)
+    tl.store(SV + slot * BLOCK_E + offs_e, value_sum)
 
 
 @_device
@@ -211,21 +207,26 @@ def _zero_state(ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr)
 
 
 @_device
-def _initial_state(S0, Z0, SV0, pid_bh, offs_d, offs_e, CHUNKED: tl.constexpr, ACC: tl.constexpr,
+def _initial_state(S0, Z0, SV0, slot, offs_d, offs_e, CHUNKED: tl.constexpr, ACC: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
     """The state a causal sweep starts from: its range's slot of S0, Z0, SV0 when CHUNKED, else zeros."""
     if CHUNKED:
-        state, key_sum, value_sum = _load_state(S0, Z0, SV0, _range_slot(pid_bh), offs_d, offs_e, BLOCK_D, BLOCK_E)
+        state, key_sum, value_sum = _load_state(S0, Z0, SV0, slot, offs_d, offs_e, BLOCK_D, BLOCK_E)
     else:
         state, key_sum, value_sum = _zero_state(ACC, BLOCK_D, BLOCK_E)
     return state, key_sum, value_sum
 
 
 @_device
-def _accumulate_state(state, key_sum, value_sum, phi, weighted_phi, values, PRECISION: tl.constexpr):
-    """state + φᵀ values (BLOCK_D, BLOCK_E), key_sum + Σ weighted_phi, value_sum + Σ values over the rows."""
+def _accumulate_state(state, key_sum, value_sum, phi, r, values, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr):
+    """state + φᵀ values (BLOCK_D, BLOCK_E), key_sum + Σ φ (WEIGHTED: Σ r φ), value_sum + Σ values, over the
+    block's rows."""
     state = tl.dot(tl.trans(phi), values, state, input_precision=PRECISION)
-    return state, key_sum + _sum(weighted_phi, axis=0), value_sum + _sum(values, axis=0)
+    if WEIGHTED:
+        key_sum += _sum(r[:, None] * phi, axis=0)
+    else:
+        key_sum += _sum(phi, axis=0)
+    return state, key_sum, value_sum + _sum(values, axis=0)
 
 
 @_device
@@ -235,23 +236,24 @@ def _range_sweep(
 ):
     """Prologue of a kernel sweeping one token range of two inputs: `_program`'s values, the rows of X
     and Y of this (batch, head), and the range [start, end)."""
-    pid_bh, b, h, offs_n, offs_d, offs_e, inv_s = _program(SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E)
+    pid_bh, slot, b, h, offs_n, offs_d, offs_e, inv_s = _program(SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E)
     x_base = X + b * sxb + h * sxh
     y_base = Y + b * syb + h * syh
     start, end = _token_range(N, tokens_per_split)
-    return pid_bh, b, h, offs_n, offs_d, offs_e, inv_s, x_base, y_base, start, end
-
-
-@_device
-def _row_stats_offsets(pid_bh, N, rows):
-    return pid_bh * N + rows
+    return pid_bh, slot, b, h, offs_n, offs_d, offs_e, inv_s, x_base, y_base, start, end
 
 
 @_device
 def _load_row_stats(DEN, R, pid_bh, N, rows, row_valid):
-    """The causal dq sweep's per-token den and r = dO·O/den of these rows ((BLOCK_N,) each)."""
-    offs = _row_stats_offsets(pid_bh, N, rows)
-    return tl.load(DEN + offs, mask=row_valid, other=1.0), tl.load(R + offs, mask=row_valid, other=0.0)
+    """The causal dq sweep's per-token den and r = dO·O/den of these rows ((BLOCK_N,) each; (B*H, N) buffers)."""
+    den = tl.load(DEN + pid_bh * N + rows, mask=row_valid, other=1.0)
+    return den, tl.load(R + pid_bh * N + rows, mask=row_valid, other=0.0)
+
+
+@_device
+def _store_row_stats(DEN, R, pid_bh, N, rows, row_valid, den, r):
+    tl.store(DEN + pid_bh * N + rows, den, mask=row_valid)
+    tl.store(R + pid_bh * N + rows, r, mask=row_valid)
 
 
 @_device
@@ -269,14 +271,6 @@ def _masked_scores(phi_q, phi_k, attend, KIND: tl.constexpr, PRECISION: tl.const
     return tl.where(attend, scores, 0.0)
 
 
-@_device
-def _masked_score_grad(d_scores, r, attend, ROWSUM_DEN: tl.constexpr):
-    """dA = g vᵀ - ROWSUM_DEN·r from d_scores = g vᵀ, zero where not attended: (BLOCK_N, BLOCK_N)."""
-    if ROWSUM_DEN:
-        d_scores -= r[:, None]
-    return tl.where(attend, d_scores, 0.0)
-
-
 # ----------------------------------------------------------------------------------------------
 # bidirectional (the state kernel also builds the chunk states of the chunk-parallel causal form)
 # ----------------------------------------------------------------------------------------------
@@ -292,21 +286,21 @@ def _range_state(
     """One token range's Σ φx yᵀ (BLOCK_D, BLOCK_E), Σ r φx, Σ y over the rows of X (D wide) and Y (E wide).
     ROW_STATS false: y = Y, r = 1 (the state Σ φk vᵀ, Σ φk, Σ v). ROW_STATS: y = Y / den with the causal
     dq sweep's row statistics den and r (the reverse sums Σ φq gᵀ, Σ r φq, Σ g)."""
-    pid_bh, b, h, offs_n, offs_d, offs_e, inv_s, x_base, y_base, start, end = _range_sweep(
+    pid_bh, slot, b, h, offs_n, offs_d, offs_e, inv_s, x_base, y_base, start, end = _range_sweep(
         X, Y, SCALE, H, N, tokens_per_split, sxb, sxh, syb, syh, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E)
     state, key_sum, value_sum = _zero_state(ACC, BLOCK_D, BLOCK_E)
     for n0 in range(start, end, BLOCK_N):
         rows = n0 + offs_n
         x, x_mask = _load_rows(x_base, rows, sxn, offs_d, D, end, ACC)
         y, _ = _load_rows(y_base, rows, syn, offs_e, E, end, ACC)
-        phi = _feature(x, x_mask, inv_s, KIND, NORM_EPS, POWER)
-        weighted_phi = phi
+        r = y  # unused unless ROW_STATS
         if ROW_STATS:
             den, r = _load_row_stats(DEN, R, pid_bh, N, rows, rows < end)
+        phi = _feature(x, x_mask, inv_s, KIND, NORM_EPS, POWER)
+        if ROW_STATS:
             y = y / den[:, None]
-            weighted_phi = r[:, None] * phi
-        state, key_sum, value_sum = _accumulate_state(state, key_sum, value_sum, phi, weighted_phi, y, PRECISION)
-    _store_state(S_part, Z_part, SV_part, _range_slot(pid_bh), state, key_sum, value_sum, offs_d, offs_e,
+        state, key_sum, value_sum = _accumulate_state(state, key_sum, value_sum, phi, r, y, ROW_STATS, PRECISION)
+    _store_state(S_part, Z_part, SV_part, slot, state, key_sum, value_sum, offs_d, offs_e,
                  BLOCK_D, BLOCK_E)
 
 
@@ -333,7 +327,7 @@ def _bidir_out_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """out = (φq S + C Σv) / den for one block of queries. Grid (B*H, cdiv(N, BLOCK_N))."""
-    pid_bh, b, h, offs_n, offs_d, offs_e, inv_s = _program(SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E)
+    pid_bh, slot, b, h, offs_n, offs_d, offs_e, inv_s = _program(SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E)
     rows = tl.program_id(1) * BLOCK_N + offs_n
     state, key_sum, value_sum = _load_state(S, Z, SV, pid_bh, offs_d, offs_e, BLOCK_D, BLOCK_E)
     q, q_mask = _load_rows(Q + b * sqb + h * sqh, rows, sqn, offs_d, D, N, ACC)
@@ -357,7 +351,7 @@ def _bidir_bwd_query_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """dq for a token range, and partial dS = Σ φq gᵀ, dZ = -Σ r φq, dSV = C Σ g. Grid (B*H, splits)."""
-    pid_bh, b, h, offs_n, offs_d, offs_e, inv_s, q_base, do_base, start, end = _range_sweep(
+    pid_bh, slot, b, h, offs_n, offs_d, offs_e, inv_s, q_base, do_base, start, end = _range_sweep(
         Q, DO, SCALE, H, N, tokens_per_split, sqb, sqh, sdob, sdoh, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E)
     state, key_sum, value_sum = _load_state(S, Z, SV, pid_bh, offs_d, offs_e, BLOCK_D, BLOCK_E)
     dq_base = DQ + b * sdqb + h * sdqh
@@ -385,7 +379,7 @@ def _bidir_bwd_query_kernel(
         d_state = tl.dot(tl.trans(phi_q), g, d_state, input_precision=PRECISION)
         if KIND == 0:
             d_value_sum += _sum(g, axis=0)
-    _store_state(DS_part, DZ_part, DSV_part, _range_slot(pid_bh), d_state, d_key_sum, d_value_sum, offs_d, offs_e,
+    _store_state(DS_part, DZ_part, DSV_part, slot, d_state, d_key_sum, d_value_sum, offs_d, offs_e,
                  BLOCK_D, BLOCK_E)
 
 
@@ -399,7 +393,7 @@ def _bidir_bwd_key_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """dφk = v dSᵀ + dZ, dv = φk dS + dSV for one block of keys. Grid (B*H, cdiv(N, BLOCK_N))."""
-    pid_bh, b, h, offs_n, offs_d, offs_e, inv_s = _program(SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E)
+    pid_bh, slot, b, h, offs_n, offs_d, offs_e, inv_s = _program(SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E)
     rows = tl.program_id(1) * BLOCK_N + offs_n
     d_state, d_key_sum, d_value_sum = _load_state(DS, DZ, DSV, pid_bh, offs_d, offs_e, BLOCK_D, BLOCK_E)
     k, k_mask = _load_rows(K + b * skb + h * skh, rows, skn, offs_d, D, N, ACC)
@@ -452,10 +446,10 @@ def _causal_sweep(
 ):
     """Prologue of the causal sweeps (forward, dq, dk/dv): `_range_sweep`'s values for q and k, v's rows,
     and the state the sweep starts from (`_initial_state`)."""
-    pid_bh, b, h, offs_n, offs_d, offs_e, inv_s, q_base, k_base, start, end = _range_sweep(
+    pid_bh, slot, b, h, offs_n, offs_d, offs_e, inv_s, q_base, k_base, start, end = _range_sweep(
         Q, K, SCALE, H, N, tokens_per_split, sqb, sqh, skb, skh, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E)
     v_base = V + b * svb + h * svh
-    state, key_sum, value_sum = _initial_state(S0, Z0, SV0, pid_bh, offs_d, offs_e, CHUNKED, ACC, BLOCK_D, BLOCK_E)
+    state, key_sum, value_sum = _initial_state(S0, Z0, SV0, slot, offs_d, offs_e, CHUNKED, ACC, BLOCK_D, BLOCK_E)
     return pid_bh, b, h, offs_n, offs_d, offs_e, inv_s, q_base, k_base, v_base, state, key_sum, value_sum, start, end
 
 
@@ -486,19 +480,18 @@ def _causal_forward_sweep(
             r = tl.full((BLOCK_N,), 0.0, dtype=ACC)
             if ROWSUM_DEN:
                 r = _sum(g * num, axis=1) / den
-            d_scores = _masked_score_grad(d_scores, r, _causal_mask(offs_n, rows < end), ROWSUM_DEN)
+                d_scores -= r[:, None]
+            d_scores = tl.where(_causal_mask(offs_n, rows < end), d_scores, 0.0)
             d_phi_q = tl.dot(d_scores, phi_k, input_precision=PRECISION)
             d_phi_q += tl.dot(g, tl.trans(state), input_precision=PRECISION)
             if ROWSUM_DEN:
                 d_phi_q -= r[:, None] * key_sum[None, :]
             dq = _feature_grad(q, d_phi_q, q_mask, inv_s, KIND, NORM_EPS, POWER)
             _store_rows(dq_base, rows, sdqn, offs_d, D, end, dq)
-            stats = _row_stats_offsets(pid_bh, N, rows)
-            tl.store(DEN + stats, den, mask=rows < end)
-            tl.store(R + stats, r, mask=rows < end)
+            _store_row_stats(DEN, R, pid_bh, N, rows, rows < end, den, r)
         else:
             _store_rows(o_base, rows, son, offs_e, E, end, num / den[:, None])
-        state, key_sum, value_sum = _accumulate_state(state, key_sum, value_sum, phi_k, phi_k, v, PRECISION)
+        state, key_sum, value_sum = _accumulate_state(state, key_sum, value_sum, phi_k, phi_k, v, False, PRECISION)
 
 
 @triton.jit
@@ -580,7 +573,10 @@ def _causal_bwd_key_kernel(
         g = do / den[:, None]
         attend = _causal_mask(offs_n, row_valid)
         scores = _masked_scores(phi_q, phi_k, attend, KIND, PRECISION)
-        d_scores = _masked_score_grad(tl.dot(g, tl.trans(v), input_precision=PRECISION), r, attend, ROWSUM_DEN)
+        d_scores = tl.dot(g, tl.trans(v), input_precision=PRECISION)
+        if ROWSUM_DEN:
+            d_scores -= r[:, None]
+        d_scores = tl.where(attend, d_scores, 0.0)
         d_phi_k = tl.dot(tl.trans(d_scores), phi_q, input_precision=PRECISION)
         d_phi_k += tl.dot(v, tl.trans(rev_state), input_precision=PRECISION)
         if ROWSUM_DEN:
@@ -592,5 +588,4 @@ def _causal_bwd_key_kernel(
         dk = _feature_grad(k, d_phi_k, k_mask, inv_s, KIND, NORM_EPS, POWER)
         _store_rows(DK + b * sdkb + h * sdkh, rows, sdkn, offs_d, D, end, dk)
         _store_rows(DV + b * sdvb + h * sdvh, rows, sdvn, offs_e, E, end, dv)
-        rev_state, rev_r_phi_q, rev_g = _accumulate_state(rev_state, rev_r_phi_q, rev_g, phi_q, r[:, None] * phi_q, g,
-                                                          PRECISION)
+        rev_state, rev_r_phi_q, rev_g = _accumulate_state(rev_state, rev_r_phi_q, rev_g, phi_q, r, g, True, PRECISION)
