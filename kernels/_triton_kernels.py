@@ -153,30 +153,45 @@ def _denominator(rowsum, count, row_valid, eps, KIND: tl.constexpr, ROWSUM_DEN: 
 
 
 @_device
-def _program(SCALE, H, D, KIND: tl.constexpr, ACC: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+def _program(SCALE, H, D, KIND: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_E: tl.constexpr, AXIS1: tl.constexpr):
     """This program's (batch, head) and the offsets every kernel indexes with.
 
-    Returns pid_bh, slot (the index of this (batch, head, token range) in the per-range state buffers,
-    for kernels whose grid axis 1 is the token range), b, h, offs_n (BLOCK_N,), offs_d (BLOCK_D,),
-    offs_e (BLOCK_E,), and 1/s (BLOCK_D,). The grid reads come first: where ptxas sees them changes
-    its register count."""
+    AXIS1 says what grid axis 1 is and how much of it is read here. ptxas' register counts depend on
+    where these reads stand (measured: moving them cost 1-4 registers), so each kernel keeps the
+    position it was tuned with:
+      0: blocks of BLOCK_N rows: offs_n holds this block's rows (axis-1 id · BLOCK_N + 0..BLOCK_N-1);
+      1: token ranges: split (the axis-1 id) read first; 2: also the number of ranges n_splits;
+      3: also slot = pid_bh · n_splits + split, the index of this (batch, head, range) in the
+         per-range state buffers.
+    Returns pid_bh, split, n_splits, slot (each only as far as AXIS1 reads it), b, h, offs_n (BLOCK_N,),
+    offs_d (BLOCK_D,), offs_e (BLOCK_E,), and 1/s (BLOCK_D,)."""
     pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    slot = pid_bh * tl.num_programs(1) + split
+    split = pid_bh  # placeholders where AXIS1 does not read them
+    n_splits = 1
+    slot = pid_bh
+    if AXIS1 >= 1:
+        split = tl.program_id(1)
+    if AXIS1 >= 2:
+        n_splits = tl.num_programs(1)
+    if AXIS1 == 3:
+        slot = pid_bh * n_splits + split
     b = pid_bh // H
     h = pid_bh % H
-    offs_n = tl.arange(0, BLOCK_N)
+    if AXIS1 >= 1:
+        offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = tl.arange(0, BLOCK_E)
     inv_s = _inverse_scale(SCALE, h, offs_d, D, KIND, ACC)
-    return pid_bh, slot, b, h, offs_n, offs_d, offs_e, inv_s
+    if AXIS1 == 0:
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_bh, split, n_splits, slot, b, h, offs_n, offs_d, offs_e, inv_s
 
 
 @_device
-def _token_range(N, tokens_per_split):
-    """[start, end) of the token range this program sweeps (grid axis 1)."""
-    start = tl.program_id(1) * tokens_per_split
+def _token_range(split, N, tokens_per_split):
+    """[start, end) of the token range this program sweeps (split: its grid axis-1 id)."""
+    start = split * tokens_per_split
     return start, tl.minimum(start + tokens_per_split, N)
 
 
@@ -207,10 +222,13 @@ def _zero_state(ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr)
 
 
 @_device
-def _initial_state(S0, Z0, SV0, slot, offs_d, offs_e, CHUNKED: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
-    """The state a causal sweep starts from: its range's slot of S0, Z0, SV0 when CHUNKED, else zeros."""
+def _initial_state(S0, Z0, SV0, pid_bh, split, slot, offs_d, offs_e, CHUNKED: tl.constexpr, AXIS1: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The state a causal sweep starts from: its range's slot of S0, Z0, SV0 when CHUNKED (the slot from
+    `_program` when AXIS1 == 3 computed it, else here), zeros otherwise."""
     if CHUNKED:
+        if AXIS1 != 3:
+            slot = pid_bh * tl.num_programs(1) + split
         state, key_sum, value_sum = _load_state(S0, Z0, SV0, slot, offs_d, offs_e, BLOCK_D, BLOCK_E)
     else:
         state, key_sum, value_sum = _zero_state(ACC, BLOCK_D, BLOCK_E)
@@ -232,15 +250,16 @@ def _accumulate_state(state, key_sum, value_sum, phi, r, values, WEIGHTED: tl.co
 @_device
 def _range_sweep(
     X, Y, SCALE, H, N, tokens_per_split, sxb, sxh, syb, syh, D, KIND: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, AXIS1: tl.constexpr,
 ):
     """Prologue of a kernel sweeping one token range of two inputs: `_program`'s values, the rows of X
     and Y of this (batch, head), and the range [start, end)."""
-    pid_bh, slot, b, h, offs_n, offs_d, offs_e, inv_s = _program(SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E)
+    pid_bh, split, n_splits, slot, b, h, offs_n, offs_d, offs_e, inv_s = _program(
+        SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E, AXIS1)
     x_base = X + b * sxb + h * sxh
     y_base = Y + b * syb + h * syh
-    start, end = _token_range(N, tokens_per_split)
-    return pid_bh, slot, b, h, offs_n, offs_d, offs_e, inv_s, x_base, y_base, start, end
+    start, end = _token_range(split, N, tokens_per_split)
+    return pid_bh, split, n_splits, slot, b, h, offs_n, offs_d, offs_e, inv_s, x_base, y_base, start, end
 
 
 @_device
@@ -281,13 +300,13 @@ def _range_state(
     X, Y, SCALE, DEN, R, S_part, Z_part, SV_part, H, N, tokens_per_split, sxb, sxh, sxn, syb, syh, syn,
     D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, POWER: tl.constexpr, NORM_EPS: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_E: tl.constexpr, ROW_STATS: tl.constexpr,
+    BLOCK_E: tl.constexpr, ROW_STATS: tl.constexpr, AXIS1: tl.constexpr,
 ):
     """One token range's Σ φx yᵀ (BLOCK_D, BLOCK_E), Σ r φx, Σ y over the rows of X (D wide) and Y (E wide).
     ROW_STATS false: y = Y, r = 1 (the state Σ φk vᵀ, Σ φk, Σ v). ROW_STATS: y = Y / den with the causal
     dq sweep's row statistics den and r (the reverse sums Σ φq gᵀ, Σ r φq, Σ g)."""
-    pid_bh, slot, b, h, offs_n, offs_d, offs_e, inv_s, x_base, y_base, start, end = _range_sweep(
-        X, Y, SCALE, H, N, tokens_per_split, sxb, sxh, syb, syh, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E)
+    pid_bh, split, n_splits, slot, b, h, offs_n, offs_d, offs_e, inv_s, x_base, y_base, start, end = _range_sweep(
+        X, Y, SCALE, H, N, tokens_per_split, sxb, sxh, syb, syh, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E, AXIS1)
     state, key_sum, value_sum = _zero_state(ACC, BLOCK_D, BLOCK_E)
     for n0 in range(start, end, BLOCK_N):
         rows = n0 + offs_n
@@ -300,8 +319,9 @@ def _range_state(
         if ROW_STATS:
             y = y / den[:, None]
         state, key_sum, value_sum = _accumulate_state(state, key_sum, value_sum, phi, r, y, ROW_STATS, PRECISION)
-    _store_state(S_part, Z_part, SV_part, slot, state, key_sum, value_sum, offs_d, offs_e,
-                 BLOCK_D, BLOCK_E)
+    if AXIS1 == 2:
+        slot = pid_bh * n_splits + split
+    _store_state(S_part, Z_part, SV_part, slot, state, key_sum, value_sum, offs_d, offs_e, BLOCK_D, BLOCK_E)
 
 
 @triton.jit
@@ -314,7 +334,7 @@ def _bidir_state_kernel(
 ):
     """Partial states of one token range: Σ φk vᵀ (BLOCK_D, BLOCK_E), Σ φk, Σ v. Grid (B*H, splits)."""
     _range_state(K, V, SCALE, SCALE, SCALE, S_part, Z_part, SV_part, H, N, tokens_per_split, skb, skh, skn, svb, svh,
-                 svn, D, E, KIND, POWER, NORM_EPS, ACC, PRECISION, BLOCK_N, BLOCK_D, BLOCK_E, False)
+                 svn, D, E, KIND, POWER, NORM_EPS, ACC, PRECISION, BLOCK_N, BLOCK_D, BLOCK_E, False, 2)
 
 
 @triton.jit
@@ -327,8 +347,7 @@ def _bidir_out_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """out = (φq S + C Σv) / den for one block of queries. Grid (B*H, cdiv(N, BLOCK_N))."""
-    pid_bh, slot, b, h, offs_n, offs_d, offs_e, inv_s = _program(SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E)
-    rows = tl.program_id(1) * BLOCK_N + offs_n
+    pid_bh, _, _, _, b, h, rows, offs_d, offs_e, inv_s = _program(SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E, 0)
     state, key_sum, value_sum = _load_state(S, Z, SV, pid_bh, offs_d, offs_e, BLOCK_D, BLOCK_E)
     q, q_mask = _load_rows(Q + b * sqb + h * sqh, rows, sqn, offs_d, D, N, ACC)
     phi_q = _feature(q, q_mask, inv_s, KIND, NORM_EPS, POWER)
@@ -351,11 +370,14 @@ def _bidir_bwd_query_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """dq for a token range, and partial dS = Σ φq gᵀ, dZ = -Σ r φq, dSV = C Σ g. Grid (B*H, splits)."""
-    pid_bh, slot, b, h, offs_n, offs_d, offs_e, inv_s, q_base, do_base, start, end = _range_sweep(
-        Q, DO, SCALE, H, N, tokens_per_split, sqb, sqh, sdob, sdoh, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E)
+    pid_bh, split, n_splits, slot, b, h, offs_n, offs_d, offs_e, inv_s = _program(
+        SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E, 2)
     state, key_sum, value_sum = _load_state(S, Z, SV, pid_bh, offs_d, offs_e, BLOCK_D, BLOCK_E)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
     dq_base = DQ + b * sdqb + h * sdqh
     d_state, d_key_sum, d_value_sum = _zero_state(ACC, BLOCK_D, BLOCK_E)
+    start, end = _token_range(split, N, tokens_per_split)
     for n0 in range(start, end, BLOCK_N):
         rows = n0 + offs_n
         q, q_mask = _load_rows(q_base, rows, sqn, offs_d, D, end, ACC)
@@ -379,8 +401,8 @@ def _bidir_bwd_query_kernel(
         d_state = tl.dot(tl.trans(phi_q), g, d_state, input_precision=PRECISION)
         if KIND == 0:
             d_value_sum += _sum(g, axis=0)
-    _store_state(DS_part, DZ_part, DSV_part, slot, d_state, d_key_sum, d_value_sum, offs_d, offs_e,
-                 BLOCK_D, BLOCK_E)
+    _store_state(DS_part, DZ_part, DSV_part, pid_bh * n_splits + split, d_state, d_key_sum, d_value_sum, offs_d,
+                 offs_e, BLOCK_D, BLOCK_E)
 
 
 @triton.jit
@@ -393,8 +415,7 @@ def _bidir_bwd_key_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """dφk = v dSᵀ + dZ, dv = φk dS + dSV for one block of keys. Grid (B*H, cdiv(N, BLOCK_N))."""
-    pid_bh, slot, b, h, offs_n, offs_d, offs_e, inv_s = _program(SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E)
-    rows = tl.program_id(1) * BLOCK_N + offs_n
+    pid_bh, _, _, _, b, h, rows, offs_d, offs_e, inv_s = _program(SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E, 0)
     d_state, d_key_sum, d_value_sum = _load_state(DS, DZ, DSV, pid_bh, offs_d, offs_e, BLOCK_D, BLOCK_E)
     k, k_mask = _load_rows(K + b * skb + h * skh, rows, skn, offs_d, D, N, ACC)
     v, _ = _load_rows(V + b * svb + h * svh, rows, svn, offs_e, E, N, ACC)
@@ -441,16 +462,24 @@ def _causal_chunk(
 
 @_device
 def _causal_sweep(
-    Q, K, V, SCALE, S0, Z0, SV0, H, N, tokens_per_split, sqb, sqh, skb, skh, svb, svh, D, KIND: tl.constexpr,
-    CHUNKED: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    Q, K, V, O, DQ, SCALE, S0, Z0, SV0, H, N, tokens_per_split, sqb, sqh, skb, skh, svb, svh, sob, soh, sdqb, sdqh,
+    D, KIND: tl.constexpr, CHUNKED: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr, AXIS1: tl.constexpr,
 ):
-    """Prologue of the causal sweeps (forward, dq, dk/dv): `_range_sweep`'s values for q and k, v's rows,
-    and the state the sweep starts from (`_initial_state`)."""
-    pid_bh, slot, b, h, offs_n, offs_d, offs_e, inv_s, q_base, k_base, start, end = _range_sweep(
-        Q, K, SCALE, H, N, tokens_per_split, sqb, sqh, skb, skh, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E)
+    """Prologue of the causal sweeps (forward, dq, dk/dv): `_program`'s values, this (batch, head)'s rows of
+    q, k, v, O (out or dO) and DQ, the state the sweep starts from (`_initial_state`), and the range [start, end)."""
+    pid_bh, split, _, slot, b, h, offs_n, offs_d, offs_e, inv_s = _program(
+        SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E, AXIS1)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    state, key_sum, value_sum = _initial_state(S0, Z0, SV0, slot, offs_d, offs_e, CHUNKED, ACC, BLOCK_D, BLOCK_E)
-    return pid_bh, b, h, offs_n, offs_d, offs_e, inv_s, q_base, k_base, v_base, state, key_sum, value_sum, start, end
+    o_base = O + b * sob + h * soh
+    dq_base = DQ + b * sdqb + h * sdqh
+    state, key_sum, value_sum = _initial_state(S0, Z0, SV0, pid_bh, split, slot, offs_d, offs_e, CHUNKED, AXIS1, ACC,
+                                               BLOCK_D, BLOCK_E)
+    start, end = _token_range(split, N, tokens_per_split)
+    return (pid_bh, b, h, offs_n, offs_d, offs_e, inv_s, q_base, k_base, v_base, o_base, dq_base, state, key_sum,
+            value_sum, start, end)
 
 
 @_device
@@ -464,11 +493,10 @@ def _causal_forward_sweep(
     """The causal forward over one token range, chunk by chunk in order, carrying the running state.
     DQ_PASS false: writes out to O. DQ_PASS: O holds dO; writes dq to DQ and the row statistics
     den, r = dO·out/den to DEN, R (for the dk/dv sweep)."""
-    pid_bh, b, h, offs_n, offs_d, offs_e, inv_s, q_base, k_base, v_base, state, key_sum, value_sum, start, end = \
-        _causal_sweep(Q, K, V, SCALE, S0, Z0, SV0, H, N, tokens_per_split, sqb, sqh, skb, skh, svb, svh,
-                      D, KIND, CHUNKED, ACC, BLOCK_N, BLOCK_D, BLOCK_E)
-    o_base = O + b * sob + h * soh
-    dq_base = DQ + b * sdqb + h * sdqh
+    (pid_bh, b, h, offs_n, offs_d, offs_e, inv_s, q_base, k_base, v_base, o_base, dq_base, state, key_sum, value_sum,
+     start, end) = _causal_sweep(Q, K, V, O, DQ, SCALE, S0, Z0, SV0, H, N, tokens_per_split, sqb, sqh, skb, skh, svb,
+                                 svh, sob, soh, sdqb, sdqh, D, KIND, CHUNKED, ACC, BLOCK_N, BLOCK_D, BLOCK_E,
+                                 3 if DQ_PASS else 1)
     for n0 in range(start, end, BLOCK_N):
         rows, q, q_mask, phi_q, phi_k, v, num, den = _causal_chunk(
             q_base, k_base, v_base, n0, offs_n, offs_d, offs_e, end, sqn, skn, svn, state, key_sum, value_sum, eps,
@@ -540,7 +568,7 @@ def _causal_reverse_state_kernel(
     from the row statistics of the dq sweep; suffix-summed on the host for the dk/dv sweep. A pass of
     its own (not accumulated in the dq sweep) to keep that kernel's registers. Grid (B*H, splits)."""
     _range_state(Q, DO, SCALE, DEN, R, RS_part, RZ_part, RSV_part, H, N, tokens_per_split, sqb, sqh, sqn, sdob, sdoh,
-                 sdon, D, E, KIND, POWER, NORM_EPS, ACC, PRECISION, BLOCK_N, BLOCK_D, BLOCK_E, True)
+                 sdon, D, E, KIND, POWER, NORM_EPS, ACC, PRECISION, BLOCK_N, BLOCK_D, BLOCK_E, True, 3)
 
 
 @triton.jit
@@ -554,10 +582,9 @@ def _causal_bwd_key_kernel(
 ):
     """dk, dv by a reverse sweep over one token range carrying Σ_{later} φq gᵀ, Σ_{later} r φq,
     Σ_{later} g (CHUNKED: starting from the later ranges' sums RS0, RZ0, RSV0). Grid (B*H, splits)."""
-    pid_bh, b, h, offs_n, offs_d, offs_e, inv_s, q_base, k_base, v_base, rev_state, rev_r_phi_q, rev_g, start, end = \
-        _causal_sweep(Q, K, V, SCALE, RS0, RZ0, RSV0, H, N, tokens_per_split, sqb, sqh, skb, skh, svb, svh,
-                      D, KIND, CHUNKED, ACC, BLOCK_N, BLOCK_D, BLOCK_E)
-    do_base = DO + b * sdob + h * sdoh
+    (pid_bh, b, h, offs_n, offs_d, offs_e, inv_s, q_base, k_base, v_base, do_base, no_dq, rev_state, rev_r_phi_q, rev_g,
+     start, end) = _causal_sweep(Q, K, V, DO, DO, SCALE, RS0, RZ0, RSV0, H, N, tokens_per_split, sqb, sqh, skb, skh,
+                                 svb, svh, sdob, sdoh, 0, 0, D, KIND, CHUNKED, ACC, BLOCK_N, BLOCK_D, BLOCK_E, 1)
     n_chunks = (end - start + BLOCK_N - 1) // BLOCK_N
     for i in range(0, n_chunks):
         n0 = start + (n_chunks - 1 - i) * BLOCK_N
