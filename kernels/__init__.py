@@ -4,7 +4,8 @@
 (kernels/torch_path.py). `backend="torch"` / `backend="triton"` force one; Triton on CPU
 tensors runs through Triton's interpreter (slow; for tests), whatever TRITON_INTERPRET says.
 `kernels.reference.linear_attention_reference` stays the plain, readable oracle. The backends
-take the same keyword arguments and trust this function's check (`check_linear_args`).
+share one keyword signature (`kernels.options`: `LinearOptions` + `@linear_backend`) and trust this
+function's check (`check_linear_args`).
 """
 
 from __future__ import annotations
