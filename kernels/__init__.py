@@ -4,7 +4,8 @@
 (kernels/torch_path.py). `backend="torch"` / `backend="triton"` force one; Triton on CPU
 tensors runs through Triton's interpreter (slow; for tests), whatever TRITON_INTERPRET says.
 `kernels.reference.linear_attention_reference` stays the plain, readable oracle. The backends
-take the same keyword arguments and trust this function's check (`check_linear_args`).
+share one keyword signature (`kernels.options`: `LinearOptions` + `@linear_backend`) and trust this
+function's check (`check_linear_args`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 # function below: importing a submodule sets it as an attribute of its package, which would
 # otherwise shadow `kernels.linear_attention` (the function) the first time the module is imported.
 import kernels.linear_attention as _triton_wrapper  # noqa: E402,F401
+from kernels.options import LinearOptions
 from kernels.reference import DENOMINATORS, FEATURE_MAPS, LinearSpec, check_linear_args, linear_attention_reference
 from kernels.torch_path import linear_attention_torch
 
@@ -41,11 +43,11 @@ def linear_attention(
     check_linear_args(q, k, v, feature_map, denominator, scale, power)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
-    kwargs = dict(feature_map=feature_map, denominator=denominator, causal=causal, scale=scale, power=power, eps=eps)
+    options = LinearOptions(feature_map, denominator, causal, scale, power, eps)._asdict()
     if backend == "triton" or (backend == "auto" and q.is_cuda):
-        return _triton_wrapper.linear_attention_triton(q, k, v, **kwargs)
-    return linear_attention_torch(q, k, v, **kwargs)
+        return _triton_wrapper.linear_attention_triton(q, k, v, **options)
+    return linear_attention_torch(q, k, v, **options)
 
 
-__all__ = ["linear_attention", "linear_attention_reference", "linear_attention_torch", "LinearSpec",
+__all__ = ["linear_attention", "linear_attention_reference", "linear_attention_torch", "LinearSpec", "LinearOptions",
            "FEATURE_MAPS", "DENOMINATORS", "BACKENDS"]
