@@ -40,18 +40,24 @@ class VisionConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     # softmax | linear (feature map from `feature_map`) | linear-affine (the paper's) | linear-focused
-    # | linear-elu | linear-relu (shorthands naming the feature map)
+    # | linear-elu | linear-relu | linear-pola (shorthands naming the feature map; docs/attention_variants.md)
     attention: str = "softmax"
-    # linear only: affine | focused | elu | relu; null = the shorthand's (or affine for `linear`)
+    # linear only: affine | focused | elu | relu | pola; null = the shorthand's (or affine for `linear`)
     feature_map: Optional[str] = None
     # linear only, the normaliser: `count` divides by the token count (the paper's), `kernel` by
-    # sum_j sim(q_i, k_j); null = the feature map's default (affine: count, the others: kernel)
+    # sum_j sim(q_i, k_j), `mala` magnitude-aware (rows sum to one, sharpen with |phi(q)|; not with affine);
+    # null = the feature map's default (affine: count, the others: kernel)
     denominator: Optional[str] = None
     # focused map: the power p of phi = |y| y^p / |y^p| (FLatten: 3)
     focused_power: float = 3.0
     # local branch: 0 (off) | 3 | 5: depthwise k x k conv of V over the patch grid, added to the
     # attention output of the patch tokens (the CLS token gets nothing)
     local_kernel: int = 0
+    # output gate: the attention output times SiLU(W_g x + b_g) before out_proj (one more width x width)
+    output_gate: bool = False
+    # hybrid tower: these layers (0-based, negative from the end, e.g. [-1] or [3, 7, 11]) run softmax,
+    # the others the linear variant above; [] = none
+    softmax_layers: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -67,6 +73,8 @@ class TextConfig:
     feature_map: Optional[str] = None
     denominator: Optional[str] = None
     focused_power: float = 3.0
+    output_gate: bool = False
+    softmax_layers: list[int] = field(default_factory=list)
 
 
 @dataclass
