@@ -1,18 +1,26 @@
-"""Training throughput: our DeepSpeed trainer vs open_clip's trainer, same shards/model/batch/precision.
+"""Training throughput of our trainer, run by run, optionally beside open_clip's trainer.
 
-    python bench/throughput.py --shards 'DIR/train/shard-{000000..000011}.tar' [--preset tiny]
-        [--batch-size 64] [--steps 40] [--precision fp32] [--workers 1] [--threads 2] [--out FILE.json]
+    python bench/throughput.py [--shards 'DIR/train/shard-{000000..000011}.tar'] [--preset tiny]
+        [--image-size 112] [--patch-size 4] [--runs softmax linear-focused softmax:pd0.5 ...]
+        [--baseline open_clip|none] [--device cpu|cuda] [--precision fp32|bf16|fp16] [--zero-stage 0]
+        [--batch-size 64] [--steps 40] [--repeats 2] [--out FILE.json]
 
-Runs, one process each, one after another (the same machine state for all):
+Each `--runs` entry is an attention name of the one grammar (softmax, linear-focused-local3, ...)
+for both towers, optionally with `:pdF` for image patch dropout F (FLIP) during training. Without
+`--shards`, synthetic captioned shards are written first (`python -m ds_linclip.data.writer
+synthetic`), so the script needs no dataset (the GPU check uses this).
+
+Runs, one process each, one after another, in interleaved rounds (drift hits all alike):
   open_clip  `python -m open_clip_train.main` (softmax attention; the model shape of our preset given
-             to it as an open_clip model config through `--model local-dir:`; run through a one-line
-             shim that fixes its webdataset incompatibility, see _OPEN_CLIP_MAIN)
-  ours       `python -m ds_linclip.train`, softmax attention (ZeRO stage 0: one process shards nothing)
-  ours       the same with linear-affine attention in both towers
+             to it as an open_clip model config through `--model local-dir:`, with the same patch
+             dropout; run through a one-line shim that fixes its webdataset incompatibility, see
+             _OPEN_CLIP_MAIN), once per patch-dropout value the runs use (`--baseline open_clip`)
+  ours       `python -m ds_linclip.train`, one per `--runs` entry
 Throughput = global batch / mean step wall time (data wait included, as both trainers time a step),
-over the logged intervals after the first `--skip-steps` steps (start-up, allocator warm-up);
-the trainers take turns for `--repeats` rounds and the median round is reported.
-The ratios ours/open_clip are printed; the target is softmax >= 1.0x.
+over the logged intervals after the first `--skip-steps` steps (start-up, allocator warm-up); the
+median round is reported, with the peak memory our trainer logs (accelerator allocations on a GPU,
+the process's peak RSS on CPU). Ratios: against our first run at the same patch dropout, and
+against open_clip at the same patch dropout.
 """
 
 from __future__ import annotations
@@ -21,18 +29,20 @@ import argparse
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def open_clip_model_config(model) -> dict:
+def open_clip_model_config(model, patch_dropout: float = 0.0) -> dict:
     """open_clip's model_cfg for our `model` section (CLIP with a separate ViT and text transformer)."""
     image, text = model.image, model.text
     return {
@@ -40,7 +50,7 @@ def open_clip_model_config(model) -> dict:
         "vision_cfg": {
             "image_size": int(image.image_size), "patch_size": int(image.patch_size), "width": int(image.width),
             "layers": int(image.layers), "head_width": int(image.width) // int(image.heads),
-            "mlp_ratio": float(image.mlp_ratio),
+            "mlp_ratio": float(image.mlp_ratio), "patch_dropout": float(patch_dropout),
         },
         "text_cfg": {
             "context_length": int(text.context_length), "vocab_size": int(text.vocab_size), "width": int(text.width),
@@ -72,57 +82,130 @@ _OPEN_CLIP_MAIN = (
 )
 
 
-def run_open_clip(args, cfg, work: Path, env: dict) -> dict:
-    model_dir = work / "open_clip_model"
+def run_open_clip(args, cfg, work: Path, env: dict, patch_dropout: float = 0.0) -> dict:
+    model_dir = work / f"open_clip_model_pd{patch_dropout:g}"
     model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip_model_config(cfg.model)}))
+    (model_dir / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": open_clip_model_config(cfg.model, patch_dropout)}))
     precision = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}[args.precision]
     cmd = [
         sys.executable, "-c", _OPEN_CLIP_MAIN, "--model", f"local-dir:{model_dir}",
         "--train-data", args.shards, "--dataset-type", "webdataset",
         "--train-num-samples", str(args.steps * args.batch_size), "--epochs", "1",
         "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--precision", precision,
-        "--device", "cpu", "--lr", str(args.lr), "--warmup", "2", "--wd", "0.2",
-        "--log-every-n-steps", str(args.log_every), "--logs", str(work / "open_clip_logs"), "--name", "throughput",
+        "--device", args.device, "--lr", str(args.lr), "--warmup", "2", "--wd", "0.2",
+        "--log-every-n-steps", str(args.log_every), "--logs", str(work / "open_clip_logs"), "--name", f"throughput_pd{patch_dropout:g}",
         "--save-frequency", "0", "--report-to", "", "--local-loss", "--gather-with-grad", "--seed", "0",
     ]
-    text = _run(cmd, env, work / "open_clip.log", args.timeout)
+    text = _run(cmd, env, work / f"open_clip_pd{patch_dropout:g}.log", args.timeout)
     # "Train Epoch: 0 [  320/ 2560 (12%)] Data (t): 0.004 Batch (t): 0.512, ..." ; Batch (t) is the
     # interval mean of the wall time of a step (data included)
     rows = re.findall(r"Train Epoch: \d+ \[\s*(\d+)/.*?Batch \(t\): ([0-9.]+)", text)
     intervals = [(int(samples) // args.batch_size, float(t)) for samples, t in rows]
-    return _summarise("open_clip (softmax)", intervals, args)
+    return _summarise(Run("open_clip", patch_dropout, baseline=True), intervals, args)
 
 
-def run_ours(args, attention: str, work: Path, env: dict) -> dict:
-    name = f"ours_{attention}"
+@dataclass(frozen=True)
+class Run:
+    """One trainer configuration: attention (both towers) and image patch dropout."""
+
+    attention: str
+    patch_dropout: float = 0.0
+    baseline: bool = False  # open_clip_train rather than ours
+
+    @property
+    def label(self) -> str:
+        who = "open_clip" if self.baseline else f"ours {self.attention}"
+        return who + (f" pd{self.patch_dropout:g}" if self.patch_dropout else "")
+
+
+def parse_run(text: str) -> Run:
+    """`ATTENTION[:pdF]` -> Run; argparse error naming the entry when malformed."""
+    from ds_linclip.models.attention import parse_attention_name
+
+    name, _, option = text.partition(":")
+    patch_dropout = 0.0
+    if option:
+        if not option.startswith("pd"):
+            raise argparse.ArgumentTypeError(f"{text!r}: the option after ':' is pdF (patch dropout), e.g. softmax:pd0.5")
+        try:
+            patch_dropout = float(option[2:])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: pd needs a number, e.g. softmax:pd0.5") from None
+        if not 0.0 <= patch_dropout < 1.0:
+            raise argparse.ArgumentTypeError(f"{text!r}: patch dropout must be in [0, 1)")
+    try:
+        parse_attention_name(name)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+    return Run(name, patch_dropout)
+
+
+def attention_overrides(name: str) -> list[str]:
+    """`model.image.*` / `model.text.*` overrides for `name` in both towers; the text tower is causal,
+    so it takes the name without the image tower's local branch."""
+    from ds_linclip.models.attention import AttentionSpec, parse_attention_name
+
+    image = parse_attention_name(name)
+    text = AttentionSpec(image.linear, 0)
+    overrides = {**image.config_overrides("image"), **text.config_overrides("text")}
+    return [f"{key}={value}" for key, value in overrides.items()]
+
+
+def run_ours(args, run: Run, work: Path, env: dict) -> dict:
+    name = f"ours_{run.attention}_pd{run.patch_dropout:g}"
     cmd = [
         sys.executable, "-m", "ds_linclip.train", f"model.preset={args.preset}", f"data.train_shards={args.shards}",
-        f"data.workers={args.workers}", f"model.image.attention={attention}", f"model.text.attention={attention}",
+        f"data.workers={args.workers}", *attention_overrides(run.attention),
+        f"model.image.image_size={args.image_size}", f"model.image.patch_size={args.patch_size}",
         f"train.micro_batch_size={args.batch_size}", f"train.steps={args.steps}", f"train.precision={args.precision}",
-        "train.zero_stage=0", f"train.lr={args.lr}", "train.warmup_steps=2", f"train.log_every={args.log_every}",
-        "train.checkpoint_every=0", f"train.output_dir={work}", f"train.run_name={name}", "train.resume=none",
-    ]
-    text = _run(cmd, env, work / f"{name}.log", args.timeout)
-    # "step 20/40 (...) | ... | step 0.512s (data 0.003s) | ..."; the step time is the interval mean
-    rows = re.findall(r"^step (\d+)/\d+ .*?\| step ([0-9.]+)s \(data", text, flags=re.M)
-    intervals = [(int(step), float(t)) for step, t in rows]
-    return _summarise(f"ours ({attention})", intervals, args)
+        f"train.zero_stage={args.zero_stage}", f"train.lr={args.lr}", "train.warmup_steps=2",
+        f"train.log_every={args.log_every}", "train.checkpoint_every=0", f"train.output_dir={work}",
+        f"train.run_name={name}", "train.resume=none",
+    ] + ([f"model.image.patch_dropout={run.patch_dropout}"] if run.patch_dropout else [])
+    text = _run(cmd, {**env, "MASTER_PORT": str(free_port())}, work / f"{name}.log", args.timeout)
+    # "step 20/40 (...) | ... | step 0.512s (data 0.003s) | peak 1,234 MiB | ..."; the step time is the interval mean
+    rows = re.findall(r"^step (\d+)/\d+ .*?\| step ([0-9.]+)s \(data.*?\| peak ([0-9,]+) MiB", text, flags=re.M)
+    intervals = [(int(step), float(t)) for step, t, _ in rows]
+    summary = _summarise(run, intervals, args)
+    summary["peak_mib"] = max((float(peak.replace(",", "")) for _, _, peak in rows), default=None)
+    return summary
 
 
-def _summarise(label: str, intervals: list[tuple[int, float]], args) -> dict:
+def _summarise(run: Run, intervals: list[tuple[int, float]], args) -> dict:
     kept = [t for step, t in intervals if step - args.log_every >= args.skip_steps]
     if not kept:
-        raise RuntimeError(f"{label}: no timed intervals after step {args.skip_steps} (parsed {intervals})")
+        raise RuntimeError(f"{run.label}: no timed intervals after step {args.skip_steps} (parsed {intervals})")
     step_s = statistics.mean(kept)
-    return {"label": label, "step_s": step_s, "images_per_s": args.batch_size / step_s, "intervals": intervals}
+    return {"run": run, "label": run.label, "step_s": step_s, "images_per_s": args.batch_size / step_s,
+            "intervals": intervals}
 
 
-def main(argv=None) -> int:
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def tokens_per_image(image_size: int, patch_size: int) -> int:
+    return (image_size // patch_size) ** 2 + 1
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--shards", required=True, help="webdataset shard spec (brace range), e.g. 'fmnist/train/shard-{000000..000011}.tar'")
+    parser.add_argument("--shards", default=None,
+                        help="webdataset shard spec (brace range), e.g. 'fmnist/train/shard-{000000..000011}.tar' "
+                             "(default: synthetic shards written into the work dir)")
     parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--image-size", type=int, default=None, help="image size in px (default: the preset's)")
+    parser.add_argument("--patch-size", type=int, default=None, help="patch size in px (default: the preset's)")
+    parser.add_argument("--runs", nargs="+", type=parse_run, default=[parse_run("softmax"), parse_run("linear-focused-local3")],
+                        metavar="ATTENTION[:pdF]", help="our runs (default: softmax linear-focused-local3)")
+    parser.add_argument("--baseline", choices=["open_clip", "none"], default="open_clip",
+                        help="also run open_clip_train.main, once per patch-dropout value of --runs")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--skip-steps", type=int, default=10, help="steps not timed (start-up)")
@@ -132,52 +215,97 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="OMP/torch threads of each run")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--repeats", type=int, default=2, help="rounds of (open_clip, ours softmax, ours linear); medians reported")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of all runs; medians reported")
     parser.add_argument("--keep-logs", default=None, help="keep the runs' logs and outputs in this dir (default: a temp dir)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def results_table(results: list[dict], args) -> str:
+    """Markdown: one row per run with images/s, peak memory and the ratios."""
+    ours_first: dict[float, float] = {}
+    open_clip: dict[float, float] = {}
+    for r in results:
+        run = r["run"]
+        target = open_clip if run.baseline else ours_first
+        target.setdefault(run.patch_dropout, r["images_per_s"])
+    header = ["trainer", "px (tokens)", "step (s)", "images/s", "peak MiB", "vs ours first run", "vs open_clip",
+              "vs open_clip same pd", "per-round step (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    tokens = f"{args.image_size} ({tokens_per_image(args.image_size, args.patch_size)})"
+    for r in results:
+        run, ips = r["run"], r["images_per_s"]
+        first = ours_first.get(run.patch_dropout) or ours_first.get(0.0)
+        cells = [
+            r["label"], tokens, f"{r['step_s']:.3f}", f"{ips:.1f}",
+            f"{r['peak_mib']:,.0f}" if r.get("peak_mib") else "-",
+            f"{ips / first:.2f}x" if first and not run.baseline else "-",
+            f"{ips / open_clip[0.0]:.2f}x" if 0.0 in open_clip else "-",
+            f"{ips / open_clip[run.patch_dropout]:.2f}x" if run.patch_dropout in open_clip else "-",
+            " ".join(f"{t:.3f}" for t in r["rounds_step_s"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     from ds_linclip.config import load_config
 
     cfg = load_config([], [f"model.preset={args.preset}"])
-    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(args.threads),
-               MKL_NUM_THREADS=str(args.threads))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        env.pop(key, None)  # one process
-    env["MASTER_PORT"] = env.get("MASTER_PORT", "29533")
-    runs: dict[str, list[dict]] = {}
+    args.image_size = args.image_size or int(cfg.model.image.image_size)
+    args.patch_size = args.patch_size or int(cfg.model.image.patch_size)
+    cfg = load_config([], [f"model.preset={args.preset}", f"model.image.image_size={args.image_size}",
+                           f"model.image.patch_size={args.patch_size}"])
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if args.device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_PORT"):
+        env.pop(key, None)  # one process each, on a port of its own (run_ours)
+    baselines = sorted({run.patch_dropout for run in args.runs}) if args.baseline == "open_clip" else []
+    runs: dict[Run, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="linclip_throughput_") as tmp:
-        print(f"preset {args.preset}, batch {args.batch_size}, {args.steps} steps, {args.precision}, "
-              f"{args.workers} data worker(s), {args.threads} thread(s), one CPU process each, "
-              f"{args.repeats} round(s)", flush=True)
-        for round_index in range(args.repeats):  # rounds interleave the trainers: drift hits all alike
-            work = Path(args.keep_logs or tmp) / f"round{round_index}"
+        root = Path(args.keep_logs or tmp)
+        if args.shards is None:
+            from ds_linclip.data.writer import write_synthetic
+
+            samples = max(args.batch_size * (args.steps + 1), 512)
+            # at least two shards per data worker: epoch mode deals whole shards to the workers
+            shard_size = max(16, samples // (2 * max(args.workers, 1)))
+            train = write_synthetic(root / "synthetic", samples=samples, image_size=64, shard_size=shard_size) / "train"
+            last = len(json.loads((train / "sizes.json").read_text())) - 1
+            args.shards = str(train / f"shard-{{000000..{last:06d}}}.tar")  # a brace range: open_clip does not glob
+        print(f"preset {args.preset} at {args.image_size} px / patch {args.patch_size} "
+              f"({tokens_per_image(args.image_size, args.patch_size)} tokens), batch {args.batch_size}, {args.steps} steps, "
+              f"{args.precision}, ZeRO {args.zero_stage}, {args.device}, {args.workers} data worker(s), "
+              f"{args.threads} thread(s), one process each, {args.repeats} round(s)", flush=True)
+        for round_index in range(args.repeats):
+            work = root / f"round{round_index}"
             work.mkdir(parents=True, exist_ok=True)
-            print(f"round {round_index}: open_clip_train.main (softmax) ...", flush=True)
-            result = run_open_clip(args, cfg, work, env)
-            runs.setdefault(result["label"], []).append(result)
-            for attention in ("softmax", "linear-affine"):
-                print(f"round {round_index}: ds_linclip.train ({attention}) ...", flush=True)
-                result = run_ours(args, attention, work, env)
-                runs.setdefault(result["label"], []).append(result)
+            for patch_dropout in baselines:
+                print(f"round {round_index}: open_clip_train.main (softmax, patch dropout {patch_dropout:g}) ...", flush=True)
+                result = run_open_clip(args, cfg, work, env, patch_dropout)
+                runs.setdefault(result["run"], []).append(result)
+            for run in args.runs:
+                print(f"round {round_index}: ds_linclip.train ({run.label}) ...", flush=True)
+                result = run_ours(args, run, work, env)
+                runs.setdefault(run, []).append(result)
     results = []
-    for label, rounds in runs.items():
+    for run, rounds in runs.items():
         step_s = statistics.median(r["step_s"] for r in rounds)
-        results.append({"label": label, "step_s": step_s, "images_per_s": args.batch_size / step_s,
-                        "rounds_step_s": [r["step_s"] for r in rounds], "rounds": rounds})
-    base = results[0]["images_per_s"]
-    print(f"\n{'trainer':<24} {'step (s)':>9} {'images/s':>9} {'vs open_clip':>13}   per-round step (s)")
-    for r in results:
-        r["ratio_vs_open_clip"] = r["images_per_s"] / base
-        rounds = " ".join(f"{t:.3f}" for t in r["rounds_step_s"])
-        print(f"{r['label']:<24} {r['step_s']:>9.3f} {r['images_per_s']:>9.1f} {r['ratio_vs_open_clip']:>12.2f}x   {rounds}")
-    softmax_ratio = results[1]["ratio_vs_open_clip"]
-    print(f"\nours softmax / open_clip softmax = {softmax_ratio:.2f}x (target >= 1.0x: "
-          f"{'met' if softmax_ratio >= 1.0 else 'NOT met'}); linear-affine / open_clip softmax = "
-          f"{results[2]['ratio_vs_open_clip']:.2f}x")
+        peaks = [r["peak_mib"] for r in rounds if r.get("peak_mib")]
+        results.append({"run": run, "label": run.label, "step_s": step_s, "images_per_s": args.batch_size / step_s,
+                        "peak_mib": max(peaks) if peaks else None, "rounds_step_s": [r["step_s"] for r in rounds]})
+    print()
+    print(results_table(results, args))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+        for r in results:
+            r["attention"], r["patch_dropout"], r["baseline"] = r["run"].attention, r["run"].patch_dropout, r["run"].baseline
+            del r["run"]
+        Path(args.out).write_text(json.dumps({"args": {k: (v if not isinstance(v, list) else [getattr(x, "label", x) for x in v])
+                                                      for k, v in vars(args).items()}, "results": results}, indent=2) + "\n")
     return 0
 
 

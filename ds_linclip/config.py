@@ -23,11 +23,17 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ds_linclip.models.attention import ATTENTION_KINDS, AttentionSpecError, resolve_attention
+from ds_linclip.models.groups import num_lock_groups
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 PRECISIONS = ("bf16", "fp16", "fp32")
 EVAL_CLUSTERS = ("auto", "slurm", "local", "debug")
 DATA_MODES = ("epoch", "resampled")
+LOSSES = ("clip", "siglip")
+SIGLIP_DISTS = ("bidir", "gather")
+# open_clip's initialisation for SigLIP (init_logit_scale, init_logit_bias): logits 10 * cos - 10
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
+SIGLIP_INIT_LOGIT_BIAS = -10.0
 RESUME_MODES_HINT = "auto | none | PATH"
 
 
@@ -53,6 +59,14 @@ class VisionConfig:
     # local branch: 0 (off) | 3 | 5: depthwise k x k conv of V over the patch grid, added to the
     # attention output of the patch tokens (the CLS token gets nothing)
     local_kernel: int = 0
+    # FLIP patch dropout in [0, 1): the fraction of patch tokens each training image drops after the
+    # position embedding (the CLS token is always kept; eval keeps all). 0 = off
+    patch_dropout: float = 0.0
+    # LiT: freeze this tower (open_clip --lock-image); its parameters get no optimizer state at all
+    lock: bool = False
+    # with lock: leave the last N of the tower's layers + 2 groups trainable (open_clip's groups:
+    # [patch_embed, class/pos embedding, ln_pre], block 0, ..., [last block, ln_post], [proj])
+    unlocked_groups: int = 0
     # output gate: the attention output times SiLU(W_g x + b_g) before out_proj (one more width x width)
     output_gate: bool = False
     # hybrid tower: these layers (0-based, negative from the end, e.g. [-1] or [3, 7, 11]) run softmax,
@@ -73,6 +87,13 @@ class TextConfig:
     feature_map: Optional[str] = None
     denominator: Optional[str] = None
     focused_power: float = 3.0
+    # freeze this tower (open_clip --lock-text), but the last `unlocked_layers` of its layers + 2 groups:
+    # [token/pos embedding], block 0, ..., [last block, ln_final], [text_projection]
+    lock: bool = False
+    unlocked_layers: int = 0
+    # false: the frozen groups' LayerNorms still train (open_clip's HF text tower semantics)
+    freeze_layer_norm: bool = True
+    # as model.image.*: output gate, hybrid tower
     output_gate: bool = False
     softmax_layers: list[int] = field(default_factory=list)
 
@@ -86,7 +107,11 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     # where linear attention runs: auto (CUDA -> Triton, else PyTorch) | torch | triton
     attention_backend: str = "auto"
+    # ln of the initial inverse temperature; unset with train.loss=siglip: SIGLIP_INIT_LOGIT_SCALE (ln 10)
     init_logit_scale: float = math.log(1 / 0.07)
+    # a learned logit bias starting here (SigLIP's); null = none. Unset with train.loss=siglip:
+    # SIGLIP_INIT_LOGIT_BIAS (-10); the clip loss has no use for one
+    init_logit_bias: Optional[float] = None
     # optional weights to start from: an open_clip state dict (.pt/.bin/.safetensors) or ours
     pretrained: Optional[str] = None
 
@@ -137,6 +162,22 @@ class LinearizeConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """One entry of train.phases (ds_linclip/train/phases.py): a share of train.steps with its own
+    image resolution and patch dropout (e.g. FLIP / CLIPA: most steps at low resolution with patch
+    dropout, then a short phase at full resolution without)."""
+
+    # the phase's share of train.steps: a fraction (every phase's fractions sum to 1) or a step count
+    # (they sum to train.steps); exactly one of the two, the same one in every phase
+    fraction: Optional[float] = None
+    steps: Optional[int] = None
+    # null = model.image.image_size (where the position embedding is stored; other sizes interpolate it)
+    image_size: Optional[int] = None
+    # null = model.image.patch_dropout
+    patch_dropout: Optional[float] = None
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs"
     run_name: str = "linclip"
@@ -145,6 +186,13 @@ class TrainConfig:
     grad_accum_steps: int = 1
     steps: int = 1000
     lr: float = 5.0e-4
+    # peak lr of each tower's parameters; null = train.lr (logit_scale always gets train.lr)
+    image_lr: Optional[float] = None
+    text_lr: Optional[float] = None
+    # layer-wise lr decay (BEiT / EVA-CLIP): block i of L gets decay^(L-i), embeddings decay^(L+1),
+    # final norm + projection decay^0; 1.0 = off
+    image_layer_decay: float = 1.0
+    text_layer_decay: float = 1.0
     min_lr: float = 0.0
     warmup_steps: int = 100
     weight_decay: float = 0.2
@@ -159,8 +207,17 @@ class TrainConfig:
     offload_param: bool = False
     # activation checkpointing: 0 = off, k = every k-th block
     grad_checkpointing: int = 0
+    # clip (softmax over the batch, CLIP's) | siglip (sigmoid per pair, SigLIP's; adds model.init_logit_bias)
+    loss: str = "clip"
+    # clip only: each rank scores its own rows against the global batch; gradients through the gather
     local_loss: bool = True
     gather_with_grad: bool = True
+    # siglip only: how other ranks' text features arrive: bidir (neighbour exchange round the ring) | gather
+    siglip_dist: str = "bidir"
+    # feature-cached accumulation: one optimizer step over accum_freq micro-batches per rank whose
+    # contrastive loss contrasts all of them (open_clip's --accum-freq; see docs/losses.md). Not
+    # together with grad_accum_steps > 1, whose micro-batches each see only their own negatives
+    accum_freq: int = 1
     log_every: int = 10
     checkpoint_every: int = 500
     keep_last: int = 3
@@ -179,21 +236,32 @@ class TrainConfig:
     # append each step's sample keys to R/sample_keys/rank_NNNNN.txt: audits exactly-once data
     # order across restarts (tests, debugging); off by default since it costs a little I/O per step
     log_sample_keys: bool = False
+    # torch.compile the model (TorchInductor) before DeepSpeed wraps it; Triton linear attention stays
+    # its own kernels (a graph break around each call)
+    compile: bool = False
     # two-stage linearisation of a pretrained softmax CLIP (off by default)
     linearize: LinearizeConfig = field(default_factory=LinearizeConfig)
+    # training phases in order (empty: one phase, model.image.* for all steps); see PhaseConfig
+    phases: list[PhaseConfig] = field(default_factory=list)
 
 
 @dataclass
 class EvalConfig:
-    # labelled shards (`cls` key) or an ImageFolder for zero-shot classification
+    # labelled shards (`cls` key), an ImageFolder, or a CLIP_benchmark dataset folder (its
+    # webdataset layout: SPLIT/nshards.txt + SPLIT/{0..n-1}.tar, classnames.txt, templates) for zero-shot
     zeroshot_data: Optional[str] = None
     # class names in label order: `imagenet1k` (open_clip's), `fashion_mnist`, a file (one per line;
-    # e.g. ImageNet-21K's names, not shipped), or `folders` (an ImageFolder's folder names)
+    # e.g. ImageNet-21K's names, not shipped), `folders` (an ImageFolder's folder names) or
+    # `dataset` (a CLIP_benchmark folder's classnames.txt)
     classnames: str = "imagenet1k"
-    # openai | simple | a file with one template per line, `{}` for the class name
+    # openai | simple | dataset (a CLIP_benchmark folder's templates) | a file with one template per
+    # line, `{}` for the class name
     templates: str = "openai"
-    # captioned shards for image<->text retrieval
+    # captioned shards for image<->text retrieval, or a CLIP_benchmark retrieval folder (a `txt` of
+    # one caption per line per image)
     retrieval_data: Optional[str] = None
+    # the split of a CLIP_benchmark folder to score (its SPLIT/ subfolder)
+    split: str = "test"
     batch_size: int = 256
     workers: int = 2
     # rows of the similarity matrix computed at once (retrieval)
@@ -232,6 +300,8 @@ _CHOICES: dict[str, Sequence[str]] = {
     "model.attention_backend": ATTENTION_BACKENDS,
     "data.mode": DATA_MODES,
     "train.precision": PRECISIONS,
+    "train.loss": LOSSES,
+    "train.siglip_dist": SIGLIP_DISTS,
     "eval.precision": PRECISIONS,
     "eval.cluster": EVAL_CLUSTERS,
 }
@@ -333,11 +403,68 @@ def _check_choices(cfg: DictConfig, sources: dict[str, str]) -> None:
                 f"width {t.width} is not divisible by heads {t.heads}", f"model.{tower}.heads",
                 sources.get(f"model.{tower}.heads", "preset"),
             )
+    dropout = cfg.model.image.patch_dropout
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"{dropout} is not in [0, 1)", "model.image.patch_dropout",
+                          sources.get("model.image.patch_dropout", "default"))
     if cfg.model.image.image_size % cfg.model.image.patch_size:
         raise ConfigError(
             f"image_size {cfg.model.image.image_size} is not a multiple of patch_size {cfg.model.image.patch_size}",
             "model.image.image_size", sources.get("model.image.image_size", "preset"),
         )
+
+
+def _check_phase_keys(node: DictConfig, source: str) -> None:
+    """Name a bad key inside a `train.phases` entry by its index (OmegaConf names only the leaf)."""
+    phases = OmegaConf.select(node, "train.phases", default=None)
+    if phases is None or not OmegaConf.is_list(phases):
+        return
+    known = [f.name for f in fields(PhaseConfig)]
+    for index, entry in enumerate(phases):
+        key = f"train.phases[{index}]"
+        if not OmegaConf.is_dict(entry):
+            raise ConfigError(f"'{entry}' is not a mapping (e.g. {{fraction: 0.9, image_size: 112}})", key, source)
+        for name in entry.keys():
+            if name not in known:
+                hint = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
+                raise ConfigError("unknown key" + (f"; did you mean '{key}.{hint[0]}'?" if hint else
+                                                   f" (known: {', '.join(known)})"), f"{key}.{name}", source)
+            value = entry._get_node(name)._value()
+            if (value is not None and not isinstance(value, (int, float))) or isinstance(value, bool):
+                raise ConfigError(f"{value!r} is not a number", f"{key}.{name}", source)
+
+
+def _check_lock_and_lrs(cfg: DictConfig, sources: dict[str, str]) -> None:
+    """model.*.lock / unlocked groups against the tower's group count; per-tower lrs and layer decay;
+    train.compile's one exclusion."""
+    for tower, unlocked_key in (("image", "unlocked_groups"), ("text", "unlocked_layers")):
+        section = cfg.model[tower]
+        key = f"model.{tower}.{unlocked_key}"
+        unlocked, groups = section[unlocked_key], num_lock_groups(section.layers)
+        if unlocked and not section.lock:
+            raise ConfigError(f"{unlocked} is set but model.{tower}.lock is false (set it to true to lock the "
+                              "tower)", key, sources.get(key, "default"))
+        if not 0 <= unlocked <= groups:
+            raise ConfigError(f"{unlocked} is not in 0..{groups}: the {tower} tower has {groups} lock groups "
+                              f"({section.layers} layers + 2)", key, sources.get(key, "default"))
+    if not cfg.model.text.freeze_layer_norm and not cfg.model.text.lock:
+        key = "model.text.freeze_layer_norm"
+        raise ConfigError("false only applies to a locked tower; model.text.lock is false", key,
+                          sources.get(key, "default"))
+    for tower in ("image", "text"):
+        key = f"train.{tower}_lr"
+        lr = cfg.train[f"{tower}_lr"]
+        if lr is not None and not lr >= 0:
+            raise ConfigError(f"{lr} must be >= 0 (or null: train.lr)", key, sources.get(key, "default"))
+        key = f"train.{tower}_layer_decay"
+        decay = cfg.train[f"{tower}_layer_decay"]
+        if not 0 < decay <= 1:
+            raise ConfigError(f"{decay} must be in (0, 1] (1.0 = no layer-wise decay)", key,
+                              sources.get(key, "default"))
+    if cfg.train.compile and cfg.train.linearize.enabled:
+        # linearize's per-layer forward hooks record losses and swap outputs: not verified under TorchDynamo
+        raise ConfigError("true is not supported together with train.linearize.enabled=true", "train.compile",
+                          sources.get("train.compile", "default"))
 
 
 def _leaf_sources(node: DictConfig, source: str, prefix: str = "") -> dict[str, str]:
@@ -396,6 +523,7 @@ def load_config(
             )
         cfg = OmegaConf.merge(cfg, {"model": PRESETS[preset]})
     for node, source in layers:
+        _check_phase_keys(node, source)
         try:
             cfg = OmegaConf.merge(cfg, node)
         except OmegaConfBaseException as err:
@@ -414,8 +542,26 @@ def load_config(
                 key=key, source=sources.get(key, "nowhere: not set"),
             )
     _check_choices(cfg, sources)
+    _check_lock_and_lrs(cfg, sources)
+    _apply_loss_defaults(cfg, sources)
     OmegaConf.set_readonly(cfg, False)
     return cfg
+
+
+def _apply_loss_defaults(cfg: DictConfig, sources: dict[str, str]) -> None:
+    """train.loss=siglip: the logit scale and bias no file or override set start where SigLIP's do
+    (ln 10, -10); a logit bias under the clip loss is an error (it would never get a gradient)."""
+    if cfg.train.loss == "siglip":
+        if "model.init_logit_scale" not in sources:
+            cfg.model.init_logit_scale = SIGLIP_INIT_LOGIT_SCALE
+        if "model.init_logit_bias" not in sources:
+            cfg.model.init_logit_bias = SIGLIP_INIT_LOGIT_BIAS
+    elif cfg.model.init_logit_bias is not None:
+        raise ConfigError(
+            f"{cfg.model.init_logit_bias}: a logit bias is used by train.loss=siglip only (train.loss is "
+            f"'{cfg.train.loss}'); set model.init_logit_bias=null or train.loss=siglip",
+            key="model.init_logit_bias", source=sources.get("model.init_logit_bias", "default"),
+        )
 
 
 def config_hash(cfg: DictConfig) -> str:

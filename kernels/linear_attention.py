@@ -353,6 +353,9 @@ class LinearAttentionTriton(torch.autograd.Function):
         return dq, dk, dv, d_scale, None, None, None, None, None
 
 
+# TorchDynamo must not trace into the launchers (host-side Python around triton.jit kernels, the
+# interpreter on CPU): under torch.compile this call stays opaque, a graph break around the kernels.
+@torch.compiler.disable
 def linear_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,

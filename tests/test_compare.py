@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from ds_linclip.config import load_config
-from ds_linclip.experiments.compare import (
-    QUICK, TABLE_COLUMNS, Budget, CompareError, RunResult, RunSpec, VariantError, aggregate, fit_power_law,
-    markdown_table, mean_std, parse_markdown_table, parse_seeds, parse_variant, pick_best, saved_activation_bytes,
-    tail_mean_loss, target_checks,
-)
+from ds_linclip.experiments.compare import QUICK, TABLE_COLUMNS, pick_best, table_rows, target_checks
+from ds_linclip.experiments.fits import fit_power_law
+from ds_linclip.experiments.report import aggregate, markdown_table, mean_std, parse_markdown_table
+from ds_linclip.experiments.runs import Budget, ExperimentError, RunResult, RunSpec, parse_seeds, tail_mean_loss
+from ds_linclip.experiments.timing import saved_activation_bytes
+from ds_linclip.experiments.variants import VariantError, parse_variant
 from ds_linclip.models import build_model
 from ds_linclip.models.attention import resolve_attention
 
@@ -312,7 +313,7 @@ def test_seeds_option():
     assert parse_seeds([1]) == [0]
     assert parse_seeds([1, 2]) == [1, 2]
     for bad in ([0], [1, 1], [-1, 2]):
-        with pytest.raises(CompareError):
+        with pytest.raises(ExperimentError):
             parse_seeds(bad)
 
 
@@ -362,8 +363,7 @@ def test_rows_aggregate_seeds_and_show_missing_ones():
     assert lin56.stat("top1").cell(".2f", 100) == "42.00 ± 2.83 (2)"
     assert lin56.seeds_cell() == "0,1 (2 of 3)" and rows[0].seeds_cell() == "0,1,2"
 
-    table = parse_markdown_table(markdown_table(TABLE_COLUMNS, __import__(
-        "ds_linclip.experiments.compare", fromlist=["table_rows"]).table_rows(rows, {})))
+    table = parse_markdown_table(markdown_table(TABLE_COLUMNS, table_rows(rows, {})))
     assert table[3]["zero-shot top-1 %"] == "42.00 ± 2.83 (2)" and table[3]["seeds"] == "0,1 (2 of 3)"
 
     # best: the linear variant with the highest top-1 averaged over sizes (only one here); targets vs softmax

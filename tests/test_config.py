@@ -143,3 +143,26 @@ def test_every_shipped_top_level_config_resolves_and_the_recipes_pair_up():
                 a["model"][tower].pop(key, None), b["model"][tower].pop(key, None)
         a["train"].pop("run_name"), b["train"].pop("run_name")
         assert a == b, size
+
+
+def test_loss_keys_and_siglip_initialisation():
+    import math
+
+    from ds_linclip.config import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
+
+    clip = load_config([], ["model.preset=tiny"])
+    assert (clip.train.loss, clip.train.accum_freq, clip.model.init_logit_bias) == ("clip", 1, None)
+    assert clip.model.init_logit_scale == pytest.approx(math.log(1 / 0.07))
+    siglip = load_config([], ["model.preset=tiny", "train.loss=siglip"])
+    assert (siglip.model.init_logit_scale, siglip.model.init_logit_bias) == (SIGLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS)
+    # what a file or override sets wins; an explicit null means no bias
+    own = load_config([], ["train.loss=siglip", "model.init_logit_scale=2.0", "model.init_logit_bias=null"])
+    assert (own.model.init_logit_scale, own.model.init_logit_bias) == (2.0, None)
+    # siglip_dist is checked under the clip loss too (a typo is a typo)
+    with pytest.raises(ConfigError, match="config key 'train.siglip_dist'.*'ring' is not one of bidir, gather"):
+        load_config([], ["train.siglip_dist=ring"])
+    assert load_config([], ["train.siglip_dist=gather"]).train.loss == "clip"
+    with pytest.raises(ConfigError, match="config key 'train.loss'.*'foo' is not one of clip, siglip"):
+        load_config([], ["train.loss=foo"])
+    with pytest.raises(ConfigError, match="config key 'model.init_logit_bias'.*train.loss=siglip"):
+        load_config([], ["model.init_logit_bias=-10"])

@@ -31,12 +31,13 @@ def open_clip_model(name: str):
     return open_clip.create_model(name, pretrained=None).eval()
 
 
-def tiny_open_clip():
+def tiny_open_clip(**kwargs):
     """An open_clip CLIP with the `tiny` preset's shapes (built directly from its config classes)."""
     from open_clip.model import CLIP as OpenClipCLIP
 
     torch.manual_seed(0)
     return OpenClipCLIP(
+        **kwargs,
         embed_dim=128,
         vision_cfg={"image_size": 32, "patch_size": 4, "width": 128, "layers": 4, "head_width": 32},
         text_cfg={"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
@@ -250,3 +251,26 @@ def test_softmax_checkpoint_loads_into_every_variant_with_sensible_new_parameter
     # the variant's own parameters have no open_clip counterpart: converting back says so
     with pytest.raises(CheckpointError, match="linear-variant parameter"):
         to_open_clip_state_dict(variant.state_dict())
+
+
+def test_siglip_logit_bias_round_trips_and_matches_open_clip_init():
+    """train.loss=siglip builds open_clip's SigLIP initialisation (init_logit_scale ln 10, init_logit_bias
+    -10); the bias converts both ways and open_clip's SigLIP model loads what we export."""
+    import math
+
+    cfg = model_config("tiny")
+    cfg.init_logit_scale, cfg.init_logit_bias = math.log(10), -10.0
+    ours = build_model(cfg)
+    theirs = tiny_open_clip(init_logit_scale=math.log(10), init_logit_bias=-10.0)
+    assert float(ours.logit_bias) == float(theirs.logit_bias) == -10.0
+    assert float(ours.logit_scale) == pytest.approx(float(theirs.logit_scale))
+    assert "logit_bias" in ours.no_weight_decay_names()
+    converted = from_open_clip_state_dict(theirs.state_dict())
+    assert converted["logit_bias"].shape == () and converted.keys() == ours.state_dict().keys()
+    theirs.load_state_dict(to_open_clip_state_dict(ours.state_dict()), strict=True)
+    load_pretrained(ours, theirs.state_dict())
+    # a CLIP checkpoint fine-tuned with the sigmoid loss: the bias starts at the model's init
+    notes = load_pretrained(ours, tiny_open_clip().state_dict())
+    assert float(ours.logit_bias) == -10.0 and any("logit_bias" in note for note in notes)
+    with pytest.raises(CheckpointError, match="train.loss=siglip"):
+        load_pretrained(build_model("tiny"), theirs.state_dict())

@@ -115,7 +115,10 @@ def test_dist_env_sources():
     assert env.master_addr in ("gpu012",)  # scontrol's answer or our parser's: the first node
     assert env.master_port == 20000 + 40123 % 40000
     env = dist_env({})
-    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (0, 1, 0, "127.0.0.1", 29500)
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (0, 1, 0, "127.0.0.1", 0)
+    # one process needs no agreed port (any free one), even in a Slurm job; two or more ranks do
+    assert dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "40123"}).master_port == 0
+    assert dist_env({"RANK": "0", "WORLD_SIZE": "2"}).master_port == 29500
     with pytest.raises(RuntimeError, match="outside world size"):
         dist_env({"RANK": "2", "WORLD_SIZE": "2"})
 

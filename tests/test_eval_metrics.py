@@ -6,15 +6,11 @@ import torch
 import torch.nn.functional as F
 import pytest
 
+from ds_linclip.data.pipeline import DataError
+from ds_linclip.data.prompts import load_classnames, load_templates
 from ds_linclip.eval.errors import EvalError
 from ds_linclip.eval.retrieval import retrieval_recall
-from ds_linclip.eval.zeroshot import (
-    ZeroShotMetrics,
-    build_classifier,
-    load_classnames,
-    load_templates,
-    run_zeroshot,
-)
+from ds_linclip.eval.zeroshot import ZeroShotMetrics, build_classifier, run_zeroshot
 
 
 # ----------------------------------------------------------------------------- class names, templates
@@ -37,12 +33,12 @@ def test_class_file_reads_names_in_order_and_rejects_duplicates(tmp_path):
 
     dup = tmp_path / "dup.txt"
     dup.write_text("cat\ndog\ncat\nbird\ndog\n")
-    with pytest.raises(EvalError, match=r"'cat' \(lines 1 and 3\).*'dog' \(lines 2 and 5\)"):
+    with pytest.raises(DataError, match=r"'cat' \(lines 1 and 3\).*'dog' \(lines 2 and 5\)"):
         load_classnames(str(dup))
-    with pytest.raises(EvalError, match="class names file not found.*imagenet21k.txt"):
+    with pytest.raises(DataError, match="class names file not found.*imagenet21k.txt"):
         load_classnames(str(tmp_path / "imagenet21k.txt"))
     (tmp_path / "empty.txt").write_text("\n\n")
-    with pytest.raises(EvalError, match="has no class names"):
+    with pytest.raises(DataError, match="has no class names"):
         load_classnames(str(tmp_path / "empty.txt"))
 
 
@@ -53,7 +49,7 @@ def test_template_file_needs_placeholder(tmp_path):
     assert loaded == ["a photo of a {}.", "a {{weird}} {} template"]
     bad = tmp_path / "bad.txt"
     bad.write_text("a photo of a {}.\nno placeholder here\n")
-    with pytest.raises(EvalError, match="line 2: 'no placeholder here'"):
+    with pytest.raises(DataError, match="line 2: 'no placeholder here'"):
         load_templates(str(bad))
 
 

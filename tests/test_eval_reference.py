@@ -13,7 +13,8 @@ open_clip = pytest.importorskip("open_clip")
 
 from ds_linclip.config import load_config  # noqa: E402
 from ds_linclip.data.pipeline import build_eval_loader, tokenize  # noqa: E402
-from ds_linclip.eval.zeroshot import build_classifier, load_classnames, load_templates, run_zeroshot  # noqa: E402
+from ds_linclip.data.prompts import load_classnames, load_templates  # noqa: E402
+from ds_linclip.eval.zeroshot import build_classifier, run_zeroshot  # noqa: E402
 from ds_linclip.models import build_model  # noqa: E402
 from ds_linclip.models.convert import from_open_clip_state_dict  # noqa: E402
 

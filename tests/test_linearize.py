@@ -375,3 +375,26 @@ def from_open_clip_state_dict_of(path: Path) -> dict[str, torch.Tensor]:
     from ds_linclip.models.convert import from_open_clip_state_dict, read_state_dict
 
     return from_open_clip_state_dict(read_state_dict(path))
+
+
+# ------------------------------------------------------------------------------------ the study's runs
+def test_linearize_study_runs_start_from_the_teacher(tmp_path):
+    """The study's run folders keep their names; the recipe's keys resolve in the trainer's config."""
+    from ds_linclip.experiments.linearize import TeacherRunSpec, from_teacher
+    from ds_linclip.experiments.runs import Budget, RunSpec
+
+    scratch = RunSpec("linear-affine", 28, 64, Budget(steps=600, layers=2, width=64))
+    short = Budget(steps=60, lr=5e-4, layers=2, width=64)
+    teacher = tmp_path / "teacher.safetensors"
+    recipe = from_teacher(scratch, short, teacher, label="linearized-n60-t30", finetune_warmup_steps=3,
+                          transfer_steps=30, transfer_warmup_steps=3)
+    assert recipe.name == "linear-affine-linearized-n60-t30-28px-w64"
+    cfg = load_config([], recipe.train_overrides(tmp_path / "data", tmp_path / "runs"))
+    assert cfg.model.pretrained == str(teacher) and cfg.model.image.attention == "linear-affine"
+    assert (cfg.train.steps, cfg.train.lr, cfg.train.warmup_steps) == (60, 5e-4, 3)
+    assert cfg.train.linearize.enabled and cfg.train.linearize.transfer_steps == 30
+    assert cfg.train.run_name == recipe.name
+    plain = load_config([], from_teacher(scratch, short, teacher, label="finetune-n60").train_overrides(
+        tmp_path / "data", tmp_path / "runs"))
+    assert not plain.train.linearize.enabled and plain.train.warmup_steps == 6 and plain.model.pretrained == str(teacher)
+    assert TeacherRunSpec("linear-affine", 28, 64, scratch.budget, label="norecipe").name == "linear-affine-norecipe-28px-w64"

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ds_linclip.config import ConfigError, load_config
 from ds_linclip.train.preflight import check_eval_inputs, check_train
@@ -97,6 +98,17 @@ def test_deepspeed_option_conflicts(fmnist_shards, tmp_path):
     assert "train.log_every" in _error(_cfg(fmnist_shards, tmp_path, "train.log_every=0"))
 
 
+def test_accumulation_options(fmnist_shards, tmp_path):
+    assert _error(_cfg(fmnist_shards, tmp_path, "train.accum_freq=0")) == (
+        "config key 'train.accum_freq': 0: must be >= 1")
+    err = _error(_cfg(fmnist_shards, tmp_path, "train.accum_freq=2", "train.grad_accum_steps=2"))
+    assert err.startswith("config key 'train.accum_freq': 2:") and "train.grad_accum_steps=2" in err
+    assert "train.accum_freq" in _error(_cfg(fmnist_shards, tmp_path, "train.accum_freq=2",
+                                             "train.linearize.enabled=true"))
+    plan = check_train(_cfg(fmnist_shards, tmp_path, "train.accum_freq=4", "train.loss=siglip"), 2)
+    assert (plan.grad_accum_steps, plan.global_batch_size) == (4, 8 * 4 * 2)
+
+
 def test_pretrained_weights_must_be_readable(fmnist_shards, tmp_path):
     err = _error(_cfg(fmnist_shards, tmp_path, f"model.pretrained={tmp_path / 'nope.pt'}"))
     assert err.startswith("config key 'model.pretrained'") and "nope.pt" in err and "no such file" in err
@@ -152,6 +164,11 @@ def test_resume_must_be_a_checkpoint_this_run_can_load(fmnist_shards, tmp_path):
     (tag / "client_state" / "rank_00000.pt").write_bytes(b"x")
     (save_dir / "latest").write_text("step_00000005\n")
     assert "written by 1 rank(s), this run has 2" in _error(_cfg(fmnist_shards, tmp_path))  # resume=auto
+    # files DeepSpeed would unpickle are read-checked first (ds_linclip.serialization)
+    err = _error(_cfg(fmnist_shards, tmp_path), world=1)
+    assert f"{tag / 'client_state' / 'rank_00000.pt'}: not a torch.save checkpoint file" in err
+    torch.save({"module": {}}, tag / "mp_rank_00_model_states.pt")
+    torch.save({"step": 5}, tag / "client_state" / "rank_00000.pt")
     assert check_train(_cfg(fmnist_shards, tmp_path), 1).resume == str(tag)
     (save_dir / "latest").write_text("step_00000009\n")
     assert "step_00000009" in _error(_cfg(fmnist_shards, tmp_path), world=1)
@@ -282,5 +299,5 @@ def test_eval_cli_error_is_one_line_as_a_process(corrupt_export, tmp_path):
     assert result.returncode == 2, result.stderr
     assert [line for line in result.stderr.splitlines() if line.strip()] == [
         "error: config key 'eval.zeroshot_data': shard spec '/nonexistent/{0..3}.tar' (in '/nonexistent/{0..3}.tar') "
-        "matches no shards (nor is it an ImageFolder)"], result.stderr
+        "matches no shards (nor is it an ImageFolder or a CLIP_benchmark folder)"], result.stderr
     assert seconds < FAST_S

@@ -1,4 +1,5 @@
-"""webdataset shards -> training/eval batches (pipeline.py), shard specs (shards.py), shard writer (writer.py).
+"""webdataset shards -> training/eval batches (pipeline.py), shard specs (shards.py), shard writer (writer.py),
+ImageFolder eval data (imagefolder.py), zero-shot class names and prompt templates (prompts.py).
 
 The public names are imported lazily so that `python -m ds_linclip.data.writer` does not pay for torch.
 """

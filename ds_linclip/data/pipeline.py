@@ -33,7 +33,7 @@ import tarfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -175,6 +175,18 @@ def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
     # transpose the 1-byte pixels, not the floats; then one subtract and one multiply in place
     images = images_uint8.permute(0, 3, 1, 2).contiguous().float()
     return images.sub_(_MEAN_255).mul_(_INV_STD_255)
+
+
+def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> (3, S, S) float32: the eval loaders' resize-short-side + centre crop + CLIP
+    normalisation, for code that hands us PIL images (CLIP_benchmark's datasets)."""
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        image = to_rgb(image)
+        pixels = crop_resize(image, center_crop_box(*image.size), image_size)
+        return normalise(torch.tensor(pixels)[None])[0]  # a copy: PIL's array is read-only
+
+    return transform
 
 
 # ---------------------------------------------------------------------------------------- samples
@@ -579,6 +591,12 @@ class TrainLoader:
     def skipped(self) -> dict[str, int]:
         """Skipped samples/shards by reason on this rank (all workers), since the run started."""
         return {k: int(v) for k, v in sorted(self.counters.items()) if k != REPEATED}
+
+    def set_image_size(self, size: int) -> None:
+        """Images of `size` px from the next `iter()` on (a training phase's resolution). Call it
+        between iterations: a new iter() goes on from the last batch delivered (the raw positions
+        are known in this process), so no sample is repeated or skipped by the change."""
+        self.stream.cfg.image_size = int(size)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:

@@ -3,6 +3,7 @@
     python -m ds_linclip.data.writer fashion-mnist --out data/fmnist
     python -m ds_linclip.data.writer imagefolder --images DIR [--captions captions.csv] --out DIR
     python -m ds_linclip.data.writer img2dataset --input 'laion/{00000..00099}.tar' --out DIR --shard-size 10000
+    python -m ds_linclip.data.writer synthetic --out DIR --samples 2048 --image-size 64
 
 Every shard is written under a hidden temporary name and renamed when complete, so a crash never
 leaves a half-written tar under a name a shard spec matches. `sizes.json` (open_clip's format,
@@ -128,6 +129,35 @@ def encode_png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------- synthetic
+SYNTHETIC_WORDS = ("red", "green", "blue", "striped", "dotted", "square", "round", "small", "large", "bright")
+
+
+def synthetic_samples(samples: int, image_size: int, seed: int) -> Iterator[dict]:
+    """Noise images with a coloured block and a caption naming its colour and place: data for
+    throughput runs on machines without a dataset (the images are decoded and resized like real ones)."""
+    rng = np.random.default_rng(seed)
+    for index in range(samples):
+        pixels = rng.integers(0, 64, (image_size, image_size, 3), dtype=np.uint8)
+        channel, row, col = int(rng.integers(3)), int(rng.integers(2)), int(rng.integers(2))
+        half = image_size // 2
+        pixels[row * half:(row + 1) * half, col * half:(col + 1) * half, channel] = 255
+        words = " ".join(SYNTHETIC_WORDS[i] for i in rng.integers(len(SYNTHETIC_WORDS), size=3))
+        caption = f"a {('red', 'green', 'blue')[channel]} block at the {('top', 'bottom')[row]} {('left', 'right')[col]}, {words}"
+        yield {"__key__": f"synthetic{index:08d}", "png": encode_png(pixels), "txt": caption}
+
+
+def write_synthetic(out: str | Path, samples: int = 2048, image_size: int = 64, shard_size: int = 512,
+                    seed: int = 0) -> Path:
+    """OUT/train/shard-*.tar of `samples` synthetic captioned images (+ sizes.json); reused when present."""
+    out = Path(out)
+    manifest = {"dataset": "synthetic", "samples": samples, "image_size": image_size, "shard_size": shard_size,
+                "seed": seed, "format": 1}
+    write_shards(synthetic_samples(samples, image_size, seed), out / "train", shard_size, manifest,
+                 total=samples, desc="synthetic")
+    return out
 
 
 # ---------------------------------------------------------------------------------- Fashion-MNIST
@@ -307,9 +337,18 @@ def main(argv: list[str] | None = None) -> int:
     re_shard.add_argument("--out", required=True)
     re_shard.add_argument("--shard-size", type=int, default=10000)
 
+    synthetic = sub.add_parser("synthetic", help="noise images with a captioned coloured block -> OUT/train (throughput runs)")
+    synthetic.add_argument("--out", required=True)
+    synthetic.add_argument("--samples", type=int, default=2048)
+    synthetic.add_argument("--image-size", type=int, default=64, help="stored size; the trainer resizes to its own")
+    synthetic.add_argument("--shard-size", type=int, default=512)
+    synthetic.add_argument("--seed", type=int, default=0)
+
     args = parser.parse_args(argv)
     skipped: Counter = Counter()
-    if args.command == "fashion-mnist":
+    if args.command == "synthetic":
+        write_synthetic(args.out, args.samples, args.image_size, args.shard_size, args.seed)
+    elif args.command == "fashion-mnist":
         write_fashion_mnist(args.out, args.source, args.train_samples, args.test_samples, args.shard_size,
                             args.test_shard_size, args.seed)
     elif args.command == "imagefolder":

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from ds_linclip.config import config_hash, load_config
 from ds_linclip.eval.errors import EvalError
+from ds_linclip.serialization import load_pt
 
 EXPORT_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -107,8 +108,7 @@ def _read_deepspeed(tag_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise EvalError(f"DeepSpeed checkpoint {tag_dir} has no *model_states.pt file")
     states_file = next((f for f in states_files if f.name.startswith("mp_rank_00")), states_files[0])
     try:
-        # our own trainer's file (it holds python objects: the config, data loader state)
-        model_states = torch.load(states_file, map_location="cpu", weights_only=False, mmap=True)
+        model_states = load_pt(states_file, mmap=True)
     except Exception as err:
         raise EvalError(f"cannot read DeepSpeed checkpoint file {states_file}: {type(err).__name__}: {err}") from err
     if not isinstance(model_states, dict):
@@ -203,7 +203,7 @@ def _samples_from_client_states(tag_dir: Path) -> int | None:
     total = 0
     for path in files:
         try:
-            value = _int_or_none(torch.load(path, map_location="cpu", weights_only=False).get("samples_seen"))
+            value = _int_or_none(load_pt(path).get("samples_seen"))
         except Exception:  # a label only: an unreadable count must not fail the scoring
             return None
         if value is None:
@@ -245,8 +245,7 @@ def _export_progress(ref: CheckpointRef, metadata: dict[str, str]) -> tuple[int 
         samples = _samples_from_client_states(source_tag)
         if samples is None and _model_states_files(source_tag):
             try:
-                states = torch.load(_model_states_files(source_tag)[0], map_location="cpu", weights_only=False,
-                                    mmap=True)
+                states = load_pt(_model_states_files(source_tag)[0], mmap=True)
                 samples = _int_or_none(states.get("global_samples"))
             except Exception:  # the export is what we score; the count is only a label
                 pass

@@ -42,7 +42,7 @@ from ds_linclip.eval.checkpoint import (
     resolve_checkpoint,
     tag_step,
 )
-from ds_linclip.eval.errors import EvalError
+from ds_linclip.eval.errors import EvalError, exit_with
 from ds_linclip.train import checkpoint as train_ckpt
 from ds_linclip.train.preflight import check_eval_inputs
 
@@ -92,20 +92,47 @@ def _tokenizer(cfg: DictConfig):
     return partial(tokenize, context_length=cfg.model.text.context_length)
 
 
-def _loader(cfg: DictConfig, spec: str, kind: str):
-    from ds_linclip.data.pipeline import build_eval_loader
-    from ds_linclip.eval.imagefolder import ImageFolderLoader, is_image_folder
+def benchmark_layout(cfg: DictConfig, spec: str, kind: str):
+    """The CLIP_benchmark folder `spec` (its `eval.split`), or None when `spec` is not one."""
+    from ds_linclip.data.benchmark_layout import LayoutError, is_benchmark_layout, read_layout
 
-    if kind == "classification" and is_image_folder(spec):
+    if not is_benchmark_layout(spec):
+        return None
+    try:
+        layout = read_layout(spec, cfg.eval.split)
+    except LayoutError as err:
+        raise EvalError(str(err)) from err
+    if layout.dataset_type != kind:
+        raise EvalError(f"{spec} is a CLIP_benchmark {layout.dataset_type} dataset, not a {kind} one "
+                        f"(multilabel sets are not scored here)")
+    return layout
+
+
+def _loader(cfg: DictConfig, spec: str, kind: str, layout=None):
+    from ds_linclip.data.pipeline import build_eval_loader
+    from ds_linclip.data.imagefolder import ImageFolderLoader, is_image_folder
+
+    if kind == "classification" and layout is None and is_image_folder(spec):
         return ImageFolderLoader(spec, cfg.model.image.image_size, cfg.eval.batch_size, cfg.eval.workers)
 
     try:
         return build_eval_loader(
-            spec, image_size=cfg.model.image.image_size, batch_size=cfg.eval.batch_size,
-            workers=cfg.eval.workers, kind=kind,
+            layout.shard_spec if layout is not None else spec, image_size=cfg.model.image.image_size,
+            batch_size=cfg.eval.batch_size, workers=cfg.eval.workers, kind=kind,
         )
     except (FileNotFoundError, ValueError) as err:
         raise EvalError(f"cannot open {kind} dataset '{spec}': {err}") from err
+
+
+def _from_layout(layout, key: str, value: str):
+    """`eval.classnames`/`eval.templates` = dataset: the CLIP_benchmark folder's own file."""
+    if layout is None:
+        raise EvalError(f"{key}=dataset needs eval.zeroshot_data to be a CLIP_benchmark folder")
+    names = layout.classnames if key == "eval.classnames" else layout.templates
+    if not names:
+        raise EvalError(f"{key}=dataset but {layout.root} has no "
+                        f"{'classnames.txt' if key == 'eval.classnames' else 'zeroshot_classification_templates.txt'}")
+    return list(names)
 
 
 def _num_samples(loader) -> int | None:
@@ -124,25 +151,29 @@ def score_task(task: str, loaded: LoadedCheckpoint, device: torch.device, progre
 
     try:
         return _score_task(task, loaded, device, progress)
-    except DataError as err:  # unreadable or empty data: the data pipeline's message names the spec
+    except DataError as err:  # unreadable or empty data, class-name/template files: the message names them
         raise EvalError(f"{task} data: {err}") from err
 
 
 def _score_task(task: str, loaded: LoadedCheckpoint, device: torch.device, progress: bool) -> dict[str, Any]:
     from ds_linclip.eval.retrieval import encode_pairs, retrieval_recall
-    from ds_linclip.eval.zeroshot import build_classifier, load_classnames, load_templates, run_zeroshot
+    from ds_linclip.data.prompts import load_classnames, load_templates
+    from ds_linclip.eval.zeroshot import build_classifier, run_zeroshot
 
     cfg = loaded.cfg
     model = loaded.model.to(device)
     tokenizer = _tokenizer(cfg)
     with torch.inference_mode(), _autocast(cfg, device):
         if task == "zeroshot":
-            loader = _loader(cfg, cfg.eval.zeroshot_data, "classification")
+            layout = benchmark_layout(cfg, cfg.eval.zeroshot_data, "classification")
+            loader = _loader(cfg, cfg.eval.zeroshot_data, "classification", layout)
             folder_classes = getattr(loader, "classes", None)  # an ImageFolder's sorted class folders
             if cfg.eval.classnames == "folders":
                 if folder_classes is None:
                     raise EvalError("eval.classnames=folders needs eval.zeroshot_data to be an ImageFolder")
                 classnames = [name.replace("_", " ") for name in folder_classes]
+            elif cfg.eval.classnames == "dataset":
+                classnames = _from_layout(layout, "eval.classnames", cfg.eval.classnames)
             else:
                 classnames = load_classnames(cfg.eval.classnames)
             if folder_classes is not None and len(folder_classes) != len(classnames):
@@ -150,7 +181,15 @@ def _score_task(task: str, loaded: LoadedCheckpoint, device: torch.device, progr
                     f"ImageFolder {cfg.eval.zeroshot_data} has {len(folder_classes)} class folders but "
                     f"eval.classnames={cfg.eval.classnames} gives {len(classnames)} names"
                 )
-            templates = load_templates(cfg.eval.templates)
+            if layout is not None and layout.classnames and len(layout.classnames) != len(classnames):
+                raise EvalError(
+                    f"{layout.root} has {len(layout.classnames)} classes but eval.classnames={cfg.eval.classnames} "
+                    f"gives {len(classnames)} names (eval.classnames=dataset uses the folder's classnames.txt)"
+                )
+            if cfg.eval.templates == "dataset":
+                templates = _from_layout(layout, "eval.templates", cfg.eval.templates)
+            else:
+                templates = load_templates(cfg.eval.templates)
             classifier = build_classifier(
                 model.encode_text, tokenizer, classnames, templates,
                 texts_per_batch=cfg.eval.batch_size, device=device, progress=progress,
@@ -165,13 +204,16 @@ def _score_task(task: str, loaded: LoadedCheckpoint, device: torch.device, progr
                 "num_templates": len(templates),
             }
         if task == "retrieval":
-            loader = _loader(cfg, cfg.eval.retrieval_data, "retrieval")
-            image_features, text_features = encode_pairs(
+            layout = benchmark_layout(cfg, cfg.eval.retrieval_data, "retrieval")
+            loader = _loader(cfg, cfg.eval.retrieval_data, "retrieval", layout)
+            image_features, text_features, text_to_image = encode_pairs(
                 model.encode_image, model.encode_text, tokenizer, loader, device=device,
                 max_samples=cfg.eval.max_samples, total=_num_samples(loader), progress=progress,
+                captions_per_line=layout is not None,
             )
-            metrics = retrieval_recall(image_features, text_features, chunk_size=cfg.eval.chunk_size)
-            return {"metrics": metrics, "num_samples": len(image_features), "dataset": cfg.eval.retrieval_data}
+            metrics = retrieval_recall(image_features, text_features, text_to_image, chunk_size=cfg.eval.chunk_size)
+            return {"metrics": metrics, "num_samples": len(image_features), "num_captions": len(text_features),
+                    "dataset": cfg.eval.retrieval_data}
     raise EvalError(f"unknown eval task '{task}' (known: {', '.join(TASKS)})")
 
 
@@ -549,8 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ds_linclip.train.engine import quiet_dependency_output
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_dependency_output()  # the focused map's TorchInductor compile would log the CUDA-toolkit note
     progress = not args.no_progress
     try:
         if args.print_config:
@@ -567,9 +612,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         records, failures = watch(args.watch, args.config, args.overrides, args.poll_seconds, args.once, progress)
         print_summary(records, failures)
         return 1 if failures else 0
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except EvalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (ConfigError, EvalError) as err:
+        return exit_with(err)

@@ -97,11 +97,17 @@ def encode_pairs(
     max_samples: int | None = None,
     total: int | None = None,
     progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode `(images (B,3,H,W), captions [B strings])` batches -> (image_features, text_features),
-    each (N, D) float32, L2-normalised, on `device`. Raises EvalError on an empty dataset."""
+    captions_per_line: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode `(images (B,3,H,W), captions [B strings])` batches -> (image_features (N, D),
+    text_features (T, D), text_to_image (T,) long), features float32, L2-normalised, on `device`.
+
+    One caption per image (T = N) unless `captions_per_line`: then each non-empty line of a
+    sample's caption text is a caption of its own (CLIP_benchmark's retrieval sets keep an image's
+    five captions in one `txt`). Raises EvalError on an empty dataset."""
     image_chunks: list[torch.Tensor] = []
     text_chunks: list[torch.Tensor] = []
+    owners: list[int] = []
     seen = 0
     if max_samples is not None:
         total = min(total, max_samples) if total else max_samples
@@ -115,10 +121,16 @@ def encode_pairs(
                 if room <= 0:
                     break
                 images, captions = images[:room], captions[:room]
+            texts, text_owners = captions, list(range(seen, seen + len(captions)))
+            if captions_per_line:
+                split = [[line.strip() for line in text.splitlines() if line.strip()] for text in captions]
+                texts = [line for lines in split for line in lines]
+                text_owners = [seen + i for i, lines in enumerate(split) for _ in lines]
             image_chunks.append(F.normalize(encode_image(images.to(device)).float(), dim=-1))
-            text_chunks.append(F.normalize(encode_text(tokenizer(captions).to(device)).float(), dim=-1))
+            text_chunks.append(F.normalize(encode_text(tokenizer(texts).to(device)).float(), dim=-1))
+            owners.extend(text_owners)
             seen += len(captions)
             bar.update(len(captions))
     if seen == 0:
         raise EvalError("the retrieval dataset yielded no samples")
-    return torch.cat(image_chunks), torch.cat(text_chunks)
+    return torch.cat(image_chunks), torch.cat(text_chunks), torch.tensor(owners, dtype=torch.long)

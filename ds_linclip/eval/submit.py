@@ -7,8 +7,8 @@ so both paths score the same way. Partition, GPUs, CPUs and the time limit come 
     python -m ds_linclip.eval.submit --checkpoint runs/demo/checkpoints/step_00000500 eval.zeroshot_data=...
     python -m ds_linclip.eval.submit --watch runs/demo --cluster slurm eval.partition=gpu
 
-For the trainer: `submit_eval(cfg, checkpoint_dir)` after each checkpoint when
-`train.eval_after_checkpoint` is set.
+The trainer runs this command (`--checkpoint TAG_DIR`, the run's `eval` section from the tag's
+config.yaml) after each checkpoint when `train.eval_after_checkpoint` is set.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import ds_linclip
 from ds_linclip.config import EVAL_CLUSTERS as CLUSTERS
 from ds_linclip.config import ConfigError, add_config_arguments
 from ds_linclip.eval.checkpoint import resolve_checkpoint
-from ds_linclip.eval.errors import EvalError
+from ds_linclip.eval.errors import EvalError, exit_with
 
 log = logging.getLogger("ds_linclip.eval.submit")
 
@@ -98,26 +98,6 @@ def submit(
     return job
 
 
-def submit_eval(cfg: DictConfig, checkpoint_dir: str | Path, cluster: str | None = None,
-                folder: str | Path | None = None) -> submitit.Job:
-    """Trainer hook: submit an eval job for a checkpoint just written (rank 0, after `latest`).
-
-    `cfg` is the training run's resolved config; its `eval` section (data, class names, templates,
-    partition, GPUs, time) is written beside the submitit logs and passed to the job, on top of
-    the checkpoint's own config.yaml. Returns the submitit Job (`.job_id`, `.result()` waits).
-    Raises EvalError/ConfigError (bad checkpoint path, no eval data) or submitit's errors.
-    """
-    checkpoint_dir = Path(checkpoint_dir)
-    if not (cfg.eval.zeroshot_data or cfg.eval.retrieval_data):
-        raise ConfigError("train.eval_after_checkpoint needs eval.zeroshot_data or eval.retrieval_data",
-                          key="eval.zeroshot_data")
-    folder = Path(folder or cfg.eval.submitit_folder or default_folder(checkpoint_dir, watch=False))
-    folder.mkdir(parents=True, exist_ok=True)
-    eval_yaml = folder / f"eval_{checkpoint_dir.name}.yaml"
-    OmegaConf.save(OmegaConf.create({"eval": OmegaConf.to_container(cfg.eval, resolve=True)}), eval_yaml)
-    return submit(cfg.eval, eval_command("--checkpoint", checkpoint_dir, [eval_yaml]), folder, cluster)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ds_linclip.eval.submit",
@@ -161,12 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.wait:
             print(job.result())
         return 0
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except EvalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (ConfigError, EvalError) as err:
+        return exit_with(err)
     except submitit.core.utils.FailedJobError as err:
         print(f"error: the eval job failed:\n{err}", file=sys.stderr)
         return 1

@@ -3,8 +3,8 @@
     python -m ds_linclip.experiments.linearize                       # the README's table
     python -m ds_linclip.experiments.linearize --kinds linear-affine --teacher-steps 100 --linearize-steps 10
 
-Every run goes through the comparison's tooling (`ds_linclip.experiments.compare`: our trainer and
-our eval job as subprocesses, one process, fp32, the same shards, seed and shapes):
+Every run goes through the experiments' shared pieces (`ds_linclip.experiments.runs` / `.launcher`: our
+trainer and our eval job as subprocesses, one process, fp32, the same shards, seed and shapes):
 
 (a) teacher: a softmax CLIP trained for --teacher-steps;
 then, per linear kind (both towers):
@@ -18,7 +18,7 @@ then, per linear kind (both towers):
 
 Also timed, in this process (plain PyTorch + AdamW, the linear kind's model, a batch of the training
 shape, alternating, median of --timing-rounds): one ordinary training step vs one stage-1 step
-(teacher + student attention, transfer loss, backward, optimizer), the issue's <= 1.5x target.
+(teacher + student attention, transfer loss, backward, optimizer), against a <= 1.5x target.
 
 Writes linearize.md and linearize.json to --out; runs go to --runs-dir and finished runs with the
 same resolved config are reused.
@@ -28,60 +28,45 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import json
-import os
 import shlex
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ds_linclip.experiments.compare import (
-    Budget, CompareError, Launcher, RunSpec, _log, contrastive_loss, ensure_shards, free_port,
-    git_commit, machine_note, markdown_table, read_scalars, run_one,
-)
+from ds_linclip.experiments.launcher import Launcher, prepare_process, run_study
+from ds_linclip.experiments.report import markdown_table, run_meta, write_json
+from ds_linclip.experiments.runs import Budget, RunSpec, ensure_shards, log, read_scalars, run_one, set_log_prefix
+from ds_linclip.experiments.timing import contrastive_loss, synthetic_batch, time_alternating
 
 
 @dataclass(frozen=True)
-class FromTeacherSpec(RunSpec):
-    """A run that starts from the teacher's weights: ordinary fine-tune, or train.linearize if transfer_steps > 0."""
-
-    pretrained: str = ""
-    label: str = "finetune"
-    recipe: bool = False
-    transfer_steps: int = 0
-    transfer_lr: float = 1.0e-3
-    transfer_warmup_steps: int = 3
-    finetune_warmup_steps: int | None = None
-    finetune_transfer_weight: float = 0.0
+class TeacherRunSpec(RunSpec):
+    """A run of this study, named `<kind>-<label>-<px>px-w<width>` (no steps or seed: the label says them)."""
 
     @property
     def name(self) -> str:
         return f"{self.kind}-{self.label}-{self.image_size}px-w{self.width}"
 
-    def train_overrides(self, data_dir: Path, runs_dir: Path) -> list[str]:
-        out = super().train_overrides(data_dir, runs_dir) + [f"model.pretrained={self.pretrained}"]
-        if self.finetune_warmup_steps is not None:
-            out.append(f"train.warmup_steps={self.finetune_warmup_steps}")
-        if self.recipe:
-            out += ["train.linearize.enabled=true", f"train.linearize.transfer_steps={self.transfer_steps}",
-                    f"train.linearize.transfer_lr={self.transfer_lr}",
-                    f"train.linearize.transfer_warmup_steps={self.transfer_warmup_steps}",
-                    f"train.linearize.finetune_transfer_weight={self.finetune_transfer_weight}",
-                    "train.linearize.log_layers_per_group=1"]
-        return out
 
-
-@dataclass(frozen=True)
-class NoRecipeSpec(RunSpec):
-    """(c): a run folder holding only the teacher's export, its config naming the linear kind."""
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind}-norecipe-{self.image_size}px-w{self.width}"
+def from_teacher(kind_spec: RunSpec, budget: Budget, pretrained: Path, label: str,
+                 finetune_warmup_steps: int | None = None, transfer_steps: int | None = None,
+                 transfer_lr: float = 1.0e-3, transfer_warmup_steps: int = 3,
+                 finetune_transfer_weight: float = 0.0) -> TeacherRunSpec:
+    """A run that starts from the teacher's weights (`model.pretrained`): ordinary fine-tune, or
+    train.linearize with `transfer_steps` of attention transfer when transfer_steps is not None."""
+    overrides = [f"model.pretrained={pretrained}"]
+    if finetune_warmup_steps is not None:
+        overrides.append(f"train.warmup_steps={finetune_warmup_steps}")
+    if transfer_steps is not None:
+        overrides += ["train.linearize.enabled=true", f"train.linearize.transfer_steps={transfer_steps}",
+                      f"train.linearize.transfer_lr={transfer_lr}",
+                      f"train.linearize.transfer_warmup_steps={transfer_warmup_steps}",
+                      f"train.linearize.finetune_transfer_weight={finetune_transfer_weight}",
+                      "train.linearize.log_layers_per_group=1"]
+    return TeacherRunSpec(kind_spec.kind, kind_spec.image_size, kind_spec.width, budget, tuple(overrides), label)
 
 
 def score_without_training(kind_spec: RunSpec, teacher_dir: Path, launcher: Launcher) -> dict[str, Any]:
@@ -92,7 +77,7 @@ def score_without_training(kind_spec: RunSpec, teacher_dir: Path, launcher: Laun
     from ds_linclip.config import load_config, to_yaml
     from ds_linclip.models import build_model
 
-    spec = NoRecipeSpec(kind_spec.kind, kind_spec.image_size, kind_spec.width, kind_spec.budget)
+    spec = TeacherRunSpec(kind_spec.kind, kind_spec.image_size, kind_spec.width, kind_spec.budget, label="norecipe")
     final = launcher.runs_dir / spec.name / "final"
     final.mkdir(parents=True, exist_ok=True)
     cfg = load_config([teacher_dir / "final" / "config.yaml"],
@@ -117,10 +102,7 @@ def stage1_timing(kind_spec: RunSpec, teacher_file: Path, transfer_steps: int, r
         f"model.pretrained={teacher_file}", f"train.steps={2 * transfer_steps}", "train.linearize.enabled=true",
         f"train.linearize.transfer_steps={transfer_steps}"]
     cfg = load_config([], overrides)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, 3, kind_spec.image_size, kind_spec.image_size, generator=generator)
-    tokens = torch.randint(1, 49000, (batch_size, kind_spec.budget.context_length), generator=generator)
-    tokens[:, -1] = 49407
+    images, tokens = synthetic_batch(batch_size, kind_spec.image_size, kind_spec.budget.context_length)
     ordinary = build_model(cfg.model).train()
     ordinary_opt = torch.optim.AdamW([g for g in param_groups(ordinary, 0.1) if g["params"]], lr=1e-4)
     student = build_model(cfg.model).train()
@@ -140,16 +122,9 @@ def stage1_timing(kind_spec: RunSpec, teacher_file: Path, transfer_steps: int, r
         student_opt.step()
 
     steps = {"ordinary": ordinary_step, "stage1": transfer_step}
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
     for fn in steps.values():  # warm-up
         fn()
-    names = list(steps)
-    for round_index in range(rounds):
-        order = names[round_index % 2:] + names[:round_index % 2]
-        for name in order:
-            start = time.perf_counter()
-            steps[name]()
-            seconds[name].append(time.perf_counter() - start)
+    seconds = time_alternating(steps, rounds)
     median = {name: statistics.median(values) for name, values in seconds.items()}
     return {"batch_size": batch_size, "rounds": rounds, "seconds": seconds, "ordinary_s": median["ordinary"],
             "stage1_s": median["stage1"], "ratio": median["stage1"] / median["ordinary"]}
@@ -222,22 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 <= args.transfer_steps <= args.linearize_steps:
         print("error: need 0 <= --transfer-steps <= --linearize-steps", file=sys.stderr)
         return 2
-    import torch
-
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    try:
-        if args.reuse_finished:
-            from ds_linclip.experiments import compare
-
-            compare._same_config = lambda run_dir, overrides: (run_dir / "DONE").is_file()  # noqa: SLF001
-        return _main(args, argv)
-    except CompareError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    set_log_prefix("linearize")
+    prepare_process(args.threads)
+    return run_study(lambda: _main(args, argv))
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
@@ -245,7 +207,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     data_dir = ensure_shards(args.data)
     runs_dir = args.runs_dir.expanduser().resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
-    launcher = Launcher("subprocess", runs_dir, data_dir)
+    launcher = Launcher("subprocess", runs_dir, data_dir, reuse_any_finished=args.reuse_finished)
     common = dict(batch_size=args.batch_size, seed=args.seed, layers=args.layers, width=args.width,
                   eval_samples=args.eval_samples)
     full = Budget(steps=args.teacher_steps, lr=args.lr, **common)
@@ -265,22 +227,22 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         scratch_spec = RunSpec(kind, args.image_size, args.width, full)
         if not args.recipe_only:
             record = score_without_training(scratch_spec, teacher_dir, launcher)
-            _log(f"{kind} with the teacher's weights, no training: top-1 {100 * record['metrics']['top1']:.2f}%")
+            log(f"{kind} with the teacher's weights, no training: top-1 {100 * record['metrics']['top1']:.2f}%")
             rows.append({"label": "(c) teacher weights, no training", "kind": kind, "steps": 0, "transfer_steps": 0,
                      "top1": float(record["metrics"]["top1"]), "top5": float(record["metrics"]["top5"]),
                      "final_loss": None})
-        plain = run_one(FromTeacherSpec(kind, args.image_size, args.width, short, pretrained=str(teacher_file),
-                                        label=f"finetune-n{args.linearize_steps}-flr{args.finetune_lr:g}"),
-                        launcher)
+        plain = run_one(from_teacher(scratch_spec, short, teacher_file,
+                                     label=f"finetune-n{args.linearize_steps}-flr{args.finetune_lr:g}"), launcher)
         rows.append({"label": "(c') teacher weights + ordinary fine-tune", "kind": kind, "run": plain.name,
                      "steps": args.linearize_steps,
                      "transfer_steps": 0, "top1": plain.top1, "top5": plain.top5, "final_loss": plain.final_loss})
-        recipe_spec = FromTeacherSpec(kind, args.image_size, args.width, short, pretrained=str(teacher_file),
-                                      label=f"linearized-n{args.linearize_steps}-t{args.transfer_steps}-tlr{args.transfer_lr:g}-flr{args.finetune_lr:g}"
-                                      + (f"-ftw{args.finetune_transfer_weight:g}" if args.finetune_transfer_weight else ""),
-                                      recipe=True, finetune_transfer_weight=args.finetune_transfer_weight, transfer_steps=args.transfer_steps,
-                                      transfer_lr=args.transfer_lr, transfer_warmup_steps=max(1, args.transfer_steps // 10),
-                                      finetune_warmup_steps=finetune_warmup)
+        recipe_spec = from_teacher(
+            scratch_spec, short, teacher_file,
+            label=f"linearized-n{args.linearize_steps}-t{args.transfer_steps}-tlr{args.transfer_lr:g}"
+                  f"-flr{args.finetune_lr:g}" + (f"-ftw{args.finetune_transfer_weight:g}" if args.finetune_transfer_weight else ""),
+            finetune_warmup_steps=finetune_warmup, transfer_steps=args.transfer_steps, transfer_lr=args.transfer_lr,
+            transfer_warmup_steps=max(1, args.transfer_steps // 10),
+            finetune_transfer_weight=args.finetune_transfer_weight)
         linearized = run_one(recipe_spec, launcher)
         # (b) last: the longest run, after the cheap rows of this kind
         scratch = None if args.recipe_only else run_one(scratch_spec, launcher)
@@ -303,18 +265,17 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
                          read_scalars(runs_dir / scratch_spec.name / "tensorboard").get("perf/step_time_s", []),
                          2, args.teacher_steps)})
         if args.timing_rounds > 0:
-            _log(f"{kind}: interleaved timing, ordinary step vs stage-1 step, {args.timing_rounds} rounds")
+            log(f"{kind}: interleaved timing, ordinary step vs stage-1 step, {args.timing_rounds} rounds")
             timing[kind] = stage1_timing(scratch_spec, teacher_file, args.transfer_steps, args.timing_rounds,
                                          args.batch_size)
-            _log(f"  ordinary {timing[kind]['ordinary_s']:.3f} s, stage 1 {timing[kind]['stage1_s']:.3f} s "
+            log(f"  ordinary {timing[kind]['ordinary_s']:.3f} s, stage 1 {timing[kind]['stage1_s']:.3f} s "
                  f"({timing[kind]['ratio']:.2f}x)")
     order = {"(a)": 0, "(b)": 1, "(c)": 2, "(c')": 3, "(d)": 4}
     kinds = ["softmax", *args.kinds]
     rows.sort(key=lambda row: (kinds.index(row["kind"]), order[row["label"].split()[0]]))
     for row in rows:
         row["of_teacher_pct"] = 100 * row["top1"] / teacher.top1
-    report = {"command": command, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "commit": git_commit(), "machine": machine_note(),
+    report = {"command": command, **run_meta(),
               "budget": {"teacher": dataclasses.asdict(full), "linearize": dataclasses.asdict(short),
                          "transfer_steps": args.transfer_steps, "transfer_lr": args.transfer_lr,
                          "finetune_lr": args.finetune_lr, "image_size": args.image_size},
@@ -332,7 +293,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
                     for kind, t in timing.items()]
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "linearize.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "linearize.json", report, indent=2)
     parts = [f"`{command}`", "", table, "", *timing_lines, ""]
     if tried:
         parts += ["Other settings tried from the same teacher (every finished run of this runs dir; n = steps in all, "

@@ -236,6 +236,9 @@ class Attention(nn.Module):
     a learnable power `pola_power`, p = 1 + 4·sigmoid(pola_power), shape (heads, head_dim), init 0: p = 3).
     spec.local_kernel k > 0 adds a depthwise k×k conv of V over the patch grid (`local_conv`) to the
     attention output of the patch tokens (tokens before the grid, the CLS token, get nothing).
+    With patch dropout (`kept_patches`, (batch, kept) grid indices of the patch tokens present) the
+    kept tokens' V is scattered back into a zero grid, convolved, and read back at the kept
+    places: a dropped patch contributes nothing, as if its V were 0.
     spec.gate adds `gate` (width -> width): the mixed tokens (after the local branch) times SiLU(gate(x)).
     causal: token i attends to tokens j <= i (the text tower).
     backend: where linear attention runs: auto | torch | triton.
@@ -299,7 +302,8 @@ class Attention(nn.Module):
             self.local_conv = None
         self.spec = spec
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None,
+                kept_patches: torch.Tensor | None = None) -> torch.Tensor:
         batch, tokens, width = x.shape
         qkv = self.qkv(x)  # (batch, tokens, 3·width)
         # -> (3, batch, heads, tokens, head_dim)
@@ -320,25 +324,34 @@ class Attention(nn.Module):
         # (batch, heads, tokens, head_dim) -> (batch, tokens, width)
         mixed = mixed.transpose(1, 2).reshape(batch, tokens, width)
         if self.local_conv is not None:
-            mixed = self._add_local(mixed, qkv[..., 2 * width:], grid)
+            mixed = self._add_local(mixed, qkv[..., 2 * width:], grid, kept_patches)
         if self.gate is not None:
             mixed = mixed * F.silu(self.gate(x))
         return self.out_proj(mixed)
 
-    def _add_local(self, mixed: torch.Tensor, values: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
-        """mixed, values: (batch, tokens, width); the last grid[0]·grid[1] tokens are the patches."""
+    def _add_local(self, mixed: torch.Tensor, values: torch.Tensor, grid: tuple[int, int] | None,
+                   kept_patches: torch.Tensor | None = None) -> torch.Tensor:
+        """mixed, values: (batch, tokens, width); the last grid[0]·grid[1] tokens are the patches, or
+        with `kept_patches` (batch, kept) the last `kept` tokens are the patches at those grid indices."""
         batch, tokens, width = values.shape
         if grid is None:  # a square grid after one CLS token
             side = int(round((tokens - 1) ** 0.5))
             grid = (side, side)
         patches = grid[0] * grid[1]
-        prefix = tokens - patches
+        present = patches if kept_patches is None else kept_patches.shape[1]
+        prefix = tokens - present
         if prefix < 0:
             raise ValueError(f"grid {grid} has more patches than the {tokens} tokens")
+        patch_values = values[:, prefix:]  # (batch, present, width)
+        if kept_patches is not None:
+            index = kept_patches.unsqueeze(-1).expand(-1, -1, width)  # (batch, kept, width)
+            patch_values = patch_values.new_zeros(batch, patches, width).scatter(1, index, patch_values)
         # channels-last in and out: the tokens' (patches, width) layout is NHWC already, so no transposes
-        patch_values = values[:, prefix:].reshape(batch, grid[0], grid[1], width).permute(0, 3, 1, 2)
+        patch_values = patch_values.reshape(batch, grid[0], grid[1], width).permute(0, 3, 1, 2)
         patch_values = patch_values.contiguous(memory_format=torch.channels_last)
         local = self.local_conv(patch_values).permute(0, 2, 3, 1).reshape(batch, patches, width)
+        if kept_patches is not None:
+            local = local.gather(1, index)  # (batch, kept, width)
         return torch.cat([mixed[:, :prefix], mixed[:, prefix:] + local], dim=1)
 
     def extra_repr(self) -> str:
@@ -368,21 +381,23 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, int(width * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), grid)
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None,
+                kept_patches: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), grid, kept_patches)
         return x + self.mlp(self.ln_2(x))
 
 
 def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, checkpoint_every: int = 0,
-               grid: tuple[int, int] | None = None) -> torch.Tensor:
+               grid: tuple[int, int] | None = None, kept_patches: torch.Tensor | None = None) -> torch.Tensor:
     """Apply blocks in order; with `checkpoint_every = k > 0` recompute every k-th block in backward.
+    `grid`, `kept_patches`: the image tower's patch layout (see Attention).
 
     Non-reentrant checkpointing: it works with parameters that ZeRO-3 gathers in forward hooks
     (the hooks fire again during recomputation) and with inputs that do not require grad.
     """
     for index, block in enumerate(blocks):
         if checkpoint_every > 0 and index % checkpoint_every == 0 and torch.is_grad_enabled():
-            x = checkpoint(block, x, grid, use_reentrant=False)
+            x = checkpoint(block, x, grid, kept_patches, use_reentrant=False)
         else:
-            x = block(x, grid)
+            x = block(x, grid, kept_patches)
     return x

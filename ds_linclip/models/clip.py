@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ds_linclip.models.attention import AttentionSpec, AttentionSpecError, as_spec, resolve_attention
+from ds_linclip.models.groups import lock_tower
 from ds_linclip.models.text import TextTransformer
 from ds_linclip.models.vit import VisionTransformer
 
@@ -23,14 +24,18 @@ class CLIP(nn.Module):
     """Two towers mapping images and captions into one `embed_dim` space.
 
     `forward(images (B,3,H,W), tokens (B,context)) -> (image_features (B,E), text_features (B,E),
-    logit_scale.exp() ())`, features L2-normalised.
+    logit_scale.exp() ())`, features L2-normalised; with a logit bias (`init_logit_bias` not None,
+    SigLIP's) a fourth element, `logit_bias` (), as open_clip's CLIP returns it.
     """
 
-    def __init__(self, visual: VisionTransformer, text: TextTransformer, init_logit_scale: float = math.log(1 / 0.07)):
+    def __init__(self, visual: VisionTransformer, text: TextTransformer, init_logit_scale: float = math.log(1 / 0.07),
+                 init_logit_bias: float | None = None):
         super().__init__()
         self.visual = visual
         self.text = text
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))  # scalar, ln(temperature⁻¹)
+        # scalar added to every logit (SigLIP's sigmoid loss); None keeps the plain CLIP state dict
+        self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(batch, 3, H, W) float -> (batch, embed_dim), unit L2 norm."""
@@ -40,8 +45,9 @@ class CLIP(nn.Module):
         """(batch, context) long -> (batch, embed_dim), unit L2 norm."""
         return F.normalize(self.text(tokens), dim=-1)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = (self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp())
+        return outputs if self.logit_bias is None else outputs + (self.logit_bias,)
 
     def set_grad_checkpointing(self, every: int = 1) -> None:
         """Recompute every `every`-th block of both towers in backward (0 = off)."""
@@ -50,8 +56,18 @@ class CLIP(nn.Module):
         self.visual.checkpoint_every = int(every)
         self.text.checkpoint_every = int(every)
 
+    def lock_image_tower(self, unlocked_groups: int = 0) -> list[str]:
+        """LiT: freeze the image tower but its last `unlocked_groups` lock groups (open_clip's grouping,
+        models/groups.py); returns the frozen parameter names (model-relative)."""
+        return [f"visual.{name}" for name in lock_tower(self.visual, unlocked_groups)]
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> list[str]:
+        """Freeze the text tower but its last `unlocked_layers` lock groups; freeze_layer_norm=False keeps
+        the frozen groups' LayerNorms trainable. Returns the frozen parameter names (model-relative)."""
+        return [f"text.{name}" for name in lock_tower(self.text, unlocked_layers, freeze_layer_norm)]
+
     def no_weight_decay_names(self) -> set[str]:
-        """Names of parameters exempt from weight decay: biases, norms, embeddings, logit_scale."""
+        """Names of parameters exempt from weight decay: biases, norms, embeddings, logit_scale, logit_bias."""
         return {
             name
             for name, param in self.named_parameters()
@@ -118,6 +134,7 @@ def build_model(cfg: Any, load_pretrained_weights: bool = True) -> CLIP:
     If `cfg.pretrained` is set and `load_pretrained_weights`, the weights are loaded with
     `convert.load_pretrained` (open_clip or ours; a softmax checkpoint loads into linear attention).
     Pass `load_pretrained_weights=False` when the caller loads them itself (e.g. under ZeRO-3 init).
+    `model.<tower>.lock` freezes that tower (requires_grad=False) but its unlocked groups (models/groups.py).
     """
     if isinstance(cfg, str):
         cfg = model_config(cfg)
@@ -129,16 +146,22 @@ def build_model(cfg: Any, load_pretrained_weights: bool = True) -> CLIP:
         image_size=image["image_size"], patch_size=image["patch_size"], width=image["width"],
         layers=image["layers"], heads=image["heads"], embed_dim=embed_dim,
         mlp_ratio=image.get("mlp_ratio", 4.0), attention=tower_attention(image, "image"), backend=backend,
+        patch_dropout=float(image.get("patch_dropout", 0.0) or 0.0),
     )
     text_tower = TextTransformer(
         context_length=text["context_length"], vocab_size=text["vocab_size"], width=text["width"],
         layers=text["layers"], heads=text["heads"], embed_dim=embed_dim,
         mlp_ratio=text.get("mlp_ratio", 4.0), attention=tower_attention(text, "text"), backend=backend,
     )
-    model = CLIP(visual, text_tower, init_logit_scale=model_cfg.get("init_logit_scale", math.log(1 / 0.07)))
+    model = CLIP(visual, text_tower, init_logit_scale=model_cfg.get("init_logit_scale", math.log(1 / 0.07)),
+                 init_logit_bias=model_cfg.get("init_logit_bias"))
     pretrained = model_cfg.get("pretrained")
     if pretrained and load_pretrained_weights:
         from ds_linclip.models.convert import load_pretrained
 
         load_pretrained(model, pretrained)
+    if image.get("lock"):
+        model.lock_image_tower(int(image.get("unlocked_groups", 0)))
+    if text.get("lock"):
+        model.lock_text_tower(int(text.get("unlocked_layers", 0)), bool(text.get("freeze_layer_norm", True)))
     return model

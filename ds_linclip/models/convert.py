@@ -9,7 +9,7 @@ Name mapping (everything else is identical, tensors are not changed):
     token_embedding / positional_embedding /    text.token_embedding / text.positional_embedding /
       ln_final / text_projection                  text.ln_final / text.text_projection
     ….attn.in_proj_weight / in_proj_bias        ….attn.qkv.weight / qkv.bias
-    visual.{class_embedding, positional_embedding, ln_pre, ln_post, proj}, logit_scale: unchanged
+    visual.{class_embedding, positional_embedding, ln_pre, ln_post, proj}, logit_scale, logit_bias: unchanged
 
 Attention kind is not part of the weights, so a softmax checkpoint loads into a model built with
 linear attention as is ("linearize a pretrained CLIP, then fine-tune"). Parameters a linear variant
@@ -45,6 +45,8 @@ _VISUAL_SAME = {"class_embedding", "positional_embedding", "ln_pre.weight", "ln_
                 "ln_post.weight", "ln_post.bias", "proj"}
 _TEXT_TOP = {"token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
              "text_projection"}
+# the learned temperature and (SigLIP's) logit bias: same name, 0-dim in both layouts
+_SCALARS = ("logit_scale", "logit_bias")
 # non-weight entries some CLIP files carry (OpenAI's) and buffers older open_clip versions saved
 _IGNORED_OPEN_CLIP = {"input_resolution", "context_length", "vocab_size", "attn_mask", "visual.attn_mask"}
 
@@ -87,13 +89,13 @@ def from_open_clip_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[st
             new = f"text.{key}"
         elif key.startswith("text.") and key[len("text."):] in _TEXT_TOP:
             new = key
-        elif key == "logit_scale":
+        elif key in _SCALARS:
             new = key
-            value = value.reshape(())  # some files store it as shape (1,)
+            value = value.reshape(())  # some files store them as shape (1,)
         else:
             raise CheckpointError(
                 f"open_clip key '{key}' has no counterpart in ds_linclip's ViT CLIP "
-                "(ResNet towers, attentional pooling, logit_bias and HF text towers are not supported)"
+                "(ResNet towers, attentional pooling and HF text towers are not supported)"
             )
         ours[new] = value
     return ours
@@ -117,7 +119,7 @@ def to_open_clip_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
             new = key
         elif key.startswith("text.") and key[len("text."):] in _TEXT_TOP:
             new = key[len("text."):]
-        elif key == "logit_scale":
+        elif key in _SCALARS:
             new = key
         else:
             raise CheckpointError(f"ds_linclip key '{key}' has no counterpart in open_clip's CLIP")
@@ -210,8 +212,14 @@ def _fit_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module, source:
     if filled:
         notes.append(f"{len(filled)} linear-variant parameters not in the file start at 0, an open gate "
                      f"({', '.join(sorted({k.split('.attn.')[1] for k in filled}))})")
+    if "logit_bias" in expected and "logit_bias" not in state_dict:
+        # a CLIP checkpoint fine-tuned with the sigmoid loss: the bias starts at the model's init
+        state_dict["logit_bias"] = expected["logit_bias"].clone()
+        notes.append(f"logit_bias not in the file: starts at model.init_logit_bias ({float(expected['logit_bias']):g})")
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())
+    if "logit_bias" in unexpected:
+        unexpected[unexpected.index("logit_bias")] = "logit_bias (a SigLIP checkpoint: train with train.loss=siglip)"
     if missing or unexpected:
         parts = []
         if missing:

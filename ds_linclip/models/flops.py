@@ -16,6 +16,10 @@ as `torch.utils.flop_counter` does. Attention ("token mixing") is reported apart
 Everything else: patch embedding, qkv/out projections 8·N·width², the output gate's projection
 2·N·width² where a layer has one, MLP 4·N·width·mlp_width, and the output projection of the pooled
 token 2·width·embed_dim.
+
+Patch dropout (a training forward): the blocks see N = 1 + kept tokens (`kept_patch_count`);
+the patch embedding still runs on every patch, and a local branch convolves the full grid
+(the kept tokens are scattered back into it, see Attention), so both count every patch.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 from ds_linclip.models.attention import AttentionSpec, as_spec
 from ds_linclip.models.clip import _as_dict, build_model, tower_attention
+from ds_linclip.models.vit import kept_patch_count
 
 
 @dataclass(frozen=True)
@@ -125,11 +130,13 @@ def _tower_layers(spec: AttentionSpec, tokens: int, width: int, heads: int, mlp_
     return params, attention, other
 
 
-def model_cost(model_cfg: Any, image_size: int | None = None) -> ModelCost:
+def model_cost(model_cfg: Any, image_size: int | None = None, patch_dropout: float = 0.0) -> ModelCost:
     """Parameters and per-input forward FLOPs of the model `build_model(model_cfg)` would build.
 
     `image_size` (pixels, a multiple of the patch size) overrides the config's: the position
-    embedding, and so the parameter count, follows it.
+    embedding, and so the parameter count, follows it. `patch_dropout`: the cost of a training
+    forward that drops this fraction of patches (the default 0: every patch, as in eval);
+    `image.tokens` is then the tokens the blocks see.
     """
     cfg = _as_dict(model_cfg)
     embed_dim, image, text = cfg["embed_dim"], cfg["image"], cfg["text"]
@@ -138,14 +145,14 @@ def model_cost(model_cfg: Any, image_size: int | None = None) -> ModelCost:
     if size % patch:
         raise ValueError(f"image size {size} is not a multiple of patch size {patch}")
     patches = (size // patch) ** 2
-    tokens = 1 + patches
+    tokens = 1 + kept_patch_count(patches, patch_dropout)  # what the blocks see
     mlp_width = int(width * image.get("mlp_ratio", 4.0))
     image_spec = tower_attention(image, "image")
     variant_params, mixing, blocks = _tower_layers(image_spec, tokens, width, image["heads"], mlp_width,
                                                    image["layers"], patches)
     image_params = (
         3 * patch * patch * width  # patch embedding, no bias
-        + width + tokens * width  # class + position embeddings
+        + width + (1 + patches) * width  # class + position embeddings
         + 2 * width  # ln_pre
         + image["layers"] * _block_params(width, mlp_width) + variant_params
         + 2 * width + width * embed_dim  # ln_post, proj
@@ -184,8 +191,10 @@ def attention_flops_per_image(model_cfg: Any, image_size: int | None = None) -> 
     return model_cost(model_cfg, image_size).image.attention_flops
 
 
-def measure_forward_flops(model_cfg: Any, image_size: int | None = None) -> dict[str, int]:
-    """FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` on one image / one caption.
+def measure_forward_flops(model_cfg: Any, image_size: int | None = None, patch_dropout: float = 0.0,
+                          batch: int = 1) -> dict[str, int]:
+    """FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` on `batch` images / captions
+    (a training-mode forward: `patch_dropout` drops patches as in training; 0 keeps all).
 
     The model is built on the meta device (no memory, no arithmetic; on meta, SDPA decomposes
     into matmuls the counter sees, while on CPU its fused kernel is not counted).
@@ -195,13 +204,12 @@ def measure_forward_flops(model_cfg: Any, image_size: int | None = None) -> dict
 
     cfg = _as_dict(model_cfg)
     cfg["pretrained"] = None
-    if image_size:
-        cfg["image"] = dict(cfg["image"], image_size=image_size)
+    cfg["image"] = dict(cfg["image"], patch_dropout=patch_dropout, **({"image_size": image_size} if image_size else {}))
     with torch.device("meta"):
         model = build_model(cfg)
         size, context = cfg["image"]["image_size"], cfg["text"]["context_length"]
-        images = torch.empty(1, 3, size, size)
-        tokens = torch.zeros(1, context, dtype=torch.long)
+        images = torch.empty(batch, 3, size, size)
+        tokens = torch.zeros(batch, context, dtype=torch.long)
     measured = {}
     with torch.no_grad():
         with FlopCounterMode(display=False) as counter:
@@ -245,3 +253,67 @@ def format_table(cost: ModelCost, title: str = "", measured: dict[str, int] | No
     out = [title] if title else []
     out += [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- activation memory
+# Elements autograd saves per token and width in one pre-LN block (forward, training), from what
+# each op keeps for its backward: ln_1 input, qkv input, q/k/v, the attention output and its
+# (tokens, width) copy for out_proj, ln_2 input, c_fc input, GELU input (4·width) and c_proj input
+# (4·width) = 16. The focused feature map keeps φ(q), φ(k) besides q, k (+2); the local branch
+# keeps its V grid (1 per grid patch, see `_block_saved_elements`). Per-row statistics (LayerNorm
+# mean/rstd, softmax logsumexp, feature-map norms) and the linear state (heads·head_dim² per
+# sequence) are left out: a few percent at head_dim 64 (tests/test_phases.py measures the gap).
+SAVED_PER_TOKEN_WIDTH = 16
+FOCUSED_EXTRA_PER_TOKEN_WIDTH = 2
+
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    """Bytes of activations one rank holds for backward, for `batch` image-caption pairs."""
+
+    saved_after_forward: int  # what autograd holds when the forward (and the loss) is done
+    recompute_peak: int  # with checkpointing: the most one recomputed segment adds during backward
+
+    @property
+    def peak(self) -> int:
+        return self.saved_after_forward + self.recompute_peak
+
+
+def _block_saved_elements(spec: AttentionSpec, tokens: int, width: int, grid_patches: int) -> int:
+    focused = spec.linear is not None and spec.linear.feature_map == "focused"
+    per_token = SAVED_PER_TOKEN_WIDTH + (FOCUSED_EXTRA_PER_TOKEN_WIDTH if focused else 0)
+    return tokens * width * per_token + (grid_patches * width if spec.local_kernel else 0)
+
+
+def _tower_saved_elements(spec: AttentionSpec, layers: int, tokens: int, width: int, grid_patches: int,
+                          checkpoint_every: int) -> tuple[int, int]:
+    """(elements saved after the forward, elements one recomputed segment adds) for one sequence:
+    a checkpointed segment of k blocks keeps only its input (tokens·width) until backward
+    recomputes it; the others keep everything."""
+    block = _block_saved_elements(spec, tokens, width, grid_patches)
+    if checkpoint_every <= 0:
+        return layers * block, 0
+    # run_blocks checkpoints every k-th block alone; the k-1 after it run normally
+    checkpointed = len(range(0, layers, checkpoint_every))
+    return checkpointed * tokens * width + (layers - checkpointed) * block, block
+
+
+def activation_bytes(model_cfg: Any, batch: int, image_size: int | None = None, patch_dropout: float = 0.0,
+                     checkpoint_every: int = 0, bytes_per_element: int = 2) -> ActivationEstimate:
+    """Estimated activation memory of one training micro-batch of `batch` pairs, from the shapes:
+    the blocks of both towers (see SAVED_PER_TOKEN_WIDTH), the pixels the patch embedding keeps,
+    the embeddings' LayerNorm inputs; not the parameters, gradients or optimizer state."""
+    cfg = _as_dict(model_cfg)
+    image, text = cfg["image"], cfg["text"]
+    size, patch = image_size or image["image_size"], image["patch_size"]
+    grid_patches = (size // patch) ** 2
+    image_tokens = 1 + kept_patch_count(grid_patches, patch_dropout)
+    image_saved, image_peak = _tower_saved_elements(tower_attention(image, "image"), image["layers"], image_tokens,
+                                                    image["width"], grid_patches, checkpoint_every)
+    image_saved += 3 * size * size + image_tokens * image["width"]  # pixels (patch embedding), ln_pre input
+    context = text["context_length"]
+    text_saved, text_peak = _tower_saved_elements(tower_attention(text, "text"), text["layers"], context,
+                                                  text["width"], 0, checkpoint_every)
+    text_saved += context * text["width"]  # ln_final input
+    return ActivationEstimate(batch * (image_saved + text_saved) * bytes_per_element,
+                              batch * max(image_peak, text_peak) * bytes_per_element)

@@ -16,6 +16,11 @@ class TextTransformer(nn.Module):
     `context_length` are fine; the causal mask means padding after EOT never reaches it.
     """
 
+    # roles of the top-level parameters for lock groups and layer ids (models/groups.py)
+    EMBEDDING_PARAMS = ("token_embedding", "positional_embedding")
+    FINAL_NORM_PARAMS = ("ln_final",)
+    PROJECTION_PARAMS = ("text_projection",)
+
     def __init__(
         self,
         context_length: int,

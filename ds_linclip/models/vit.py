@@ -31,12 +31,39 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> tor
     return torch.cat([cls_row, resized], dim=0)
 
 
+def kept_patch_count(patches: int, patch_dropout: float) -> int:
+    """Patches a training forward keeps out of `patches` (FLIP / open_clip's rule: at least one)."""
+    return max(1, int(patches * (1 - patch_dropout))) if patch_dropout > 0 else patches
+
+
+def draw_kept_patches(batch: int, patches: int, patch_dropout: float,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """(batch, kept) indices into the patch grid (row-major) of the patches a forward keeps.
+
+    The same draw as open_clip's `PatchDropout`: one standard normal score per patch from the
+    default device's generator (or `generator`), the `kept` highest in descending score order,
+    so the same torch seed keeps the same tokens in the same order.
+    """
+    scores = torch.randn(batch, patches, generator=generator, device=generator.device if generator else None)
+    return scores.topk(kept_patch_count(patches, patch_dropout), dim=-1).indices
+
+
 class VisionTransformer(nn.Module):
     """images (batch, 3, H, W) -> features (batch, embed_dim), not normalised.
 
     The position embedding is stored for `image_size`; other input sizes (multiples of
     `patch_size`) use it interpolated on the fly.
+
+    `patch_dropout` p in [0, 1) (FLIP): in training mode each image keeps a random
+    `kept_patch_count(patches, p)` of its patch tokens (the CLS token always) after the position
+    embedding; eval mode keeps all. `patch_dropout_generator` (a CPU torch.Generator, or None for
+    the global one) is what the draw uses.
     """
+
+    # roles of the top-level parameters for lock groups and layer ids (models/groups.py)
+    EMBEDDING_PARAMS = ("patch_embed", "class_embedding", "positional_embedding", "ln_pre")
+    FINAL_NORM_PARAMS = ("ln_post",)
+    PROJECTION_PARAMS = ("proj",)
 
     def __init__(
         self,
@@ -49,8 +76,13 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         attention: AttentionSpec | str = "softmax",
         backend: str = "auto",
+        patch_dropout: float = 0.0,
     ):
         super().__init__()
+        if not 0 <= patch_dropout < 1:
+            raise ValueError(f"patch_dropout {patch_dropout} is not in [0, 1)")
+        self.patch_dropout = float(patch_dropout)
+        self.patch_dropout_generator: torch.Generator | None = None
         attention = as_spec(attention)
         self.image_size, self.patch_size, self.width = image_size, patch_size, width
         self.grid = (image_size // patch_size, image_size // patch_size)
@@ -90,8 +122,14 @@ class VisionTransformer(nn.Module):
         patches = patches.flatten(2).transpose(1, 2)  # (batch, grid_h·grid_w, width)
         cls = self.class_embedding.to(patches.dtype).expand(batch, 1, -1)  # (batch, 1, width)
         x = torch.cat([cls, patches], dim=1) + self.pos_embed_for(height, width).to(patches.dtype)
-        x = self.ln_pre(x)  # (batch, 1 + patches, width)
         grid = (height // self.patch_size, width // self.patch_size)
-        x = run_blocks(self.blocks, x, self.checkpoint_every, grid)
+        kept_patches = None
+        if self.training and self.patch_dropout > 0:
+            kept_patches = draw_kept_patches(batch, grid[0] * grid[1], self.patch_dropout,
+                                             self.patch_dropout_generator).to(x.device)
+            kept = x[:, 1:].gather(1, kept_patches.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :1], kept], dim=1)  # (batch, 1 + kept, width)
+        x = self.ln_pre(x)  # (batch, 1 + patches, width)
+        x = run_blocks(self.blocks, x, self.checkpoint_every, grid, kept_patches)
         pooled = self.ln_post(x[:, 0])  # CLS token, (batch, width)
         return pooled @ self.proj  # (batch, embed_dim)

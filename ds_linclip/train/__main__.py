@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
             "come from RANK/WORLD_SIZE/LOCAL_RANK or SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID. On CPU set "
             "DS_ACCELERATOR=cpu (gloo backend). Before anything starts, every rank checks what the config and "
             "the file system can tell (shards, sizes.json, DeepSpeed options, model.pretrained, eval inputs, "
-            "train.resume, the output folder); a problem is one line naming the key, exit 2."
+            "train.resume, the output folder); a problem is one line naming the key, exit 2. Without a launcher "
+            "(no MASTER_PORT, one process) the rendezvous takes any free port; a launcher's MASTER_PORT that is in "
+            "use is one line naming it, exit 2."
         ),
         epilog=(
             "Outputs go to R = train.output_dir/train.run_name: config.yaml, ds_config.json, tensorboard/, "
@@ -40,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check", action="store_true",
         help="dry run: check the config and the file system, print the resolved config, the global batch, "
-             "the shard count and samples per epoch, and exit 0 without starting anything (run it on a login "
+             "the shard count and samples per epoch, per training phase the tokens per image, forward GFLOPs, "
+             "attention share and estimated activation memory, and exit 0 without starting anything (run it on a login "
              "node before sbatch)",
     )
     parser.add_argument(
@@ -92,9 +95,14 @@ def main(argv: list[str] | None = None) -> int:
             print("# --check: nothing was started")
             print(plan.summary(), flush=True)
         return 0
+    from ds_linclip.train.engine import PortInUseError
     from ds_linclip.train.loop import train
 
-    return train(cfg, stop=stop)
+    try:
+        return train(cfg, stop=stop)
+    except PortInUseError as err:  # only the rank that listens (0) finds out; it says so
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

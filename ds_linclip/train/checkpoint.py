@@ -199,14 +199,17 @@ def resolve_resume(resume: str, save_dir: str | Path) -> tuple[Path, str] | None
 
 def load(engine, load_dir: str | Path, tag: str) -> dict[str, Any]:
     """Restore engine (weights, optimizer, LR scheduler) on all ranks; return this rank's client state."""
+    from ds_linclip.serialization import check_tag_dir, load_pt
+
     rank, world = _rank_world()
+    check_tag_dir(Path(load_dir) / tag)  # DeepSpeed unpickles with weights_only=False: nothing but data first
     path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {Path(load_dir) / tag}")
     state_file = Path(load_dir) / tag / CLIENT_STATE_DIR / f"rank_{rank:05d}.pt"
     if not state_file.is_file():
         raise FileNotFoundError(f"missing per-rank client state {state_file}")
-    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    state = load_pt(state_file)
     if state["world_size"] != world:
         raise RuntimeError(
             f"checkpoint {Path(load_dir) / tag} was written by {state['world_size']} ranks, this run has {world}; "

@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import logging
 import os
 import re
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -21,10 +23,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ds_linclip.config import ConfigError
+from ds_linclip.train import lr_groups
 
 # set by our batch keys; the `deepspeed:` section must not restate them (one statement of batch size)
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 DEFAULT_MASTER_PORT = 29500
+# MASTER_PORT of a single process started without a launcher: the OS gives its rendezvous store a
+# free port (no other rank needs to find it), so two quick runs on one machine do not collide
+ANY_FREE_PORT = 0
+
+
+class PortInUseError(RuntimeError):
+    """The launcher's MASTER_PORT is taken on this machine (another run or job holds it)."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +69,9 @@ def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
 
     `RANK`/`WORLD_SIZE`/`LOCAL_RANK` (deepspeed, torchrun) win; else `SLURM_PROCID`/
     `SLURM_NTASKS`/`SLURM_LOCALID` (srun); else one process. MASTER_ADDR defaults to the first
-    node of the Slurm allocation (or 127.0.0.1), MASTER_PORT to a port derived from the job id
-    (so two jobs sharing a node do not collide) or 29500.
+    node of the Slurm allocation (or 127.0.0.1). MASTER_PORT: the launcher's; for a single process
+    without one, any free port (ANY_FREE_PORT); else a port derived from the Slurm job id (so two
+    jobs sharing a node do not collide) or 29500.
     """
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -79,6 +90,8 @@ def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         master_addr = _first_slurm_host(nodelist) if nodelist and world > 1 else "127.0.0.1"
     if env.get("MASTER_PORT"):
         master_port = int(env["MASTER_PORT"])
+    elif world == 1:
+        master_port = ANY_FREE_PORT
     elif env.get("SLURM_JOB_ID", "").isdigit():
         master_port = 20000 + int(env["SLURM_JOB_ID"]) % 40000
     else:
@@ -116,10 +129,32 @@ def all_reduce_floats(values: list[float], op=None) -> list[float]:
     return tensor.tolist()
 
 
-def init_distributed(env: DistEnv, timeout_minutes: float = 10) -> None:
-    """Process group over all ranks: gloo on CPU, DeepSpeed's choice (nccl, ...) on accelerators."""
-    import deepspeed
+def quiet_dependency_output() -> None:
+    """Silence what dependencies make torch print on every rank that says nothing about the run
+    (the trainer calls it before the process group starts, the eval CLI at start). Our own code
+    calls no deprecated API; these come from inside DeepSpeed 0.19 and torch."""
+    # DeepSpeed's comm backend (deepspeed/comm/torch.py) calls torch.distributed.all_gather_into_tensor
+    # or _all_gather_base for ZeRO's parameter all-gather, and reduce_scatter_tensor or
+    # _reduce_scatter_base for ZeRO-3's gradient reduce-scatter; torch 2.14 deprecates them in favour
+    # of all_gather_single / reduce_scatter_single and says so with a FutureWarning in each rank
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning,
+        message=r"`torch\.distributed\.(all_gather_into_tensor|_all_gather_base|reduce_scatter_tensor|_reduce_scatter_base)` ",
+    )
+    # torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." when it is
+    # imported wherever a CUDA toolkit (nvcc) is installed on a machine without a GPU; DeepSpeed's
+    # CPU accelerator imports it at init (to JIT-load its shared-memory comm op), TorchInductor
+    # when it compiles the focused feature map (kernels/torch_path.py)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
+
+def init_distributed(env: DistEnv, timeout_minutes: float = 10) -> None:
+    """Process group over all ranks: gloo on CPU, DeepSpeed's choice (nccl, ...) on accelerators.
+    Raises PortInUseError when rank 0 cannot listen on the launcher's MASTER_PORT."""
+    import deepspeed
+    import torch.distributed as dist
+
+    quiet_dependency_output()
     export_dist_env(env)
     from deepspeed.accelerator import get_accelerator
 
@@ -127,9 +162,18 @@ def init_distributed(env: DistEnv, timeout_minutes: float = 10) -> None:
     if accel.device_name() != "cpu":
         accel.set_device(env.local_rank)
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
-    deepspeed.init_distributed(
-        dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes)
-    )
+    try:
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes)
+        )
+    except dist.DistNetworkError as err:
+        if "EADDRINUSE" not in str(err):
+            raise
+        raise PortInUseError(
+            f"MASTER_PORT={env.master_port}: port {env.master_port} on {env.master_addr} is already in use (another "
+            "run on this machine?); give the launcher a free port (deepspeed --master_port N, torchrun --master-port N, "
+            "MASTER_PORT=N)"
+        ) from None
 
 
 def deep_merge(base: dict, override: Mapping) -> dict:
@@ -143,9 +187,16 @@ def deep_merge(base: dict, override: Mapping) -> dict:
     return out
 
 
+def micro_batches_per_step(train: DictConfig) -> int:
+    """Micro-batches per rank per optimizer step: DeepSpeed's gradient_accumulation_steps. One of
+    train.grad_accum_steps (each micro-batch its own loss) and train.accum_freq (one loss over all,
+    feature-cached) is 1."""
+    return int(train.grad_accum_steps) * int(train.accum_freq)
+
+
 def global_batch_size(train: DictConfig, world_size: int) -> int:
     """Samples per optimizer step over all ranks."""
-    return train.micro_batch_size * train.grad_accum_steps * world_size
+    return train.micro_batch_size * micro_batches_per_step(train) * world_size
 
 
 def build_ds_config(cfg: DictConfig, world_size: int, device: str | None = None) -> dict[str, Any]:
@@ -161,9 +212,14 @@ def build_ds_config(cfg: DictConfig, world_size: int, device: str | None = None)
     if train.offload_optimizer and train.zero_stage == 0:
         raise ConfigError("true: optimizer offload needs ZeRO stage 1, 2 or 3, but train.zero_stage is 0",
                           "train.offload_optimizer")
-    for key in ("micro_batch_size", "grad_accum_steps", "steps"):
+    for key in ("micro_batch_size", "grad_accum_steps", "accum_freq", "steps"):
         if train[key] < 1:
             raise ConfigError(f"must be >= 1, got {train[key]}", f"train.{key}")
+    if train.grad_accum_steps > 1 and train.accum_freq > 1:
+        raise ConfigError(
+            f"{train.accum_freq}: train.accum_freq (one loss over the cached features of all micro-batches) and "
+            f"train.grad_accum_steps={train.grad_accum_steps} (one loss per micro-batch) are two ways to accumulate; "
+            "set one of them to 1", "train.accum_freq")
     if train.lr <= 0 or not 0 <= train.min_lr <= train.lr:
         raise ConfigError(f"need 0 < lr and 0 <= min_lr <= lr (lr={train.lr}, min_lr={train.min_lr})", "train.min_lr")
 
@@ -175,7 +231,8 @@ def build_ds_config(cfg: DictConfig, world_size: int, device: str | None = None)
 
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": int(train.micro_batch_size),
-        "gradient_accumulation_steps": int(train.grad_accum_steps),
+        # train.accum_freq's micro-batches are DeepSpeed's accumulation steps too (train/accumulate.py)
+        "gradient_accumulation_steps": micro_batches_per_step(train),
         "train_batch_size": global_batch_size(train, world_size),
         "gradient_clipping": float(train.grad_clip),
         "zero_optimization": zero,
@@ -217,7 +274,7 @@ def build_ds_config(cfg: DictConfig, world_size: int, device: str | None = None)
     for key in _BATCH_KEYS:
         if key in passthrough:
             raise ConfigError(
-                "batch size is stated once, in train.micro_batch_size and train.grad_accum_steps "
+                "batch size is stated once, in train.micro_batch_size and train.grad_accum_steps / train.accum_freq "
                 "(the global batch is derived); remove it from the deepspeed section",
                 f"deepspeed.{key}",
             )
@@ -257,21 +314,38 @@ def write_ds_config(ds_config: dict, run_dir: str | Path) -> Path:
     return path
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: Iterable[str] | None = None) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay_names: Iterable[str] | None = None,
+                 lr_scales: Mapping[str, tuple[str, float]] | None = None) -> list[dict]:
     """AdamW groups: decay for weight matrices; none for the names the model exempts (biases,
     norms, embeddings, logit_scale). Both groups are always present (possibly empty) so the
-    optimizer state layout does not depend on the model."""
+    optimizer state layout does not depend on the model. Parameters with requires_grad=False
+    (locked towers, frozen teachers) are in no group: no optimizer state, no update.
+
+    lr_scales (name -> (label, lr scale), `lr_groups.lr_scales`): one decay and one no-decay group per
+    label, in the mapping's order, named `<label>.decay` (just `decay` for the label ''), each with
+    its scale under `lr_groups.LR_SCALE` (`build_engine` turns it into the group's lr)."""
     exempt = set(no_decay_names if no_decay_names is not None else model.no_weight_decay_names())
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     unknown = exempt - {n for n, _ in model.named_parameters()}
     if unknown:
         raise ValueError(f"no_weight_decay_names() lists parameters the model does not have: {sorted(unknown)[:5]}")
-    decay = [p for n, p in named if n not in exempt]
-    no_decay = [p for n, p in named if n in exempt]
-    return [
-        {"params": decay, "weight_decay": float(weight_decay), "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
+    if lr_scales is None:
+        lr_scales = {n: ("", None) for n, _ in named}
+    label_scales: dict[str, float | None] = {}
+    for label, scale in lr_scales.values():
+        if label_scales.setdefault(label, scale) != scale:
+            raise ValueError(f"lr group '{label}' has two lr scales, {label_scales[label]} and {scale}")
+    groups: dict[tuple[str, bool], dict] = {}
+    for label, scale in label_scales.items():
+        for decays in (True, False):
+            name = ("decay" if decays else "no_decay") if not label else f"{label}.{'decay' if decays else 'no_decay'}"
+            group = {"params": [], "weight_decay": float(weight_decay) if decays else 0.0, "name": name}
+            if scale is not None:
+                group[lr_groups.LR_SCALE] = float(scale)
+            groups[(label, decays)] = group
+    for n, p in named:
+        groups[(lr_scales[n][0], n not in exempt)]["params"].append(p)
+    return list(groups.values())
 
 
 def promote_scalar_parameters(model: torch.nn.Module) -> list[str]:
@@ -294,16 +368,18 @@ def promote_scalar_parameters(model: torch.nn.Module) -> list[str]:
 
 
 def build_engine(cfg: DictConfig, model: torch.nn.Module, ds_config: dict, groups: list[dict] | None = None):
-    """deepspeed.initialize with our param groups (or `groups`, e.g. train.linearize's); returns the
-    engine (optimizer and scheduler inside). 0-dim parameters become 1-element ones first
-    (see `promote_scalar_parameters`)."""
+    """deepspeed.initialize with our param groups (or `groups`, e.g. train.linearize's; a group's lr is
+    train.lr x its lr_groups.LR_SCALE); returns the engine (optimizer and scheduler inside).
+    0-dim parameters become 1-element ones first (see `promote_scalar_parameters`)."""
     import deepspeed
 
     promote_scalar_parameters(model)
     if groups is None:
-        groups = param_groups(model, cfg.train.weight_decay)
+        groups = param_groups(model, cfg.train.weight_decay, lr_scales=lr_groups.lr_scales(model, cfg.train))
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g.pop("name", None)
+        if lr_groups.LR_SCALE in g:  # DeepSpeed's scheduler scales each group's own start lr
+            g["lr"] = float(cfg.train.lr) * g[lr_groups.LR_SCALE]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     return engine

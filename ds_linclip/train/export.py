@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ds_linclip.serialization import check_tag_dir, load_pt
 from ds_linclip.train.checkpoint import LATEST, TAG_PATTERN, read_latest
 
 WEIGHTS = "model.safetensors"
@@ -50,19 +51,27 @@ def resolve_tag_dir(path: str | Path) -> Path:
 def fp32_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
     """Consolidated fp32 state dict of a DeepSpeed tag folder (parameter and buffer names as in
     the plain model; 0-dim parameters still 1-element, see `restore_scalar_shapes`).
-    Floating tensors come back as fp32, others as they were saved. Raises what DeepSpeed raises
-    (or FileNotFoundError/KeyError for a folder that is not a checkpoint)."""
+    Floating tensors come back as fp32, others as they were saved. Raises UnsafeCheckpointError
+    for a file that names a class outside the allow-list (ds_linclip.serialization), what DeepSpeed
+    raises, or FileNotFoundError/KeyError for a folder that is not a checkpoint."""
     tag_dir = Path(tag_dir)
     if any(tag_dir.glob("*optim_states.pt")):
+        check_tag_dir(tag_dir)  # DeepSpeed's tool unpickles with weights_only=False
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(io.StringIO()):  # it prints per-file progress lines
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        # ZeRO-1 records no frozen parameters (a locked tower) beside its optimizer partitions (DeepSpeed
+        # does from stage 2 on); its model states hold the whole module, frozen parameters included
+        model_states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        if model_states:
+            module = torch.load(model_states[0], map_location="cpu", weights_only=False, mmap=True)["module"]
+            state.update({name: tensor for name, tensor in module.items() if name not in state and tensor.numel()})
     else:  # stage 0 in fp32: DeepSpeed keeps no partitions, the module is whole in the model states
         model_states = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
         if not model_states:
             raise FileNotFoundError(f"{tag_dir} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
-        state = torch.load(model_states[0], map_location="cpu", weights_only=False, mmap=True)["module"]
+        state = load_pt(model_states[0], mmap=True)["module"]
     from ds_linclip.train.linearize import strip_teacher  # train.linearize's frozen teachers are not exported
 
     return {

@@ -46,6 +46,7 @@ from torch import nn
 
 from ds_linclip.config import ConfigError
 from ds_linclip.models.attention import SOFTMAX
+from ds_linclip.train.lr_groups import LR_SCALE
 
 TEACHER = "teacher"  # child module name under each linear Attention
 TEACHER_KEY = f".attn.{TEACHER}."  # in parameter / state-dict names
@@ -206,15 +207,15 @@ class Linearizer:
                 groups.append((f"linearize/transfer/{tower}/layers_{first}-{last}", chunk))
         return groups
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
+    def param_groups(self, weight_decay: float, lr_scales: Mapping[str, tuple[str, float]] | None = None) -> list[dict]:
         """AdamW groups for the engine: (stage-1 trainable, frozen in stage 1) x engine.param_groups'
-        (decay, no decay). Teachers are not in them (requires_grad=False). Empty groups are kept out
-        by build_engine."""
+        (decay, no decay, per lr label with `lr_scales`). Teachers are not in them (requires_grad=False).
+        Empty groups are kept out by build_engine."""
         from ds_linclip.train.engine import param_groups, promote_scalar_parameters
 
         promote_scalar_parameters(self.model)  # as build_engine does: the names stay, the objects change
         trainable = {id(p) for n, p in self.model.named_parameters() if n in self.trainable}
-        base = param_groups(self.model, weight_decay)
+        base = param_groups(self.model, weight_decay, lr_scales=lr_scales)
         return [
             {**group, "params": [p for p in group["params"] if (id(p) in trainable) == transfer],
              "name": f"{'transfer' if transfer else 'frozen'}_{group['name']}", GROUP_KEY: transfer}
@@ -278,7 +279,8 @@ class Linearizer:
             if GROUP_KEY not in group:
                 raise RuntimeError("an optimizer param group lacks the linearize flag: build the engine with "
                                    "Linearizer.param_groups()")
-            group["lr"] = lr if (stage == STAGE_FINETUNE or group[GROUP_KEY]) else 0.0
+            # train.image_lr / text_lr / layer decay scale both stages' schedules alike
+            group["lr"] = lr * group.get(LR_SCALE, 1.0) if (stage == STAGE_FINETUNE or group[GROUP_KEY]) else 0.0
 
     def objective(self, contrastive: torch.Tensor) -> torch.Tensor:
         """The loss to optimise this micro-batch, from the contrastive loss and the recorded layers."""

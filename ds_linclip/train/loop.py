@@ -2,7 +2,8 @@
 
 Run dir R = {train.output_dir}/{train.run_name}:
     R/config.yaml  R/ds_config.json  R/tensorboard/  R/checkpoints/  R/final/  R/DONE
-(see CONTRACT.md). A step is one optimizer step = `grad_accum_steps` micro-batches per rank.
+(see CONTRACT.md). A step is one optimizer step = `grad_accum_steps` x `accum_freq` micro-batches
+per rank (one of the two is 1; see train/accumulate.py).
 
 Exit codes: 0 done; REQUEUE_EXIT_CODE (75) after SIGTERM/SIGUSR1 -> checkpoint (Slurm
 requeues on it), or no checkpoint when the signal came before the first step (nothing new to
@@ -36,11 +37,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from ds_linclip.config import to_yaml
 from ds_linclip.train import checkpoint as ckpt
+from ds_linclip.train.accumulate import FeatureCachedStep, MicroStep
 from ds_linclip.train.engine import (
-    all_reduce_floats, build_ds_config, build_engine, dist_env, global_batch_size, init_distributed, write_ds_config,
+    all_reduce_floats, build_ds_config, build_engine, dist_env, global_batch_size, init_distributed,
+    micro_batches_per_step, param_groups, promote_scalar_parameters, write_ds_config,
 )
 from ds_linclip.train.linearize import Linearizer
-from ds_linclip.train.loss import ClipLoss
+from ds_linclip.train.loss import build_loss
+from ds_linclip.train.phases import Phase, phase_at, plan_phases
+from ds_linclip.train.lr_groups import describe_groups, lr_scales, scheduled_lr
 from ds_linclip.train.signals import REQUEUE_EXIT_CODE, StopRequest, install as install_stop_handlers
 
 NONFINITE_EXIT_CODE = 3
@@ -134,6 +139,16 @@ def clamp_logit_scale(engine, max_value: float = MAX_LOGIT_SCALE) -> float:
     return value
 
 
+def parameter_value(engine, name: str) -> float:
+    """A scalar parameter's fp32 master value (ZeRO 1/2/3 or the module's own copy). Collective under
+    ZeRO-3: call on every rank."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    param = engine.module.get_parameter(name)
+    master = safe_get_full_fp32_param(param)
+    return float((param.detach() if master is None else master).float())
+
+
 def _loss_scale(engine) -> float | None:
     if not engine.fp16_enabled():
         return None
@@ -215,6 +230,12 @@ class _KeyLog:
             self.handle.close()
 
 
+def _patch_dropout_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of a step's patch-dropout draws on a rank: each rank drops differently, and a resumed
+    run draws what an uninterrupted one would have (the draw depends on the step, not on history)."""
+    return ((int(seed) * 1_000_003 + rank) * 1_000_003 + step) % 2**63
+
+
 def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     """Train per `cfg` on this process's rank; returns the process exit code.
 
@@ -238,20 +259,32 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     from ds_linclip.models import build_model
 
     torch.manual_seed(int(tc.seed))  # the same initial weights on every rank
-    model = build_model(cfg.model)
+    model = build_model(cfg.model)  # model.<tower>.lock freezes here, after the pretrained weights
     model.set_grad_checkpointing(int(tc.grad_checkpointing))
+    promote_scalar_parameters(model)  # before the groups take the parameter objects
+    frozen_params = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     # train.linearize: frozen softmax teachers join the model before the engine (ZeRO partitions them too)
     linearizer = Linearizer(cfg, model) if tc.linearize.enabled else None
+    scales = lr_scales(model, tc)
+    groups = (linearizer.param_groups(tc.weight_decay, scales) if linearizer
+              else param_groups(model, tc.weight_decay, lr_scales=scales))
     ds_config = build_ds_config(cfg, world)
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
         (root / "config.yaml").write_text(config_yaml)
         write_ds_config(ds_config, root)
-    engine = build_engine(cfg, model, ds_config, linearizer.param_groups(tc.weight_decay) if linearizer else None)
+        log.info("optimizer groups (peak lr before warmup/cosine):\n%s", describe_groups(groups, tc.lr, frozen_params))
+    if tc.compile:
+        # in place (nn.Module.compile): parameter and state-dict names stay those of the plain model
+        model.compile()
+    engine = build_engine(cfg, model, ds_config, groups)
     if linearizer is not None:
         linearizer.attach()
-    loss_fn = ClipLoss(local_loss=bool(tc.local_loss), gather_with_grad=bool(tc.gather_with_grad))
+    loss_fn = build_loss(tc)
     input_dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+    # one unit of accumulation: a micro-batch with its own loss, or train.accum_freq sharing one
+    unit = (FeatureCachedStep(engine, loss_fn, input_dtype, int(tc.accum_freq)) if tc.accum_freq > 1
+            else MicroStep(engine, loss_fn, input_dtype, linearizer.objective if linearizer is not None else None))
 
     state = TrainState()
     data_state = None
@@ -268,6 +301,19 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     loader = build_train_loader(cfg, rank, world, start_state=data_state, with_keys=bool(tc.log_sample_keys))
     if agree_to_stop(stop):  # a signal while the model, engine or loader were built
         return _stop_before_training(stop, is_main, "while the engine was built")
+    phases = plan_phases(cfg)
+    visual = engine.module.visual
+    visual.patch_dropout_generator = torch.Generator()
+
+    def enter_phase(phase: Phase) -> None:
+        """The phase's resolution from the loader's next iter() on, and its patch dropout."""
+        loader.set_image_size(phase.image_size)
+        visual.patch_dropout = phase.patch_dropout
+        if is_main and len(phases) > 1:
+            log.info("step %d: %s", state.step + 1, phase.describe())
+
+    phase = phase_at(phases, state.step + 1)
+    enter_phase(phase)
 
     global_batch = global_batch_size(tc, world)
     writer = None
@@ -277,9 +323,9 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         writer = SummaryWriter(str(root / "tensorboard"), flush_secs=30)
         log.info(
             "run %s: %d rank(s), micro batch %d x accumulation %d x %d ranks = global batch %d; "
-            "ZeRO %d, %s, %d steps (%.2f epochs of %d batches/rank)",
-            root, world, tc.micro_batch_size, tc.grad_accum_steps, world, global_batch, tc.zero_stage,
-            tc.precision, tc.steps, tc.steps * tc.grad_accum_steps / max(1, loader.batches_per_epoch),
+            "%s loss, ZeRO %d, %s, %d steps (%.2f epochs of %d batches/rank)",
+            root, world, tc.micro_batch_size, micro_batches_per_step(tc), world, global_batch, tc.loss, tc.zero_stage,
+            tc.precision, tc.steps, tc.steps * micro_batches_per_step(tc) / max(1, loader.batches_per_epoch),
             loader.batches_per_epoch,
         )
         writer.add_text("config", "```\n" + config_yaml + "\n```", state.step)
@@ -306,7 +352,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         if is_main:
             log.info("checkpoint %s", save_dir / tag)
             if tc.eval_after_checkpoint:
-                _submit_eval(cfg, save_dir / tag)
+                _submit_eval(save_dir / tag)
         return tag
 
     guard = NonFiniteGuard(int(tc.max_nonfinite_steps))
@@ -321,20 +367,24 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     try:
         while state.step < tc.steps:
             step_start = time.perf_counter()
+            if phase_at(phases, state.step + 1) != phase:
+                # the running loader iterator's workers make the old size (and prefetch): end it; the
+                # next iter() goes on from the last batch this rank trained on
+                batches.close()
+                phase = phase_at(phases, state.step + 1)
+                enter_phase(phase)
+                batches = _batches(loader)
+            visual.patch_dropout_generator.manual_seed(_patch_dropout_seed(tc.seed, rank, state.step + 1))
             accumulated, step_loss = 0, 0.0
             # decided only from the all-reduced flag: a signal landing on one rank after the
             # collective is picked up by the next step's, so every rank leaves at the same step
             stop_agreed = False
             while accumulated < tc.grad_accum_steps:
                 wait_start = time.perf_counter()
-                batch = next(batches)
+                unit_batches = [next(batches) for _ in range(unit.batches_per_unit)]
                 window.data_wait += time.perf_counter() - wait_start
-                images, tokens = batch[0], batch[1]
-                image_features, text_features, logit_scale = engine(images.to(engine.device, input_dtype), tokens.to(engine.device))
-                loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
-                if linearizer is not None:
-                    loss = linearizer.objective(loss)
-                state.samples_seen += images.shape[0]
+                loss = unit.loss(unit_batches)
+                state.samples_seen += sum(batch[0].shape[0] for batch in unit_batches)
                 # one collective decides for all ranks: skip a non-finite micro-batch, stop on a signal
                 nonfinite_any, stop_any = all_reduce_floats(
                     [0.0 if torch.isfinite(loss) else 1.0, 1.0 if stop.requested else 0.0], op=dist.ReduceOp.MAX
@@ -346,14 +396,13 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
                 guard.update(not nonfinite_any, state.step + 1)
                 if nonfinite_any:
                     # no backward, no engine.step(): the gradient accumulation is untouched and the
-                    # optimizer step is made of `grad_accum_steps` finite micro-batches
+                    # optimizer step is made of `grad_accum_steps` finite units
                     continue
-                engine.backward(loss)
-                engine.step()
+                unit.backward_and_step(loss)
                 accumulated += 1
                 step_loss += float(loss.detach())
                 if tc.log_sample_keys:
-                    key_log.write(state.step + 1, batch[2])
+                    key_log.write(state.step + 1, [key for batch in unit_batches for key in batch[2]])
             state.step += 1
             if linearizer is not None and state.step < tc.steps:  # stage and lr of the next step, saved with it
                 linearizer.prepare(engine.optimizer, state.step + 1)
@@ -362,12 +411,16 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
             window.steps += 1
             window.loss_sum += step_loss / tc.grad_accum_steps
             window.step_time += elapsed
-            window.samples += tc.micro_batch_size * tc.grad_accum_steps
+            window.samples += tc.micro_batch_size * micro_batches_per_step(tc)
             window.grad_norm = _grad_norm(engine)
 
             if state.step % tc.log_every == 0 or state.step == tc.steps or stop_agreed:
                 _log_window(engine, writer, loader, window, state, guard, scale, tc, world, global_batch,
                             run_start, run_start_step)
+                if writer is not None:
+                    for tag, value in (("train/phase", phase.index), ("train/image_size", phase.image_size),
+                                       ("train/patch_dropout", phase.patch_dropout)):
+                        writer.add_scalar(tag, value, state.step)
                 if linearizer is not None:
                     summary = linearizer.log_window(writer, state.step)
                     if is_main:
@@ -409,16 +462,26 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
             writer.close()
 
 
-def _submit_eval(cfg: DictConfig, tag_dir: Path) -> None:
-    """train.eval_after_checkpoint: hand the checkpoint to the eval job (submitit: Slurm or local).
-    A failed submission is logged, never fatal: training goes on and `--watch` can catch up."""
-    try:
-        from ds_linclip.eval.submit import submit_eval
+def _submit_eval(tag_dir: Path) -> None:
+    """train.eval_after_checkpoint: hand the checkpoint to the eval job (submitit: Slurm or local)
+    through its command line, `python -m ds_linclip.eval.submit --checkpoint TAG_DIR`: the eval
+    layer sits above training, so the trainer knows its CLI only. The job reads the run's `eval`
+    section from the tag's config.yaml. A failed submission is logged, never fatal: training goes
+    on and `--watch` can catch up."""
+    import subprocess
+    import sys
 
-        job = submit_eval(cfg, tag_dir)
-        log.info("eval job %s submitted for %s", getattr(job, "job_id", job), tag_dir)
-    except Exception as err:  # noqa: BLE001 - any failure here must not stop training
+    command = [sys.executable, "-m", "ds_linclip.eval.submit", "--checkpoint", str(tag_dir)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as err:
         log.warning("could not submit the eval job for %s: %s", tag_dir, err)
+        return
+    if done.returncode == 0:  # its last line: "submitted eval job ID; logs: FOLDER"
+        log.info("%s (checkpoint %s)", (done.stdout.strip().splitlines() or ["eval job submitted"])[-1], tag_dir)
+    else:
+        reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        log.warning("could not submit the eval job for %s: %s", tag_dir, reason)
 
 
 def _log_window(engine, writer, loader, window: Window, state: TrainState, guard: NonFiniteGuard, scale: float,
@@ -428,6 +491,7 @@ def _log_window(engine, writer, loader, window: Window, state: TrainState, guard
     step_time_max, data_wait_max, peak_mb = all_reduce_floats(
         [window.step_time, window.data_wait, peak_memory_mb()], op=dist.ReduceOp.MAX
     )
+    logit_bias = parameter_value(engine, "logit_bias") if getattr(engine.module, "logit_bias", None) is not None else None
     skipped_by_rank: list[dict] = [None] * world  # type: ignore[list-item]
     local_skipped = dict(loader.skipped)
     if world > 1:
@@ -441,7 +505,7 @@ def _log_window(engine, writer, loader, window: Window, state: TrainState, guard
         return
     step, steps = state.step, window.steps
     loss = loss_sum / world / max(1, steps)
-    lr = float(engine.get_lr()[0])
+    lr = scheduled_lr(engine.optimizer.param_groups)  # train.lr's schedule; groups have their own scales
     images_per_s = samples / max(step_time_max, 1e-9)
     scalars = {
         "train/loss": loss,
@@ -456,6 +520,8 @@ def _log_window(engine, writer, loader, window: Window, state: TrainState, guard
         "perf/data_wait_s": data_wait_max / steps,
         "memory/peak_mb": peak_mb,
     }
+    if logit_bias is not None:
+        scalars["train/logit_bias"] = logit_bias
     if window.grad_norm is not None:
         scalars["train/grad_norm"] = window.grad_norm
     loss_scale = _loss_scale(engine)
@@ -473,7 +539,7 @@ def _log_window(engine, writer, loader, window: Window, state: TrainState, guard
     eta = (tc.steps - step) * elapsed / done_here if done_here else float("inf")
     print(
         f"step {step}/{tc.steps} ({100.0 * step / tc.steps:.1f}%) | epoch {loader.epoch} | loss {loss:.4f} | "
-        f"lr {lr:.3g} | logit_scale {scale:.3f} | {images_per_s:,.0f} img/s ({images_per_s / world:,.0f}/rank) | "
+        f"lr {lr:.3g} | logit_scale {scale:.3f}{'' if logit_bias is None else f' | logit_bias {logit_bias:.3f}'} | {images_per_s:,.0f} img/s ({images_per_s / world:,.0f}/rank) | "
         f"step {step_time_max / steps:.3f}s (data {data_wait_max / steps:.3f}s) | peak {peak_mb:,.0f} MiB"
         + (f" | skipped {sum(skipped.values())}" if skipped else "")
         + (f" | non-finite {guard.total}" if guard.total else "")

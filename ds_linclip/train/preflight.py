@@ -29,6 +29,46 @@ from omegaconf import DictConfig, OmegaConf
 
 from ds_linclip.config import ConfigError
 from ds_linclip.data import shards as shardlib
+from ds_linclip.train.phases import Phase, plan_phases
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class PhaseCost:
+    """One phase's per-sample cost (models/flops.py) and estimated activation memory per rank."""
+
+    phase: Phase
+    tokens_per_image: int  # what the image blocks see (CLS + kept patches)
+    forward_gflops_per_sample: float  # one image + one caption, training forward
+    attention_share: float  # of those FLOPs, token mixing
+    activation_bytes: int  # one micro-batch, no activation checkpointing
+    checkpointed_activation_bytes: int  # with train.grad_checkpointing (1 if it is off), recompute peak included
+    checkpoint_every: int
+
+    def row(self) -> list[str]:
+        p = self.phase
+        return [str(p.index), f"{p.first_step}-{p.last_step}", str(p.steps), str(p.image_size), f"{p.patch_dropout:g}",
+                str(self.tokens_per_image), f"{self.forward_gflops_per_sample:.2f}", f"{100 * self.attention_share:.1f}",
+                f"{self.activation_bytes / GIB:.2f}", f"{self.checkpointed_activation_bytes / GIB:.2f}"]
+
+
+def phase_costs(cfg: DictConfig, phases: Sequence[Phase]) -> tuple[PhaseCost, ...]:
+    """Per-phase tokens, forward FLOPs and activation memory at train.micro_batch_size."""
+    from ds_linclip.models.flops import activation_bytes, model_cost
+
+    bytes_per_element = 4 if cfg.train.precision == "fp32" else 2
+    every = int(cfg.train.grad_checkpointing) or 1
+    out = []
+    for phase in phases:
+        cost = model_cost(cfg.model, phase.image_size, phase.patch_dropout)
+        flops = cost.image.flops + cost.text.flops
+        memory = {k: activation_bytes(cfg.model, int(cfg.train.micro_batch_size), phase.image_size,
+                                      phase.patch_dropout, k, bytes_per_element).peak for k in (0, every)}
+        out.append(PhaseCost(phase, cost.image.tokens, flops / 1e9,
+                             (cost.image.attention_flops + cost.text.attention_flops) / flops,
+                             memory[0], memory[every], every))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -37,7 +77,7 @@ class Plan:
 
     world_size: int
     micro_batch_size: int
-    grad_accum_steps: int
+    grad_accum_steps: int  # micro-batches per rank per step (train.grad_accum_steps x train.accum_freq)
     global_batch_size: int
     num_shards: int
     samples_per_epoch: int
@@ -45,6 +85,7 @@ class Plan:
     batches_per_epoch: int  # per rank
     steps: int
     resume: str | None  # the checkpoint a start would resume from
+    phases: tuple[PhaseCost, ...] = ()
 
     @property
     def epochs(self) -> float:
@@ -60,7 +101,20 @@ class Plan:
             f"{self.batches_per_epoch} micro-batches per rank per epoch",
             f"steps:             {self.steps} ({self.epochs:.2f} epochs)",
             f"resume from:       {self.resume or 'nothing (a fresh run)'}",
+            *self.phase_table(),
         ])
+
+    def phase_table(self) -> list[str]:
+        if not self.phases:
+            return []
+        every = self.phases[0].checkpoint_every
+        header = ["phase", "steps", "n", "px", "drop", "tokens/img", "fwd GFLOPs/sample", "attn %",
+                  "act GiB/rank", f"act GiB/rank ckpt {every}"]
+        rows = [header] + [cost.row() for cost in self.phases]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+        return ["phases (activation memory: estimated from shapes at micro batch "
+                f"{self.micro_batch_size}; 'ckpt {every}' = train.grad_checkpointing={every}):", *lines]
 
 
 def _value(cfg: DictConfig, key: str) -> Any:
@@ -77,7 +131,7 @@ def _fail(key: str, value: Any, problem: str) -> ConfigError:
 def check_numbers(cfg: DictConfig) -> None:
     """Ranges the schema's types cannot express (a 0 here would divide by zero hours into a run)."""
     at_least = {
-        "train.micro_batch_size": 1, "train.grad_accum_steps": 1, "train.steps": 1, "train.log_every": 1,
+        "train.micro_batch_size": 1, "train.grad_accum_steps": 1, "train.accum_freq": 1, "train.steps": 1, "train.log_every": 1,
         "train.keep_last": 1, "train.checkpoint_every": 0, "train.warmup_steps": 0, "train.max_nonfinite_steps": 1,
         "train.dist_timeout_minutes": 1, "train.keep_unscored_max": 0, "data.workers": 0,
         "data.shuffle_buffer": 0,
@@ -89,6 +143,14 @@ def check_numbers(cfg: DictConfig) -> None:
     samples = cfg.data.train_num_samples
     if samples is not None and samples < 1:
         raise _fail("data.train_num_samples", samples, "must be >= 1 (or null: read sizes.json)")
+
+
+def check_loss(cfg: DictConfig) -> None:
+    """Loss and accumulation options that do not combine (the choices themselves: config.py)."""
+    if cfg.train.accum_freq > 1 and cfg.train.linearize.enabled:
+        raise _fail("train.accum_freq", cfg.train.accum_freq,
+                    "feature-cached accumulation is not available with train.linearize.enabled=true (its transfer "
+                    "loss is per micro-batch); use train.grad_accum_steps")
 
 
 def check_deepspeed_options(cfg: DictConfig, world_size: int) -> dict:
@@ -203,6 +265,12 @@ def check_resume(cfg: DictConfig, world_size: int) -> str | None:
         raise _fail("train.resume", resume, f"{tag_dir} was written by {len(states)} rank(s), this run has "
                                             f"{world_size}; the data-loader position is per rank, so resume with "
                                             "the same world size")
+    from ds_linclip.serialization import UnsafeCheckpointError, check_tag_dir
+
+    try:
+        check_tag_dir(tag_dir)
+    except UnsafeCheckpointError as err:
+        raise _fail("train.resume", resume, str(err)) from None
     return str(tag_dir)
 
 
@@ -220,27 +288,45 @@ def check_output_dir(cfg: DictConfig) -> None:
 
 def check_eval_inputs(cfg: DictConfig, tasks: Sequence[str] = ("zeroshot", "retrieval")) -> None:
     """The eval data specs of `tasks` match something, and class-name/template files exist."""
-    from ds_linclip.eval.imagefolder import is_image_folder
-    from ds_linclip.eval.zeroshot import BUILTIN_CLASSNAMES, BUILTIN_TEMPLATES
+    from ds_linclip.data.benchmark_layout import LayoutError, is_benchmark_layout, read_layout
+    from ds_linclip.data.imagefolder import is_image_folder
+    from ds_linclip.data.prompts import BUILTIN_CLASSNAMES, BUILTIN_TEMPLATES
 
     ev = cfg.eval
+
+    def benchmark_folder(key: str) -> bool:
+        """`eval.<key>` is a CLIP_benchmark folder whose `eval.split` has its shards."""
+        if not is_benchmark_layout(str(ev[key])):
+            return False
+        try:
+            read_layout(str(ev[key]), ev.split)
+        except LayoutError as err:
+            raise ConfigError(str(err), key="eval.split") from None
+        return True
+
     if "zeroshot" in tasks and ev.zeroshot_data:
-        folder = is_image_folder(str(ev.zeroshot_data))
-        if not folder:
+        benchmark = benchmark_folder("zeroshot_data")
+        folder = not benchmark and is_image_folder(str(ev.zeroshot_data))
+        if not (folder or benchmark):
             try:
                 shardlib.parse_spec(ev.zeroshot_data)
             except shardlib.ShardSpecError as err:
-                raise ConfigError(f"{err} (nor is it an ImageFolder)", key="eval.zeroshot_data") from None
+                raise ConfigError(f"{err} (nor is it an ImageFolder or a CLIP_benchmark folder)",
+                                  key="eval.zeroshot_data") from None
+        for key, value in (("eval.classnames", ev.classnames), ("eval.templates", ev.templates)):
+            if value == "dataset" and not benchmark:
+                raise _fail(key, value, f"needs eval.zeroshot_data to be a CLIP_benchmark folder, not {ev.zeroshot_data!r}")
         if ev.classnames == "folders":
             if not folder:
                 raise _fail("eval.classnames", ev.classnames,
                             f"needs eval.zeroshot_data to be an ImageFolder, not {ev.zeroshot_data!r}")
-        elif ev.classnames not in BUILTIN_CLASSNAMES and not Path(ev.classnames).expanduser().is_file():
+        elif ev.classnames not in (*BUILTIN_CLASSNAMES, "dataset") and not Path(ev.classnames).expanduser().is_file():
             raise _fail("eval.classnames", ev.classnames,
-                        f"no such file (or use one of {', '.join(BUILTIN_CLASSNAMES)}, folders)")
-        if ev.templates not in BUILTIN_TEMPLATES and not Path(ev.templates).expanduser().is_file():
-            raise _fail("eval.templates", ev.templates, f"no such file (or use one of {', '.join(BUILTIN_TEMPLATES)})")
-    if "retrieval" in tasks and ev.retrieval_data:
+                        f"no such file (or use one of {', '.join(BUILTIN_CLASSNAMES)}, folders, dataset)")
+        if ev.templates not in (*BUILTIN_TEMPLATES, "dataset") and not Path(ev.templates).expanduser().is_file():
+            raise _fail("eval.templates", ev.templates,
+                        f"no such file (or use one of {', '.join(BUILTIN_TEMPLATES)}, dataset)")
+    if "retrieval" in tasks and ev.retrieval_data and not benchmark_folder("retrieval_data"):
         try:
             shardlib.parse_spec(ev.retrieval_data)
         except shardlib.ShardSpecError as err:
@@ -253,6 +339,8 @@ def check_train(cfg: DictConfig, world_size: int) -> Plan:
         raise ConfigError("a value is required (e.g. data.train_shards='data/train/{000000..000011}.tar')",
                           key="data.train_shards")
     check_numbers(cfg)
+    check_loss(cfg)
+    phases = plan_phases(cfg)
     check_deepspeed_options(cfg, world_size)
     num_shards, samples, source, batches = check_train_data(cfg, world_size)
     if cfg.model.pretrained:
@@ -264,10 +352,12 @@ def check_train(cfg: DictConfig, world_size: int) -> Plan:
         check_eval_inputs(cfg)
     resume = check_resume(cfg, world_size)
     check_output_dir(cfg)
+    from ds_linclip.train.engine import global_batch_size, micro_batches_per_step
+
     tc = cfg.train
     return Plan(
-        world_size=world_size, micro_batch_size=int(tc.micro_batch_size), grad_accum_steps=int(tc.grad_accum_steps),
-        global_batch_size=int(tc.micro_batch_size) * int(tc.grad_accum_steps) * world_size, num_shards=num_shards,
+        world_size=world_size, micro_batch_size=int(tc.micro_batch_size), grad_accum_steps=micro_batches_per_step(tc),
+        global_batch_size=global_batch_size(tc, world_size), num_shards=num_shards,
         samples_per_epoch=samples, samples_per_epoch_source=source, batches_per_epoch=batches, steps=int(tc.steps),
-        resume=resume,
+        resume=resume, phases=phase_costs(cfg, phases),
     )

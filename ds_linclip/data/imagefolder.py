@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ds_linclip.eval.errors import EvalError
+from ds_linclip.data.pipeline import DataError, center_crop_box, crop_resize, decode_image, normalise
 
 
 def is_image_folder(spec: str) -> bool:
@@ -27,19 +27,15 @@ def _read_bytes(path: str) -> tuple[str, bytes]:
 
 
 def _transform(item: tuple[str, bytes], image_size: int) -> np.ndarray:
-    from ds_linclip.data.pipeline import center_crop_box, crop_resize, decode_image
-
     path, data = item
     try:
         image = decode_image(data, min_size=image_size)
     except Exception as err:
-        raise EvalError(f"cannot decode image {path}: {type(err).__name__}: {err}") from err
+        raise DataError(f"cannot decode image {path}: {type(err).__name__}: {err}") from err
     return crop_resize(image, center_crop_box(*image.size), image_size)  # (S, S, 3) uint8
 
 
 def _collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    from ds_linclip.data.pipeline import normalise
-
     images = normalise(torch.from_numpy(np.stack([image for image, _ in samples])))
     return images, torch.tensor([label for _, label in samples], dtype=torch.long)
 
@@ -53,7 +49,7 @@ class ImageFolderLoader:
         try:
             self.dataset = ImageFolder(root, loader=_read_bytes, transform=partial(_transform, image_size=image_size))
         except (FileNotFoundError, OSError) as err:  # no class folders, or class folders without images
-            raise EvalError(f"ImageFolder {root}: {err}") from err
+            raise DataError(f"ImageFolder {root}: {err}") from err
         self.classes: list[str] = list(self.dataset.classes)
         self.num_samples = len(self.dataset)
         self.batch_size, self.workers = batch_size, workers
