@@ -4,7 +4,8 @@
 (kernels/torch_path.py). `backend="torch"` / `backend="triton"` force one; Triton on CPU
 tensors runs through Triton's interpreter (slow; for tests), whatever TRITON_INTERPRET says.
 `kernels.reference.linear_attention_reference` stays the plain, readable oracle. The backends
-take the same keyword arguments and trust this function's check (`check_linear_args`).
+share one keyword signature (`kernels.options`: `LinearOptions` + `@linear_backend`) and trust this
+function's check (`check_linear_args`).
 
 The variants without Triton kernels yet (`kernels.reference.is_variant`: the `pola` feature map, the
 `mala` normaliser) run on the PyTorch path (`variant_attention_torch`, oracle
@@ -20,6 +21,7 @@ import torch
 # function below: importing a submodule sets it as an attribute of its package, which would
 # otherwise shadow `kernels.linear_attention` (the function) the first time the module is imported.
 import kernels.linear_attention as _triton_wrapper  # noqa: E402,F401
+from kernels.options import LinearOptions
 from kernels.reference import DENOMINATORS, FEATURE_MAPS, LinearSpec, check_linear_args, linear_attention_reference
 from kernels.reference import check_variant_args, is_variant, variant_attention_reference
 from kernels.torch_path import linear_attention_torch, variant_attention_torch
@@ -45,22 +47,23 @@ def linear_attention(
     scale: (heads, head_dim) positive tensor, the focused (and pola) map's s (required for it, else None).
     Torch-path-only variants: feature_map pola (power: a (heads, head_dim) tensor p), denominator mala.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
+    options = LinearOptions(feature_map, denominator, causal, scale, power, eps)._asdict()
     if is_variant(feature_map, denominator):
         check_variant_args(q, k, v, feature_map, denominator, scale, power)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
         if backend == "triton":
             raise ValueError(f"linear attention {feature_map}/{denominator} has no Triton kernel yet; "
                              "use backend='torch' (or 'auto', which runs it on the PyTorch path for any device)")
-        return variant_attention_torch(q, k, v, feature_map=feature_map, denominator=denominator, causal=causal,
-                                       scale=scale, power=power, eps=eps)
+        return variant_attention_torch(q, k, v, **options)
     check_linear_args(q, k, v, feature_map, denominator, scale, power)
-    kwargs = dict(feature_map=feature_map, denominator=denominator, causal=causal, scale=scale, power=power, eps=eps)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
     if backend == "triton" or (backend == "auto" and q.is_cuda):
-        return _triton_wrapper.linear_attention_triton(q, k, v, **kwargs)
-    return linear_attention_torch(q, k, v, **kwargs)
+        return _triton_wrapper.linear_attention_triton(q, k, v, **options)
+    return linear_attention_torch(q, k, v, **options)
 
 
-__all__ = ["linear_attention", "linear_attention_reference", "linear_attention_torch", "LinearSpec",
+__all__ = ["linear_attention", "linear_attention_reference", "linear_attention_torch", "LinearSpec", "LinearOptions",
            "variant_attention_reference", "variant_attention_torch",
            "FEATURE_MAPS", "DENOMINATORS", "BACKENDS"]

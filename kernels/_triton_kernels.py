@@ -146,48 +146,195 @@ def _denominator(rowsum, count, row_valid, eps, KIND: tl.constexpr, ROWSUM_DEN: 
 
 
 # ----------------------------------------------------------------------------------------------
+# every kernel's prologue, state layout and causal chunk pieces. Grid axis 0 is batch*heads + head,
+# axis 1 the token range (splits) or the block of BLOCK_N rows. Helpers are inlined when compiled,
+# so a kernel built from them is the same code as one written out.
+# ----------------------------------------------------------------------------------------------
+
+
+@_device
+def _program(SCALE, H, D, KIND: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_E: tl.constexpr, AXIS1: tl.constexpr):
+    """This program's (batch, head) and the offsets every kernel indexes with.
+
+    AXIS1 says what grid axis 1 is and how much of it is read here. ptxas' register counts depend on
+    where these reads stand (measured: moving them cost 1-4 registers), so each kernel keeps the
+    position it was tuned with:
+      0: blocks of BLOCK_N rows: offs_n holds this block's rows (axis-1 id · BLOCK_N + 0..BLOCK_N-1);
+      1: token ranges: split (the axis-1 id) read first; 2: also the number of ranges n_splits;
+      3: also slot = pid_bh · n_splits + split, the index of this (batch, head, range) in the
+         per-range state buffers.
+    Returns pid_bh, split, n_splits, slot (each only as far as AXIS1 reads it), b, h, offs_n (BLOCK_N,),
+    offs_d (BLOCK_D,), offs_e (BLOCK_E,), and 1/s (BLOCK_D,)."""
+    pid_bh = tl.program_id(0)
+    split = pid_bh  # placeholders where AXIS1 does not read them
+    n_splits = 1
+    slot = pid_bh
+    if AXIS1 >= 1:
+        split = tl.program_id(1)
+    if AXIS1 >= 2:
+        n_splits = tl.num_programs(1)
+    if AXIS1 == 3:
+        slot = pid_bh * n_splits + split
+    b = pid_bh // H
+    h = pid_bh % H
+    if AXIS1 >= 1:
+        offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = tl.arange(0, BLOCK_E)
+    inv_s = _inverse_scale(SCALE, h, offs_d, D, KIND, ACC)
+    if AXIS1 == 0:
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_bh, split, n_splits, slot, b, h, offs_n, offs_d, offs_e, inv_s
+
+
+@_device
+def _token_range(split, N, tokens_per_split):
+    """[start, end) of the token range this program sweeps (split: its grid axis-1 id)."""
+    start = split * tokens_per_split
+    return start, tl.minimum(start + tokens_per_split, N)
+
+
+# The state buffers (`_Launch.state_buffers`): per slot (batch*heads + head, range) a state
+# (BLOCK_D, BLOCK_E), a key sum (BLOCK_D,) and a value sum (BLOCK_E,), in the accumulation dtype.
+# Pointers are formed base + slot, then + rows, then + columns, load after load: another association
+# or order is other IR, and measured other register counts.
+
+
+@_device
+def _load_state(S, Z, SV, slot, offs_d, offs_e, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    state = tl.load(S + slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :])
+    return state, tl.load(Z + slot * BLOCK_D + offs_d), tl.load(SV + slot * BLOCK_E + offs_e)
+
+
+@_device
+def _store_state(S, Z, SV, slot, state, key_sum, value_sum, offs_d, offs_e, BLOCK_D: tl.constexpr,
+                 BLOCK_E: tl.constexpr):
+    tl.store(S + slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :], state)
+    tl.store(Z + slot * BLOCK_D + offs_d, key_sum)
+    tl.store(SV + slot * BLOCK_E + offs_e, value_sum)
+
+
+@_device
+def _zero_state(ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    state = tl.full((BLOCK_D, BLOCK_E), 0.0, dtype=ACC)
+    return state, tl.full((BLOCK_D,), 0.0, dtype=ACC), tl.full((BLOCK_E,), 0.0, dtype=ACC)
+
+
+@_device
+def _initial_state(S0, Z0, SV0, pid_bh, split, slot, offs_d, offs_e, CHUNKED: tl.constexpr, AXIS1: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The state a causal sweep starts from: its range's slot of S0, Z0, SV0 when CHUNKED (the slot from
+    `_program` when AXIS1 == 3 computed it, else here), zeros otherwise."""
+    if CHUNKED:
+        if AXIS1 != 3:
+            slot = pid_bh * tl.num_programs(1) + split
+        state, key_sum, value_sum = _load_state(S0, Z0, SV0, slot, offs_d, offs_e, BLOCK_D, BLOCK_E)
+    else:
+        state, key_sum, value_sum = _zero_state(ACC, BLOCK_D, BLOCK_E)
+    return state, key_sum, value_sum
+
+
+@_device
+def _accumulate_state(state, key_sum, value_sum, phi, r, values, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr):
+    """state + φᵀ values (BLOCK_D, BLOCK_E), key_sum + Σ φ (WEIGHTED: Σ r φ), value_sum + Σ values, over the
+    block's rows."""
+    state = tl.dot(tl.trans(phi), values, state, input_precision=PRECISION)
+    if WEIGHTED:
+        key_sum += _sum(r[:, None] * phi, axis=0)
+    else:
+        key_sum += _sum(phi, axis=0)
+    return state, key_sum, value_sum + _sum(values, axis=0)
+
+
+@_device
+def _range_sweep(
+    X, Y, SCALE, H, N, tokens_per_split, sxb, sxh, syb, syh, D, KIND: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, AXIS1: tl.constexpr,
+):
+    """Prologue of a kernel sweeping one token range of two inputs: `_program`'s values, the rows of X
+    and Y of this (batch, head), and the range [start, end)."""
+    pid_bh, split, n_splits, slot, b, h, offs_n, offs_d, offs_e, inv_s = _program(
+        SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E, AXIS1)
+    x_base = X + b * sxb + h * sxh
+    y_base = Y + b * syb + h * syh
+    start, end = _token_range(split, N, tokens_per_split)
+    return pid_bh, split, n_splits, slot, b, h, offs_n, offs_d, offs_e, inv_s, x_base, y_base, start, end
+
+
+@_device
+def _load_row_stats(DEN, R, pid_bh, N, rows, row_valid):
+    """The causal dq sweep's per-token den and r = dO·O/den of these rows ((BLOCK_N,) each; (B*H, N) buffers)."""
+    den = tl.load(DEN + pid_bh * N + rows, mask=row_valid, other=1.0)
+    return den, tl.load(R + pid_bh * N + rows, mask=row_valid, other=0.0)
+
+
+@_device
+def _store_row_stats(DEN, R, pid_bh, N, rows, row_valid, den, r):
+    tl.store(DEN + pid_bh * N + rows, den, mask=row_valid)
+    tl.store(R + pid_bh * N + rows, r, mask=row_valid)
+
+
+@_device
+def _causal_mask(offs_n, row_valid):
+    """(BLOCK_N, BLOCK_N): row i of the chunk attends to row j <= i where j is a token."""
+    return (offs_n[:, None] >= offs_n[None, :]) & row_valid[None, :]
+
+
+@_device
+def _masked_scores(phi_q, phi_k, attend, KIND: tl.constexpr, PRECISION: tl.constexpr):
+    """A = C + φq φkᵀ inside the chunk, zero where not attended: (BLOCK_N, BLOCK_N)."""
+    scores = tl.dot(phi_q, tl.trans(phi_k), input_precision=PRECISION)
+    if KIND == 0:
+        scores += 1.0
+    return tl.where(attend, scores, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
 # bidirectional (the state kernel also builds the chunk states of the chunk-parallel causal form)
 # ----------------------------------------------------------------------------------------------
+
+
+@_device
+def _range_state(
+    X, Y, SCALE, DEN, R, S_part, Z_part, SV_part, H, N, tokens_per_split, sxb, sxh, sxn, syb, syh, syn,
+    D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, POWER: tl.constexpr, NORM_EPS: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr, ROW_STATS: tl.constexpr, AXIS1: tl.constexpr,
+):
+    """One token range's Σ φx yᵀ (BLOCK_D, BLOCK_E), Σ r φx, Σ y over the rows of X (D wide) and Y (E wide).
+    ROW_STATS false: y = Y, r = 1 (the state Σ φk vᵀ, Σ φk, Σ v). ROW_STATS: y = Y / den with the causal
+    dq sweep's row statistics den and r (the reverse sums Σ φq gᵀ, Σ r φq, Σ g)."""
+    pid_bh, split, n_splits, slot, b, h, offs_n, offs_d, offs_e, inv_s, x_base, y_base, start, end = _range_sweep(
+        X, Y, SCALE, H, N, tokens_per_split, sxb, sxh, syb, syh, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E, AXIS1)
+    state, key_sum, value_sum = _zero_state(ACC, BLOCK_D, BLOCK_E)
+    for n0 in range(start, end, BLOCK_N):
+        rows = n0 + offs_n
+        x, x_mask = _load_rows(x_base, rows, sxn, offs_d, D, end, ACC)
+        y, _ = _load_rows(y_base, rows, syn, offs_e, E, end, ACC)
+        r = y  # unused unless ROW_STATS
+        if ROW_STATS:
+            den, r = _load_row_stats(DEN, R, pid_bh, N, rows, rows < end)
+        phi = _feature(x, x_mask, inv_s, KIND, NORM_EPS, POWER)
+        if ROW_STATS:
+            y = y / den[:, None]
+        state, key_sum, value_sum = _accumulate_state(state, key_sum, value_sum, phi, r, y, ROW_STATS, PRECISION)
+    if AXIS1 == 2:
+        slot = pid_bh * n_splits + split
+    _store_state(S_part, Z_part, SV_part, slot, state, key_sum, value_sum, offs_d, offs_e, BLOCK_D, BLOCK_E)
 
 
 @triton.jit
 def _bidir_state_kernel(
     K, V, SCALE, S_part, Z_part, SV_part,
-    H, N, tokens_per_split,
-    skb, skh, skn, svb, svh, svn,
+    H, N, tokens_per_split, skb, skh, skn, svb, svh, svn,
     D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, POWER: tl.constexpr, NORM_EPS: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """Partial states of one token range: Σ φk vᵀ (BLOCK_D, BLOCK_E), Σ φk, Σ v. Grid (B*H, splits)."""
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_E)
-    inv_s = _inverse_scale(SCALE, h, offs_d, D, KIND, ACC)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    state = tl.full((BLOCK_D, BLOCK_E), 0.0, dtype=ACC)
-    key_sum = tl.full((BLOCK_D,), 0.0, dtype=ACC)
-    value_sum = tl.full((BLOCK_E,), 0.0, dtype=ACC)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, N)
-    for n0 in range(start, end, BLOCK_N):
-        rows = n0 + offs_n
-        k, k_mask = _load_rows(k_base, rows, skn, offs_d, D, end, ACC)
-        v, _ = _load_rows(v_base, rows, svn, offs_e, E, end, ACC)
-        phi_k = _feature(k, k_mask, inv_s, KIND, NORM_EPS, POWER)
-        state = tl.dot(tl.trans(phi_k), v, state, input_precision=PRECISION)
-        key_sum += _sum(phi_k, axis=0)
-        value_sum += _sum(v, axis=0)
-    slot = pid_bh * n_splits + split
-    tl.store(S_part + slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :], state)
-    tl.store(Z_part + slot * BLOCK_D + offs_d, key_sum)
-    tl.store(SV_part + slot * BLOCK_E + offs_e, value_sum)
+    _range_state(K, V, SCALE, SCALE, SCALE, S_part, Z_part, SV_part, H, N, tokens_per_split, skb, skh, skn, svb, svh,
+                 svn, D, E, KIND, POWER, NORM_EPS, ACC, PRECISION, BLOCK_N, BLOCK_D, BLOCK_E, False, 2)
 
 
 @triton.jit
@@ -200,16 +347,8 @@ def _bidir_out_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """out = (φq S + C Σv) / den for one block of queries. Grid (B*H, cdiv(N, BLOCK_N))."""
-    pid_bh = tl.program_id(0)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_E)
-    inv_s = _inverse_scale(SCALE, h, offs_d, D, KIND, ACC)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    state = tl.load(S + pid_bh * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :])
-    key_sum = tl.load(Z + pid_bh * BLOCK_D + offs_d)
-    value_sum = tl.load(SV + pid_bh * BLOCK_E + offs_e)
+    pid_bh, _, _, _, b, h, rows, offs_d, offs_e, inv_s = _program(SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E, 0)
+    state, key_sum, value_sum = _load_state(S, Z, SV, pid_bh, offs_d, offs_e, BLOCK_D, BLOCK_E)
     q, q_mask = _load_rows(Q + b * sqb + h * sqh, rows, sqn, offs_d, D, N, ACC)
     phi_q = _feature(q, q_mask, inv_s, KIND, NORM_EPS, POWER)
     num = tl.dot(phi_q, state, input_precision=PRECISION)
@@ -231,26 +370,14 @@ def _bidir_bwd_query_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """dq for a token range, and partial dS = Σ φq gᵀ, dZ = -Σ r φq, dSV = C Σ g. Grid (B*H, splits)."""
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_E)
-    inv_s = _inverse_scale(SCALE, h, offs_d, D, KIND, ACC)
-    state = tl.load(S + pid_bh * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :])
-    key_sum = tl.load(Z + pid_bh * BLOCK_D + offs_d)
-    value_sum = tl.load(SV + pid_bh * BLOCK_E + offs_e)
+    pid_bh, split, n_splits, slot, b, h, offs_n, offs_d, offs_e, inv_s = _program(
+        SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E, 2)
+    state, key_sum, value_sum = _load_state(S, Z, SV, pid_bh, offs_d, offs_e, BLOCK_D, BLOCK_E)
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
     dq_base = DQ + b * sdqb + h * sdqh
-    d_state = tl.full((BLOCK_D, BLOCK_E), 0.0, dtype=ACC)
-    d_key_sum = tl.full((BLOCK_D,), 0.0, dtype=ACC)
-    d_value_sum = tl.full((BLOCK_E,), 0.0, dtype=ACC)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, N)
+    d_state, d_key_sum, d_value_sum = _zero_state(ACC, BLOCK_D, BLOCK_E)
+    start, end = _token_range(split, N, tokens_per_split)
     for n0 in range(start, end, BLOCK_N):
         rows = n0 + offs_n
         q, q_mask = _load_rows(q_base, rows, sqn, offs_d, D, end, ACC)
@@ -274,10 +401,8 @@ def _bidir_bwd_query_kernel(
         d_state = tl.dot(tl.trans(phi_q), g, d_state, input_precision=PRECISION)
         if KIND == 0:
             d_value_sum += _sum(g, axis=0)
-    slot = pid_bh * n_splits + split
-    tl.store(DS_part + slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :], d_state)
-    tl.store(DZ_part + slot * BLOCK_D + offs_d, d_key_sum)
-    tl.store(DSV_part + slot * BLOCK_E + offs_e, d_value_sum)
+    _store_state(DS_part, DZ_part, DSV_part, pid_bh * n_splits + split, d_state, d_key_sum, d_value_sum, offs_d,
+                 offs_e, BLOCK_D, BLOCK_E)
 
 
 @triton.jit
@@ -290,16 +415,8 @@ def _bidir_bwd_key_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """dφk = v dSᵀ + dZ, dv = φk dS + dSV for one block of keys. Grid (B*H, cdiv(N, BLOCK_N))."""
-    pid_bh = tl.program_id(0)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_E)
-    inv_s = _inverse_scale(SCALE, h, offs_d, D, KIND, ACC)
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    d_state = tl.load(DS + pid_bh * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :])
-    d_key_sum = tl.load(DZ + pid_bh * BLOCK_D + offs_d)
-    d_value_sum = tl.load(DSV + pid_bh * BLOCK_E + offs_e)
+    pid_bh, _, _, _, b, h, rows, offs_d, offs_e, inv_s = _program(SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E, 0)
+    d_state, d_key_sum, d_value_sum = _load_state(DS, DZ, DSV, pid_bh, offs_d, offs_e, BLOCK_D, BLOCK_E)
     k, k_mask = _load_rows(K + b * skb + h * skh, rows, skn, offs_d, D, N, ACC)
     v, _ = _load_rows(V + b * svb + h * svh, rows, svn, offs_e, E, N, ACC)
     phi_k = _feature(k, k_mask, inv_s, KIND, NORM_EPS, POWER)
@@ -321,35 +438,88 @@ def _bidir_bwd_key_kernel(
 
 
 @_device
-def _load_state(S, Z, SV, slot, offs_d, offs_e, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
-    state = tl.load(S + slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :])
-    return state, tl.load(Z + slot * BLOCK_D + offs_d), tl.load(SV + slot * BLOCK_E + offs_e)
-
-
-@_device
 def _causal_chunk(
-    q_base, k_base, v_base, rows, offs_n, offs_d, offs_e, n0, end, sqn, skn, svn, state, key_sum, value_sum, eps,
+    q_base, k_base, v_base, n0, offs_n, offs_d, offs_e, end, sqn, skn, svn, state, key_sum, value_sum, eps,
     inv_s, D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, POWER: tl.constexpr, ROWSUM_DEN: tl.constexpr,
     NORM_EPS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Recompute one chunk of the forward: returns q, its mask, φq, φk, v, num, den."""
+    """Recompute the forward of the chunk starting at token n0: returns its rows, q, q's mask, φq, φk, v, num, den."""
+    rows = n0 + offs_n
     q, q_mask = _load_rows(q_base, rows, sqn, offs_d, D, end, ACC)
     k, k_mask = _load_rows(k_base, rows, skn, offs_d, D, end, ACC)
     v, _ = _load_rows(v_base, rows, svn, offs_e, E, end, ACC)
     phi_q = _feature(q, q_mask, inv_s, KIND, NORM_EPS, POWER)
     phi_k = _feature(k, k_mask, inv_s, KIND, NORM_EPS, POWER)
-    attend = (offs_n[:, None] >= offs_n[None, :]) & (rows < end)[None, :]
-    scores = tl.dot(phi_q, tl.trans(phi_k), input_precision=PRECISION)
-    if KIND == 0:
-        scores += 1.0
-    scores = tl.where(attend, scores, 0.0)
+    scores = _masked_scores(phi_q, phi_k, _causal_mask(offs_n, rows < end), KIND, PRECISION)
     num = tl.dot(scores, v, input_precision=PRECISION) + tl.dot(phi_q, state, input_precision=PRECISION)
     rowsum = _sum(scores, axis=1) + _sum(phi_q * key_sum[None, :], axis=1)
     if KIND == 0:
         num += value_sum[None, :]
         rowsum += n0
     den = _denominator(rowsum, (rows + 1).to(ACC), rows < end, eps, KIND, ROWSUM_DEN)
-    return q, q_mask, phi_q, phi_k, v, num, den
+    return rows, q, q_mask, phi_q, phi_k, v, num, den
+
+
+@_device
+def _causal_sweep(
+    Q, K, V, O, DQ, SCALE, S0, Z0, SV0, H, N, tokens_per_split, sqb, sqh, skb, skh, svb, svh, sob, soh, sdqb, sdqh,
+    D, KIND: tl.constexpr, CHUNKED: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr, AXIS1: tl.constexpr,
+):
+    """Prologue of the causal sweeps (forward, dq, dk/dv): `_program`'s values, this (batch, head)'s rows of
+    q, k, v, O (out or dO) and DQ, the state the sweep starts from (`_initial_state`), and the range [start, end)."""
+    pid_bh, split, _, slot, b, h, offs_n, offs_d, offs_e, inv_s = _program(
+        SCALE, H, D, KIND, ACC, BLOCK_N, BLOCK_D, BLOCK_E, AXIS1)
+    q_base = Q + b * sqb + h * sqh
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    o_base = O + b * sob + h * soh
+    dq_base = DQ + b * sdqb + h * sdqh
+    state, key_sum, value_sum = _initial_state(S0, Z0, SV0, pid_bh, split, slot, offs_d, offs_e, CHUNKED, AXIS1, ACC,
+                                               BLOCK_D, BLOCK_E)
+    start, end = _token_range(split, N, tokens_per_split)
+    return (pid_bh, b, h, offs_n, offs_d, offs_e, inv_s, q_base, k_base, v_base, o_base, dq_base, state, key_sum,
+            value_sum, start, end)
+
+
+@_device
+def _causal_forward_sweep(
+    Q, K, V, O, SCALE, S0, Z0, SV0, DQ, DEN, R, H, N, tokens_per_split, eps,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdqb, sdqh, sdqn,
+    D: tl.constexpr, E: tl.constexpr, KIND: tl.constexpr, POWER: tl.constexpr, ROWSUM_DEN: tl.constexpr,
+    CHUNKED: tl.constexpr, NORM_EPS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, DQ_PASS: tl.constexpr,
+):
+    """The causal forward over one token range, chunk by chunk in order, carrying the running state.
+    DQ_PASS false: writes out to O. DQ_PASS: O holds dO; writes dq to DQ and the row statistics
+    den, r = dO·out/den to DEN, R (for the dk/dv sweep)."""
+    (pid_bh, b, h, offs_n, offs_d, offs_e, inv_s, q_base, k_base, v_base, o_base, dq_base, state, key_sum, value_sum,
+     start, end) = _causal_sweep(Q, K, V, O, DQ, SCALE, S0, Z0, SV0, H, N, tokens_per_split, sqb, sqh, skb, skh, svb,
+                                 svh, sob, soh, sdqb, sdqh, D, KIND, CHUNKED, ACC, BLOCK_N, BLOCK_D, BLOCK_E,
+                                 3 if DQ_PASS else 1)
+    for n0 in range(start, end, BLOCK_N):
+        rows, q, q_mask, phi_q, phi_k, v, num, den = _causal_chunk(
+            q_base, k_base, v_base, n0, offs_n, offs_d, offs_e, end, sqn, skn, svn, state, key_sum, value_sum, eps,
+            inv_s, D, E, KIND, POWER, ROWSUM_DEN, NORM_EPS, ACC, PRECISION)
+        if DQ_PASS:
+            do, _ = _load_rows(o_base, rows, son, offs_e, E, end, ACC)
+            g = do / den[:, None]
+            d_scores = tl.dot(g, tl.trans(v), input_precision=PRECISION)
+            r = tl.full((BLOCK_N,), 0.0, dtype=ACC)
+            if ROWSUM_DEN:
+                r = _sum(g * num, axis=1) / den
+                d_scores -= r[:, None]
+            d_scores = tl.where(_causal_mask(offs_n, rows < end), d_scores, 0.0)
+            d_phi_q = tl.dot(d_scores, phi_k, input_precision=PRECISION)
+            d_phi_q += tl.dot(g, tl.trans(state), input_precision=PRECISION)
+            if ROWSUM_DEN:
+                d_phi_q -= r[:, None] * key_sum[None, :]
+            dq = _feature_grad(q, d_phi_q, q_mask, inv_s, KIND, NORM_EPS, POWER)
+            _store_rows(dq_base, rows, sdqn, offs_d, D, end, dq)
+            _store_row_stats(DEN, R, pid_bh, N, rows, rows < end, den, r)
+        else:
+            _store_rows(o_base, rows, son, offs_e, E, end, num / den[:, None])
+        state, key_sum, value_sum = _accumulate_state(state, key_sum, value_sum, phi_k, phi_k, v, False, PRECISION)
 
 
 @triton.jit
@@ -362,36 +532,10 @@ def _causal_fwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """Causal forward over one token range, chunk by chunk in order. Grid (B*H, splits)."""
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_E)
-    inv_s = _inverse_scale(SCALE, h, offs_d, D, KIND, ACC)
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    o_base = O + b * sob + h * soh
-    if CHUNKED:
-        state, key_sum, value_sum = _load_state(S0, Z0, SV0, pid_bh * tl.num_programs(1) + split, offs_d, offs_e,
-                                                BLOCK_D, BLOCK_E)
-    else:
-        state = tl.full((BLOCK_D, BLOCK_E), 0.0, dtype=ACC)
-        key_sum = tl.full((BLOCK_D,), 0.0, dtype=ACC)
-        value_sum = tl.full((BLOCK_E,), 0.0, dtype=ACC)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, N)
-    for n0 in range(start, end, BLOCK_N):
-        rows = n0 + offs_n
-        q, q_mask, phi_q, phi_k, v, num, den = _causal_chunk(
-            q_base, k_base, v_base, rows, offs_n, offs_d, offs_e, n0, end, sqn, skn, svn,
-            state, key_sum, value_sum, eps, inv_s, D, E, KIND, POWER, ROWSUM_DEN, NORM_EPS, ACC, PRECISION)
-        _store_rows(o_base, rows, son, offs_e, E, end, num / den[:, None])
-        state = tl.dot(tl.trans(phi_k), v, state, input_precision=PRECISION)
-        key_sum += _sum(phi_k, axis=0)
-        value_sum += _sum(v, axis=0)
+    _causal_forward_sweep(Q, K, V, O, SCALE, S0, Z0, SV0, O, O, O, H, N, tokens_per_split, eps,
+                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, 0, 0, 0,
+                          D, E, KIND, POWER, ROWSUM_DEN, CHUNKED, NORM_EPS, ACC, PRECISION, BLOCK_N, BLOCK_D, BLOCK_E,
+                          False)
 
 
 @triton.jit
@@ -403,54 +547,12 @@ def _causal_bwd_query_kernel(
     CHUNKED: tl.constexpr, NORM_EPS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """dq by a forward sweep (recomputing the forward); writes the O(N) stats den and r. Grid (B*H, splits)."""
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    slot = pid_bh * tl.num_programs(1) + split
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_E)
-    inv_s = _inverse_scale(SCALE, h, offs_d, D, KIND, ACC)
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    do_base = DO + b * sdob + h * sdoh
-    dq_base = DQ + b * sdqb + h * sdqh
-    if CHUNKED:
-        state, key_sum, value_sum = _load_state(S0, Z0, SV0, slot, offs_d, offs_e, BLOCK_D, BLOCK_E)
-    else:
-        state = tl.full((BLOCK_D, BLOCK_E), 0.0, dtype=ACC)
-        key_sum = tl.full((BLOCK_D,), 0.0, dtype=ACC)
-        value_sum = tl.full((BLOCK_E,), 0.0, dtype=ACC)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, N)
-    for n0 in range(start, end, BLOCK_N):
-        rows = n0 + offs_n
-        q, q_mask, phi_q, phi_k, v, num, den = _causal_chunk(
-            q_base, k_base, v_base, rows, offs_n, offs_d, offs_e, n0, end, sqn, skn, svn,
-            state, key_sum, value_sum, eps, inv_s, D, E, KIND, POWER, ROWSUM_DEN, NORM_EPS, ACC, PRECISION)
-        do, _ = _load_rows(do_base, rows, sdon, offs_e, E, end, ACC)
-        g = do / den[:, None]
-        d_scores = tl.dot(g, tl.trans(v), input_precision=PRECISION)
-        r = tl.full((BLOCK_N,), 0.0, dtype=ACC)
-        if ROWSUM_DEN:
-            r = _sum(g * num, axis=1) / den
-            d_scores -= r[:, None]
-        attend = (offs_n[:, None] >= offs_n[None, :]) & (rows < end)[None, :]
-        d_scores = tl.where(attend, d_scores, 0.0)
-        d_phi_q = tl.dot(d_scores, phi_k, input_precision=PRECISION)
-        d_phi_q += tl.dot(g, tl.trans(state), input_precision=PRECISION)
-        if ROWSUM_DEN:
-            d_phi_q -= r[:, None] * key_sum[None, :]
-        dq = _feature_grad(q, d_phi_q, q_mask, inv_s, KIND, NORM_EPS, POWER)
-        _store_rows(dq_base, rows, sdqn, offs_d, D, end, dq)
-        tl.store(DEN + pid_bh * N + rows, den, mask=rows < end)
-        tl.store(R + pid_bh * N + rows, r, mask=rows < end)
-        state = tl.dot(tl.trans(phi_k), v, state, input_precision=PRECISION)
-        key_sum += _sum(phi_k, axis=0)
-        value_sum += _sum(v, axis=0)
+    """dq by a forward sweep (recomputing the forward); writes the O(N) row statistics den and r for
+    the dk/dv sweep. Grid (B*H, splits)."""
+    _causal_forward_sweep(Q, K, V, DO, SCALE, S0, Z0, SV0, DQ, DEN, R, H, N, tokens_per_split, eps,
+                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
+                          D, E, KIND, POWER, ROWSUM_DEN, CHUNKED, NORM_EPS, ACC, PRECISION, BLOCK_N, BLOCK_D, BLOCK_E,
+                          True)
 
 
 @triton.jit
@@ -465,37 +567,8 @@ def _causal_reverse_state_kernel(
     """Chunk-parallel causal backward: one token range's reverse sums Σ φq gᵀ, Σ r φq, Σ g (g = do/den),
     from the row statistics of the dq sweep; suffix-summed on the host for the dk/dv sweep. A pass of
     its own (not accumulated in the dq sweep) to keep that kernel's registers. Grid (B*H, splits)."""
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    slot = pid_bh * tl.num_programs(1) + split
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_E)
-    inv_s = _inverse_scale(SCALE, h, offs_d, D, KIND, ACC)
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdob + h * sdoh
-    rev_state = tl.full((BLOCK_D, BLOCK_E), 0.0, dtype=ACC)
-    rev_r_phi_q = tl.full((BLOCK_D,), 0.0, dtype=ACC)
-    rev_g = tl.full((BLOCK_E,), 0.0, dtype=ACC)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, N)
-    for n0 in range(start, end, BLOCK_N):
-        rows = n0 + offs_n
-        row_valid = rows < end
-        q, q_mask = _load_rows(q_base, rows, sqn, offs_d, D, end, ACC)
-        do, _ = _load_rows(do_base, rows, sdon, offs_e, E, end, ACC)
-        den = tl.load(DEN + pid_bh * N + rows, mask=row_valid, other=1.0)
-        r = tl.load(R + pid_bh * N + rows, mask=row_valid, other=0.0)
-        phi_q = _feature(q, q_mask, inv_s, KIND, NORM_EPS, POWER)
-        g = do / den[:, None]
-        rev_state = tl.dot(tl.trans(phi_q), g, rev_state, input_precision=PRECISION)
-        rev_r_phi_q += _sum(r[:, None] * phi_q, axis=0)
-        rev_g += _sum(g, axis=0)
-    tl.store(RS_part + slot * BLOCK_D * BLOCK_E + offs_d[:, None] * BLOCK_E + offs_e[None, :], rev_state)
-    tl.store(RZ_part + slot * BLOCK_D + offs_d, rev_r_phi_q)
-    tl.store(RSV_part + slot * BLOCK_E + offs_e, rev_g)
+    _range_state(Q, DO, SCALE, DEN, R, RS_part, RZ_part, RSV_part, H, N, tokens_per_split, sqb, sqh, sqn, sdob, sdoh,
+                 sdon, D, E, KIND, POWER, NORM_EPS, ACC, PRECISION, BLOCK_N, BLOCK_D, BLOCK_E, True, 3)
 
 
 @triton.jit
@@ -509,27 +582,9 @@ def _causal_bwd_key_kernel(
 ):
     """dk, dv by a reverse sweep over one token range carrying Σ_{later} φq gᵀ, Σ_{later} r φq,
     Σ_{later} g (CHUNKED: starting from the later ranges' sums RS0, RZ0, RSV0). Grid (B*H, splits)."""
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = tl.arange(0, BLOCK_E)
-    inv_s = _inverse_scale(SCALE, h, offs_d, D, KIND, ACC)
-    q_base = Q + b * sqb + h * sqh
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    do_base = DO + b * sdob + h * sdoh
-    if CHUNKED:
-        rev_state, rev_r_phi_q, rev_g = _load_state(RS0, RZ0, RSV0, pid_bh * tl.num_programs(1) + split, offs_d,
-                                                    offs_e, BLOCK_D, BLOCK_E)
-    else:
-        rev_state = tl.full((BLOCK_D, BLOCK_E), 0.0, dtype=ACC)
-        rev_r_phi_q = tl.full((BLOCK_D,), 0.0, dtype=ACC)
-        rev_g = tl.full((BLOCK_E,), 0.0, dtype=ACC)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, N)
+    (pid_bh, b, h, offs_n, offs_d, offs_e, inv_s, q_base, k_base, v_base, do_base, no_dq, rev_state, rev_r_phi_q, rev_g,
+     start, end) = _causal_sweep(Q, K, V, DO, DO, SCALE, RS0, RZ0, RSV0, H, N, tokens_per_split, sqb, sqh, skb, skh,
+                                 svb, svh, sdob, sdoh, 0, 0, D, KIND, CHUNKED, ACC, BLOCK_N, BLOCK_D, BLOCK_E, 1)
     n_chunks = (end - start + BLOCK_N - 1) // BLOCK_N
     for i in range(0, n_chunks):
         n0 = start + (n_chunks - 1 - i) * BLOCK_N
@@ -539,16 +594,12 @@ def _causal_bwd_key_kernel(
         k, k_mask = _load_rows(k_base, rows, skn, offs_d, D, end, ACC)
         v, _ = _load_rows(v_base, rows, svn, offs_e, E, end, ACC)
         do, _ = _load_rows(do_base, rows, sdon, offs_e, E, end, ACC)
-        den = tl.load(DEN + pid_bh * N + rows, mask=row_valid, other=1.0)
-        r = tl.load(R + pid_bh * N + rows, mask=row_valid, other=0.0)
+        den, r = _load_row_stats(DEN, R, pid_bh, N, rows, row_valid)
         phi_q = _feature(q, q_mask, inv_s, KIND, NORM_EPS, POWER)
         phi_k = _feature(k, k_mask, inv_s, KIND, NORM_EPS, POWER)
         g = do / den[:, None]
-        attend = (offs_n[:, None] >= offs_n[None, :]) & row_valid[None, :]
-        scores = tl.dot(phi_q, tl.trans(phi_k), input_precision=PRECISION)
-        if KIND == 0:
-            scores += 1.0
-        scores = tl.where(attend, scores, 0.0)
+        attend = _causal_mask(offs_n, row_valid)
+        scores = _masked_scores(phi_q, phi_k, attend, KIND, PRECISION)
         d_scores = tl.dot(g, tl.trans(v), input_precision=PRECISION)
         if ROWSUM_DEN:
             d_scores -= r[:, None]
@@ -564,6 +615,4 @@ def _causal_bwd_key_kernel(
         dk = _feature_grad(k, d_phi_k, k_mask, inv_s, KIND, NORM_EPS, POWER)
         _store_rows(DK + b * sdkb + h * sdkh, rows, sdkn, offs_d, D, end, dk)
         _store_rows(DV + b * sdvb + h * sdvh, rows, sdvn, offs_e, E, end, dv)
-        rev_state = tl.dot(tl.trans(phi_q), g, rev_state, input_precision=PRECISION)
-        rev_r_phi_q += _sum(r[:, None] * phi_q, axis=0)
-        rev_g += _sum(g, axis=0)
+        rev_state, rev_r_phi_q, rev_g = _accumulate_state(rev_state, rev_r_phi_q, rev_g, phi_q, r, g, True, PRECISION)

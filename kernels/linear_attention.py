@@ -29,6 +29,7 @@ from types import ModuleType
 
 import torch
 
+from kernels.options import LinearOptions, linear_backend
 from kernels.reference import FEATURE_MAPS, NORM_EPS
 
 # the kernels' KIND constexpr: 0 affine, 1 focused, 2 elu, 3 relu (FEATURE_MAPS' order)
@@ -356,16 +357,9 @@ class LinearAttentionTriton(torch.autograd.Function):
 # TorchDynamo must not trace into the launchers (host-side Python around triton.jit kernels, the
 # interpreter on CPU): under torch.compile this call stays opaque, a graph break around the kernels.
 @torch.compiler.disable
+@linear_backend
 def linear_attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    feature_map: str = "affine",
-    denominator: str = "count",
-    causal: bool = False,
-    scale: torch.Tensor | None = None,
-    power: float = 3.0,
-    eps: float = 1e-6,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: LinearOptions
 ) -> torch.Tensor:
     """Linear attention through the fused Triton kernels (arguments checked by `kernels.linear_attention`).
 
@@ -378,7 +372,8 @@ def linear_attention_triton(
         raise TypeError(f"q, k, v must share one of {SUPPORTED_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[2] == 0 or q.shape[0] * q.shape[1] == 0:
         return v.new_zeros(v.shape)
-    return LinearAttentionTriton.apply(q, k, v, scale, feature_map, denominator, causal, float(power), float(eps))
+    return LinearAttentionTriton.apply(q, k, v, options.scale, options.feature_map, options.denominator, options.causal,
+                                       float(options.power), float(options.eps))
 
 
 __all__ = ["linear_attention_triton", "LinearAttentionTriton", "launch_config", "kernel_constexprs", "KERNELS"]

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.options import LinearOptions, linear_backend
+
 FEATURE_MAPS = ("affine", "focused", "elu", "relu")
 DENOMINATORS = ("count", "kernel")
 CAUSAL_CHUNK = 64
@@ -96,19 +98,13 @@ def causal_product(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, ch
     return out.reshape(batch, heads, n_chunks * chunk, value_dim)[:, :, :tokens]
 
 
+@linear_backend
 def linear_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    feature_map: str = "affine",
-    denominator: str = "count",
-    causal: bool = False,
-    scale: torch.Tensor | None = None,
-    power: float = 3.0,
-    eps: float = 1e-6,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: LinearOptions
 ) -> torch.Tensor:
     """Linear attention of one variant, O(N·d²). Shapes `(batch, heads, tokens, head_dim)`; autograd
-    gives every gradient (q, k, v and the focused map's scale)."""
+    gives every gradient (q, k, v and the focused map's scale). Keyword signature: `kernels.options`."""
+    feature_map, denominator, causal, scale, power, eps = options
     phi_q = features(q, feature_map, scale, power)
     phi_k = features(k, feature_map, scale, power)
     tokens = q.shape[-2]

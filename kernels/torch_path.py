@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from kernels.options import LinearOptions, linear_backend
 from kernels.reference import NORM_EPS, causal_product, features
 
 # Crossover measured on this CPU (1 thread, B=8, H=8, d=64, causal linear-affine fwd+bwd, ms):
@@ -262,21 +263,15 @@ def _causal(phi_q, phi_k, v, affine: bool, denominator: str, eps: float) -> torc
     return num / rowsum if affine else num / (rowsum + eps)
 
 
+@linear_backend
 def linear_attention_torch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    feature_map: str = "affine",
-    denominator: str = "count",
-    causal: bool = False,
-    scale: torch.Tensor | None = None,
-    power: float = 3.0,
-    eps: float = 1e-6,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: LinearOptions
 ) -> torch.Tensor:
     """Linear attention, fast PyTorch path. q, k: (B, H, N, D); v: (B, H, N, E) -> (B, H, N, E).
 
     Arguments as `kernels.linear_attention` (which validates them; this path trusts its caller).
     """
+    feature_map, denominator, causal, scale, power, eps = options
     affine = feature_map == "affine"
     if feature_map == "focused":  # its own Function; the products below then take φq, φk as given
         q, k, feature_map = _FocusedFeatures.apply(q, scale, power), _FocusedFeatures.apply(k, scale, power), "identity"

@@ -8,7 +8,7 @@
 #   bash scripts/test.sh tests/test_X.py   one module while you work on it (-k NAME: one test)
 #   bash scripts/test.sh                   everything, as CI runs it: multi-rank DeepSpeed trainings
 #                                          (kill -9 + resume, ZeRO 1/2/3), the demo, Slurm, long
-#                                          interpreted-Triton cases; ~20-25 min on 2 idle cores
+#                                          interpreted-Triton cases; ~22 min on 2 idle cores
 #
 # A test that takes more than ~20 s is marked @pytest.mark.slow. Before a commit, run the fast
 # tier plus the slow tests of the modules you touched (`-m slow tests/test_X.py`).

@@ -64,6 +64,15 @@ EXPENSIVE: dict[str, str] = {
         "tests/test_writer.py::test_imagefolder_with_captions_tsv_via_cli",
     "python -m ds_linclip.data.writer img2dataset --input '/data/laion/{00000..00099}.tar' --out shards/":
         "tests/test_writer.py::test_img2dataset_reshard",
+    # CLIP_benchmark's datasets
+    "python -m ds_linclip.eval --checkpoint runs/demo/final eval.zeroshot_data=wds_fashion_mnist "
+    "eval.classnames=dataset eval.templates=dataset":
+        "tests/test_eval_clip_benchmark.py::test_zero_shot_equals_clip_benchmark",
+    "python -m ds_linclip.eval --checkpoint runs/demo/final eval.retrieval_data=wds_fashion_mnist_captions":
+        "tests/test_eval_clip_benchmark.py::test_retrieval_equals_clip_benchmark",
+    "python -m ds_linclip.eval.clip_benchmark --checkpoint runs/demo/final --dataset-dir wds_fashion_mnist "
+    "--task zeroshot_classification --output metrics.json":
+        "tests/test_eval_clip_benchmark.py::test_adapter_cli_prints_clip_benchmark_metrics",
     # Slurm
     "mkdir -p logs": "tests/test_slurm.py: the batch jobs write their logs there",
     "sbatch slurm/train_vits.sh data.train_shards='/data/laion400m/{00000..41455}.tar'":

@@ -132,7 +132,19 @@ def _siglip_rank_main(rank: int, world: int, port: int, out_path: str):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_siglip_single_process_matches_open_clip():
+    """One process (no exchange): loss and gradients equal open_clip's; the distributed cases below
+    are slow (each spawned rank imports open_clip)."""
+    from open_clip.loss import SigLipLoss as OpenClipSigLipLoss
+
+    ours, theirs = _siglip_loss_and_grads(SigLipLoss(), 0), _siglip_loss_and_grads(OpenClipSigLipLoss(), 0)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert all(g.abs().max() > 1e-3 for g in ours[1:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
 def test_siglip_loss_and_grads_match_open_clip(world, tmp_path):
     """Per rank: the loss and its gradients w.r.t. image features, text features, the (log) logit
     scale and the bias equal open_clip's SigLipLoss for every train.siglip_dist. World 2 exchanges
