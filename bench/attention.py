@@ -36,7 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from kernels import linear_attention  # noqa: E402
 from ds_linclip.models.attention import SHORTHANDS, parse_attention_name  # noqa: E402
-from kernels.reference import linear_attention_reference  # noqa: E402
+from kernels.reference import is_variant, linear_attention_reference, variant_attention_reference  # noqa: E402
 
 METHODS = ("ours", "sdpa", "reference")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,16 +52,24 @@ def attention_fn(method: str, kind: str, causal: bool):
     if linear is None:
         raise ValueError(f"--kind must name a linear variant, got '{kind}'")
 
-    def scale_for(q):  # the focused map's s at its init, softplus(0), as the model starts
-        if linear.feature_map != "focused":
+    def scale_for(q):  # the focused/pola map's s at its init, softplus(0), as the model starts
+        if linear.feature_map not in ("focused", "pola"):
             return None
         return torch.full((q.shape[1], q.shape[3]), 0.6931471805599453, device=q.device, dtype=q.dtype)
 
+    def kwargs_for(q):  # pola's power is a (heads, head_dim) tensor: 3 at its init
+        kwargs = linear.kernel_kwargs()
+        if linear.feature_map == "pola":
+            kwargs["power"] = torch.full((q.shape[1], q.shape[3]), 3.0, device=q.device, dtype=q.dtype)
+        return kwargs
+
     if method == "ours":
-        return lambda q, k, v: linear_attention(q, k, v, causal=causal, scale=scale_for(q), **linear.kernel_kwargs())
+        return lambda q, k, v: linear_attention(q, k, v, causal=causal, scale=scale_for(q), **kwargs_for(q))
     if method == "sdpa":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if method == "reference":
+        if is_variant(linear.feature_map, linear.denominator):  # the quadratic oracle
+            return lambda q, k, v: variant_attention_reference(q, k, v, causal=causal, scale=scale_for(q), **kwargs_for(q))
         return lambda q, k, v: linear_attention_reference(q, k, v, causal=causal, scale=scale_for(q),
                                                           **linear.kernel_kwargs())
     raise ValueError(f"unknown method '{method}' (known: {', '.join(METHODS)})")
@@ -249,7 +257,7 @@ def parse_args(argv=None):
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--tokens", type=int, nargs="+", help=f"token counts (default {DEFAULT_TOKENS})")
     parser.add_argument("--kind", default="linear-affine",
-                        help=f"linear variant: {', '.join(SHORTHANDS)}, optionally -count/-kernel (normaliser)")
+                        help=f"linear variant: {', '.join(SHORTHANDS)}, optionally -count/-kernel/-mala (normaliser)")
     parser.add_argument("--causal", action="store_true", help="causal masks for all methods (text tower)")
     parser.add_argument("--reps", type=int, default=10, help="max timed reps per cell (at least 3)")
     parser.add_argument("--min-time", type=float, default=2.0, help="stop repeating after this many seconds (>= 3 reps)")

@@ -46,12 +46,13 @@ class VisionConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     # softmax | linear (feature map from `feature_map`) | linear-affine (the paper's) | linear-focused
-    # | linear-elu | linear-relu (shorthands naming the feature map)
+    # | linear-elu | linear-relu | linear-pola (shorthands naming the feature map; docs/attention_variants.md)
     attention: str = "softmax"
-    # linear only: affine | focused | elu | relu; null = the shorthand's (or affine for `linear`)
+    # linear only: affine | focused | elu | relu | pola; null = the shorthand's (or affine for `linear`)
     feature_map: Optional[str] = None
     # linear only, the normaliser: `count` divides by the token count (the paper's), `kernel` by
-    # sum_j sim(q_i, k_j); null = the feature map's default (affine: count, the others: kernel)
+    # sum_j sim(q_i, k_j), `mala` magnitude-aware (rows sum to one, sharpen with |phi(q)|; not with affine);
+    # null = the feature map's default (affine: count, the others: kernel)
     denominator: Optional[str] = None
     # focused map: the power p of phi = |y| y^p / |y^p| (FLatten: 3)
     focused_power: float = 3.0
@@ -66,6 +67,11 @@ class VisionConfig:
     # with lock: leave the last N of the tower's layers + 2 groups trainable (open_clip's groups:
     # [patch_embed, class/pos embedding, ln_pre], block 0, ..., [last block, ln_post], [proj])
     unlocked_groups: int = 0
+    # output gate: the attention output times SiLU(W_g x + b_g) before out_proj (one more width x width)
+    output_gate: bool = False
+    # hybrid tower: these layers (0-based, negative from the end, e.g. [-1] or [3, 7, 11]) run softmax,
+    # the others the linear variant above; [] = none
+    softmax_layers: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -87,6 +93,9 @@ class TextConfig:
     unlocked_layers: int = 0
     # false: the frozen groups' LayerNorms still train (open_clip's HF text tower semantics)
     freeze_layer_norm: bool = True
+    # as model.image.*: output gate, hybrid tower
+    output_gate: bool = False
+    softmax_layers: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -6,6 +6,11 @@ tensors runs through Triton's interpreter (slow; for tests), whatever TRITON_INT
 `kernels.reference.linear_attention_reference` stays the plain, readable oracle. The backends
 share one keyword signature (`kernels.options`: `LinearOptions` + `@linear_backend`) and trust this
 function's check (`check_linear_args`).
+
+The variants without Triton kernels yet (`kernels.reference.is_variant`: the `pola` feature map, the
+`mala` normaliser) run on the PyTorch path (`variant_attention_torch`, oracle
+`variant_attention_reference`): `backend="triton"` refuses them, `backend="auto"` runs them there
+for CUDA tensors too.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import torch
 import kernels.linear_attention as _triton_wrapper  # noqa: E402,F401
 from kernels.options import LinearOptions
 from kernels.reference import DENOMINATORS, FEATURE_MAPS, LinearSpec, check_linear_args, linear_attention_reference
-from kernels.torch_path import linear_attention_torch
+from kernels.reference import check_variant_args, is_variant, variant_attention_reference
+from kernels.torch_path import linear_attention_torch, variant_attention_torch
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -31,23 +37,33 @@ def linear_attention(
     denominator: str = "count",
     causal: bool = False,
     scale: torch.Tensor | None = None,
-    power: float = 3.0,
+    power: float | torch.Tensor = 3.0,
     backend: str = "auto",
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Linear attention over `(batch, heads, tokens, head_dim)` tensors; returns v's shape.
 
     feature_map: affine | focused | elu | relu; denominator: count | kernel (see kernels/reference.py).
-    scale: (heads, head_dim) positive tensor, the focused map's s (required for it, else None).
+    scale: (heads, head_dim) positive tensor, the focused (and pola) map's s (required for it, else None).
+    Torch-path-only variants: feature_map pola (power: a (heads, head_dim) tensor p), denominator mala.
     """
+    options = LinearOptions(feature_map, denominator, causal, scale, power, eps)._asdict()
+    if is_variant(feature_map, denominator):
+        check_variant_args(q, k, v, feature_map, denominator, scale, power)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
+        if backend == "triton":
+            raise ValueError(f"linear attention {feature_map}/{denominator} has no Triton kernel yet; "
+                             "use backend='torch' (or 'auto', which runs it on the PyTorch path for any device)")
+        return variant_attention_torch(q, k, v, **options)
     check_linear_args(q, k, v, feature_map, denominator, scale, power)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
-    options = LinearOptions(feature_map, denominator, causal, scale, power, eps)._asdict()
     if backend == "triton" or (backend == "auto" and q.is_cuda):
         return _triton_wrapper.linear_attention_triton(q, k, v, **options)
     return linear_attention_torch(q, k, v, **options)
 
 
 __all__ = ["linear_attention", "linear_attention_reference", "linear_attention_torch", "LinearSpec", "LinearOptions",
+           "variant_attention_reference", "variant_attention_torch",
            "FEATURE_MAPS", "DENOMINATORS", "BACKENDS"]

@@ -125,3 +125,106 @@ def linear_attention_reference(
         return numerator / counts
     rowsum = (phi_q * key_sums).sum(-1, keepdim=True)
     return numerator / (counts + rowsum) if affine else numerator / (rowsum + eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants without Triton kernels yet (torch path only): the polarity map and the MALA normaliser.
+# Their oracle below is quadratic on purpose: it builds the (N, N) score matrix A explicitly, so
+# out = A @ v can be checked row by row (rows of `kernel` and `mala` scores sum to one).
+# ---------------------------------------------------------------------------------------------
+
+# `pola` (PolaFormer): x± = relu(±x)/s per (head, channel), φ_same = [x+^p, x-^p], φ_opp = [x-^p, x+^p]
+# (2·head_dim wide), keys always φ_same; the first half of v's channels mixes through the same-sign
+# similarity φ_same(q)·φ(k) = q+·k+ + q-·k-, the second half through the opposite-sign one q-·k+ + q+·k-.
+# The power p is learnable per (head, channel): p = 1 + POLA_POWER_RANGE·sigmoid(w), w = 0 -> p = 3.
+VARIANT_FEATURE_MAPS = ("pola",)
+# `mala` (magnitude-aware): with s_ij = φq_i·φk_j/√head_dim and m_i its mean over the n_i attended keys,
+# A_ij = ((1 + 1/(m_i + eps))·s_ij - m_i)/n_i: rows sum to m_i/(m_i + eps) (one up to eps), and scaling
+# φq by a sharpens the row (the s_ij - m_i part grows with a) instead of cancelling as `kernel` does.
+VARIANT_DENOMINATORS = ("mala",)
+ALL_FEATURE_MAPS = FEATURE_MAPS + VARIANT_FEATURE_MAPS
+ALL_DENOMINATORS = DENOMINATORS + VARIANT_DENOMINATORS
+POLA_POWER_RANGE = 4.0
+
+
+def is_variant(feature_map: str, denominator: str) -> bool:
+    """Whether (feature_map, denominator) is one of the torch-path-only variants above."""
+    return feature_map in VARIANT_FEATURE_MAPS or denominator in VARIANT_DENOMINATORS
+
+
+def pola_power(raw: torch.Tensor) -> torch.Tensor:
+    """The polarity map's power p = 1 + POLA_POWER_RANGE·sigmoid(raw), raw (heads, head_dim) -> same shape, in (1, 5)."""
+    return 1.0 + POLA_POWER_RANGE * torch.sigmoid(raw)
+
+
+def check_variant_args(q, k, v, feature_map: str, denominator: str, scale, power) -> None:
+    """The argument check of the torch-path-only variants (`is_variant`); the entry point calls it."""
+    if feature_map not in ALL_FEATURE_MAPS:
+        raise ValueError(f"unknown feature map '{feature_map}' (known: {', '.join(ALL_FEATURE_MAPS)})")
+    if denominator not in ALL_DENOMINATORS:
+        raise ValueError(f"unknown denominator '{denominator}' (known: {', '.join(ALL_DENOMINATORS)})")
+    if feature_map == "affine" and denominator == "mala":
+        raise ValueError("the mala normaliser needs a map that keeps the query's magnitude; affine L2-normalises it away")
+    if feature_map != "pola":
+        check_linear_args(q, k, v, feature_map, "kernel", scale, power)
+        return
+    check_linear_args(q, k, v, "elu", "kernel", None, 1.0)  # shapes only
+    want = (q.shape[1], q.shape[3])
+    for name, tensor in (("scale", scale), ("power", power)):
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != want:
+            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tensor
+            raise ValueError(f"the pola map needs {name} of shape (heads, head_dim) = {want}; got {got}")
+    if v.shape[-1] % 2:
+        raise ValueError(f"the pola map splits v's channels in two halves; value dim {v.shape[-1]} is odd")
+
+
+def polarity_features(x: torch.Tensor, scale: torch.Tensor, power: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, H, N, D), scale and power (H, D) -> (φ_same, φ_opp), each (B, H, N, 2D)."""
+    y = x / scale[:, None, :]
+    p = power[:, None, :]
+    positive, negative = F.relu(y).pow(p), F.relu(-y).pow(p)
+    return torch.cat([positive, negative], dim=-1), torch.cat([negative, positive], dim=-1)
+
+
+def variant_scores(phi_q: torch.Tensor, phi_k: torch.Tensor, denominator: str, causal: bool, head_dim: int,
+                   eps: float = 1e-6) -> torch.Tensor:
+    """The (B, H, N, N) score matrix A of one normaliser on given features (no affine "1 +"); out = A @ v."""
+    tokens = phi_q.shape[-2]
+    similarity = phi_q @ phi_k.transpose(-1, -2)
+    if causal:
+        similarity = similarity * torch.ones(tokens, tokens, dtype=torch.bool, device=phi_q.device).tril()
+        counts = torch.arange(1, tokens + 1, dtype=phi_q.dtype, device=phi_q.device).view(tokens, 1)
+    else:
+        counts = torch.full((tokens, 1), float(tokens), dtype=phi_q.dtype, device=phi_q.device)
+    if denominator == "count":
+        return similarity / counts
+    if denominator == "kernel":
+        return similarity / (similarity.sum(-1, keepdim=True) + eps)
+    similarity = similarity * head_dim**-0.5
+    mean = similarity.sum(-1, keepdim=True) / counts  # m_i
+    scores = ((1.0 + 1.0 / (mean + eps)) * similarity - mean) / counts
+    if causal:  # the shift -m_i/n_i lands on attended keys only
+        scores = scores * torch.ones(tokens, tokens, dtype=torch.bool, device=phi_q.device).tril()
+    return scores
+
+
+def variant_score_matrices(q, k, feature_map: str, denominator: str, causal: bool, scale=None, power=3.0,
+                           eps: float = 1e-6) -> list[torch.Tensor]:
+    """The score matrices of a variant: one (B, H, N, N) for a plain map, [same-sign, opposite-sign] for pola
+    (applied to the first and the second half of v's channels)."""
+    head_dim = q.shape[-1]
+    if feature_map == "pola":
+        same, opposite = polarity_features(q, scale, power)
+        phi_k = polarity_features(k, scale, power)[0]
+        return [variant_scores(same, phi_k, denominator, causal, head_dim, eps),
+                variant_scores(opposite, phi_k, denominator, causal, head_dim, eps)]
+    phi_q, phi_k = features(q, feature_map, scale, power), features(k, feature_map, scale, power)
+    return [variant_scores(phi_q, phi_k, denominator, causal, head_dim, eps)]
+
+
+def variant_attention_reference(q, k, v, feature_map: str = "pola", denominator: str = "kernel", causal: bool = False,
+                                scale=None, power=3.0, eps: float = 1e-6) -> torch.Tensor:
+    """Quadratic oracle of the torch-path-only variants: out = A @ v per score matrix (pola: per half of v)."""
+    scores = variant_score_matrices(q, k, feature_map, denominator, causal, scale, power, eps)
+    halves = v.chunk(len(scores), dim=-1)
+    return torch.cat([a @ part for a, part in zip(scores, halves)], dim=-1)

@@ -283,3 +283,69 @@ def linear_attention_torch(
 
 
 __all__ = ["linear_attention_torch", "CAUSAL_DENSE_MAX_TOKENS", "FUSE_ENV", "FUSE_MIN_ELEMENTS", "fuse_mode"]
+
+
+# ---- torch-path-only variants (kernels.reference: VARIANT_FEATURE_MAPS, VARIANT_DENOMINATORS)
+# Written with autograd (no hand-written backward yet) and O(N·d²) like the forms above: bidirectional
+# through the d×d state, causal as the dense masked product up to CAUSAL_DENSE_MAX_TOKENS, chunked above.
+
+from kernels.reference import polarity_features  # noqa: E402
+
+__all__ += ["variant_attention_torch"]
+
+
+def _mala(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, causal: bool, head_dim: int, eps: float):
+    """out_i = ((1 + 1/(m_i + eps))·(φq_i·Σ_j φk_j v_jᵀ)/√d - m_i Σ_j v_j)/n_i, m_i = φq_i·Σ_j φk_j/(√d n_i)."""
+    tokens = phi_q.shape[-2]
+    inv_sqrt_d = head_dim**-0.5
+    if not causal:
+        state = phi_k.transpose(-1, -2) @ v  # (B, H, D, E)
+        key_mean = phi_k.mean(dim=-2, keepdim=True).transpose(-1, -2)  # (B, H, D, 1)
+        mean = (phi_q @ key_mean).mul_(inv_sqrt_d)  # (B, H, N, 1): m_i
+        num = (phi_q @ state).mul_(inv_sqrt_d / tokens)
+        return num * (1.0 + 1.0 / (mean + eps)) - mean * v.mean(dim=-2, keepdim=True)
+    counts = torch.arange(1, tokens + 1, device=v.device, dtype=v.dtype).view(tokens, 1)
+    if tokens <= CAUSAL_DENSE_MAX_TOKENS:
+        scores = (phi_q @ phi_k.transpose(-1, -2)) * torch.ones(tokens, tokens, dtype=torch.bool, device=v.device).tril()
+        num, rowsum = scores @ v, scores.sum(dim=-1, keepdim=True)
+    else:
+        num, rowsum = causal_product(phi_q, phi_k, v), (phi_q * phi_k.cumsum(dim=-2)).sum(-1, keepdim=True)
+    mean = rowsum * inv_sqrt_d / counts
+    return (num * (inv_sqrt_d * (1.0 + 1.0 / (mean + eps))) - mean * v.cumsum(dim=-2)) / counts
+
+
+def _on_features(phi_q, phi_k, v, denominator: str, causal: bool, head_dim: int, eps: float) -> torch.Tensor:
+    """One normaliser on given features (no affine "1 +"): (B, H, N, D'), (B, H, N, D'), (B, H, N, E) -> (B, H, N, E)."""
+    if denominator == "mala":
+        return _mala(phi_q, phi_k, v, causal, head_dim, eps)
+    if causal:
+        return _causal(phi_q, phi_k, v, False, denominator, eps)
+    return _BidirectionalLinearAttention.apply(phi_q, phi_k, v, "identity", denominator, eps)
+
+
+def variant_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: str = "pola",
+    denominator: str = "kernel",
+    causal: bool = False,
+    scale: torch.Tensor | None = None,
+    power: float | torch.Tensor = 3.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """The torch-path-only variants (pola map, mala normaliser), O(N·d²); same maths as
+    `kernels.reference.variant_attention_reference`. q, k: (B, H, N, D); v: (B, H, N, E) -> (B, H, N, E).
+    power: the focused map's float, or pola's (H, D) tensor p."""
+    head_dim = q.shape[-1]
+    if feature_map == "pola":
+        same, opposite = polarity_features(q, scale, power)
+        phi_k = polarity_features(k, scale, power)[0]
+        first, second = v.chunk(2, dim=-1)
+        return torch.cat([_on_features(same, phi_k, first, denominator, causal, head_dim, eps),
+                          _on_features(opposite, phi_k, second, denominator, causal, head_dim, eps)], dim=-1)
+    if feature_map == "focused":
+        phi_q, phi_k = _FocusedFeatures.apply(q, scale, power), _FocusedFeatures.apply(k, scale, power)
+    else:
+        phi_q, phi_k = features(q, feature_map), features(k, feature_map)
+    return _on_features(phi_q, phi_k, v, denominator, causal, head_dim, eps)

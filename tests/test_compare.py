@@ -271,7 +271,7 @@ def test_mixed_tower_variants_are_not_picked_as_the_best_O_N_variant():
 
 @pytest.mark.parametrize("name, why", [
     ("linear", "is not an attention name"), ("linear-gelu", "is not an attention name"),
-    ("Softmax", "is not an attention name"), ("softmax-local3", "softmax takes no suffixes"),
+    ("Softmax", "is not an attention name"), ("softmax-local3", "softmax takes no local branch"),
     ("linear-affine-local7", "7 is not one of 0, 3, 5"), ("linear-focused-local3-kernel", "is not an attention name"),
     ("linear-elu-kernel-kernel", "is not an attention name"), ("linear-affine-", "is not an attention name"),
     ("linear-affinekernel", "is not an attention name"), ("linear-focused-p2", "default focused power only"),
@@ -287,7 +287,8 @@ def test_bad_variant_names_are_refused_with_the_grammar(name, why):
     message = str(err.value)
     assert f"'{name}'" in message and why in message
     if why not in ("default focused power only", "the text tower is the image tower's"):  # these name the fix
-        for part in ("softmax", "linear-{affine,focused,elu,relu}", "[-count|-kernel]", "-local{3,5}"):
+        for part in ("softmax", "linear-{affine,focused,elu,relu,pola}", "[-count|-kernel|-mala]", "-local{3,5}",
+                     "[-gate]", "-sm<layer>"):
             assert part in message
 
 

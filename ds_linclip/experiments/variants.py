@@ -55,7 +55,7 @@ def _tower_spec(variant: str, name: str, causal: bool) -> AttentionSpec:
     except AttentionSpecError as err:
         raise VariantError(f"attention variant '{variant}': {err}; variants are {VARIANT_GRAMMAR}") from None
     if spec.linear is None and spec.local_kernel:
-        raise VariantError(f"attention variant '{variant}': softmax takes no suffixes; variants are {VARIANT_GRAMMAR}")
+        raise VariantError(f"attention variant '{variant}': softmax takes no local branch; variants are {VARIANT_GRAMMAR}")
     if spec.linear is not None and spec.linear.power != DEFAULT_FOCUSED_POWER:
         raise VariantError(f"attention variant '{variant}': the experiments run the default focused power only")
     return spec

@@ -13,7 +13,7 @@ import sys
 from ds_linclip.config import ATTENTION_KINDS, ConfigError, load_config
 from ds_linclip.models.flops import format_table, measure_forward_flops, model_cost
 from ds_linclip.models.presets import PRESETS
-from kernels.reference import DENOMINATORS, FEATURE_MAPS
+from kernels.reference import ALL_DENOMINATORS, ALL_FEATURE_MAPS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention", choices=ATTENTION_KINDS, help="attention kind of both towers")
     parser.add_argument("--image-attention", choices=ATTENTION_KINDS, help="image tower only (wins over --attention)")
     parser.add_argument("--text-attention", choices=ATTENTION_KINDS, help="text tower only (wins over --attention)")
-    parser.add_argument("--feature-map", choices=FEATURE_MAPS, help="linear feature map, both towers (with --attention linear)")
-    parser.add_argument("--denominator", choices=DENOMINATORS, help="linear normaliser, both towers")
+    parser.add_argument("--feature-map", choices=ALL_FEATURE_MAPS, help="linear feature map, both towers (with --attention linear)")
+    parser.add_argument("--denominator", choices=ALL_DENOMINATORS, help="linear normaliser, both towers")
     parser.add_argument("--local-kernel", type=int, choices=(0, 3, 5), help="image-tower local branch (depthwise conv on V)")
     parser.add_argument("--image-size", type=int, help="input pixels per side (any multiple of the patch size)")
     parser.add_argument("--config", action="append", default=[], metavar="YAML", help="config file(s) for the model section")

@@ -76,20 +76,22 @@ class CLIP(nn.Module):
 
     def attention_kinds(self) -> dict[str, str]:
         """{'image': name, 'text': name} as built, e.g. {'image': 'linear-focused-local3', 'text': 'linear-focused'}."""
-        return {"image": self.visual.blocks[0].attn.spec.name, "text": self.text.blocks[0].attn.spec.name}
+        return {"image": self.visual.attention.name, "text": self.text.attention.name}
 
     def set_attention(self, image: AttentionSpec | str | None = None, text: AttentionSpec | str | None = None) -> None:
         """Switch a tower's attention in place (same weights): e.g. linearise a softmax model.
 
         Specs or names (`linear-focused-local3`; see `parse_attention_name`). Parameters a variant adds
-        start where a converted model stays sensible: focus_scale 0 (s = softplus(0)), local conv 0.
+        start where a converted model stays sensible: focus_scale 0 (s = softplus(0)), pola_power 0 (p = 3),
+        local conv 0, gate open (weight 0, SiLU(bias) = 1).
         """
         for tower, spec in ((self.visual, image), (self.text, text)):
             if spec is None:
                 continue
             spec = as_spec(spec, causal=tower is self.text)
-            for block in tower.blocks:
-                block.attn.set_spec(spec, zero_init_new=True)
+            for block, layer_spec in zip(tower.blocks, spec.layer_specs(len(tower.blocks))):
+                block.attn.set_spec(layer_spec, zero_init_new=True)
+            tower.attention = spec
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:

@@ -13,9 +13,10 @@ Name mapping (everything else is identical, tensors are not changed):
 
 Attention kind is not part of the weights, so a softmax checkpoint loads into a model built with
 linear attention as is ("linearize a pretrained CLIP, then fine-tune"). Parameters a linear variant
-adds (`attn.focus_scale`, `attn.local_conv.*`) and the file lacks start at zero: the focused map's
-scale at softplus(0), and a local branch that adds nothing until it is trained, so the converted
-model computes exactly its linear attention over the pretrained projections.
+adds (`attn.focus_scale`, `attn.pola_power`, `attn.local_conv.*`, `attn.gate.*`) and the file lacks start
+at zero, the gate's bias open: the focused/pola map's scale at softplus(0), pola's power at 3, a local
+branch that adds nothing until it is trained and a gate of SiLU(bias) = 1, so the converted model
+computes exactly its linear attention over the pretrained projections.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ds_linclip.models.attention import GATE_OPEN_BIAS
 from ds_linclip.models.vit import interpolate_pos_embed
 
 # inside a block, open_clip name -> ours (None: same name)
@@ -52,7 +54,8 @@ _OC_VISUAL_BLOCK = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.(.+)$")
 _OC_TEXT_BLOCK = re.compile(r"^(?:text\.)?transformer\.resblocks\.(\d+)\.(.+)$")  # CLIP or CustomTextCLIP
 _OURS_BLOCK = re.compile(r"^(visual|text)\.blocks\.(\d+)\.(.+)$")
 # parameters of linear variants (ds_linclip only): filled with zeros when a file lacks them
-VARIANT_PARAMS = ("attn.focus_scale", "attn.local_conv.weight", "attn.local_conv.bias")
+VARIANT_PARAMS = ("attn.focus_scale", "attn.pola_power", "attn.local_conv.weight", "attn.local_conv.bias",
+                  "attn.gate.weight", "attn.gate.bias")
 
 
 class CheckpointError(ValueError):
@@ -204,10 +207,11 @@ def _fit_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module, source:
         notes.append(f"{key}: context {state_dict[key].shape[0]} -> {expected[key].shape[0]} (prefix kept)")
         state_dict[key] = state_dict[key][: expected[key].shape[0]]
     filled = [key for key in expected.keys() - state_dict.keys() if key.endswith(VARIANT_PARAMS)]
-    for key in sorted(filled):
-        state_dict[key] = torch.zeros_like(expected[key])
+    for key in sorted(filled):  # the gate opens (SiLU(bias) = 1), the rest is 0: the file's attention unchanged
+        state_dict[key] = torch.full_like(expected[key], GATE_OPEN_BIAS if key.endswith("attn.gate.bias") else 0.0)
     if filled:
-        notes.append(f"{len(filled)} linear-variant parameters not in the file start at 0 ({', '.join(sorted({k.split('.attn.')[1] for k in filled}))})")
+        notes.append(f"{len(filled)} linear-variant parameters not in the file start at 0, an open gate "
+                     f"({', '.join(sorted({k.split('.attn.')[1] for k in filled}))})")
     if "logit_bias" in expected and "logit_bias" not in state_dict:
         # a CLIP checkpoint fine-tuned with the sigmoid loss: the bias starts at the model's init
         state_dict["logit_bias"] = expected["logit_bias"].clone()

@@ -8,10 +8,14 @@ as `torch.utils.flop_counter` does. Attention ("token mixing") is reported apart
   counted in full, as the math path computes it (a causal flash kernel skips about half).
 - linear (any kind), per layer: Kᵀ·V state and Q·state = 2 · 2·N·d² per head = 4·N·d·width,
   bidirectional or causal (the recurrent form; the chunked causal reference does extra
-  intra-chunk work on top, see `measure_forward_flops`).
+  intra-chunk work on top, see `measure_forward_flops`); the `kernel` and `mala` normalisers add
+  φ(q)·Σφ(k) (mala: ·mean φ(k)), 2·N·width. The pola map doubles both: its features are 2·d wide and
+  each half of the values mixes through its own query features: 8·N·d·width, normaliser 8·N·width.
+- hybrid towers (`softmax_layers`): each layer counted as what it runs.
 
-Everything else: patch embedding, qkv/out projections 8·N·width², MLP 4·N·width·mlp_width,
-and the output projection of the pooled token 2·width·embed_dim.
+Everything else: patch embedding, qkv/out projections 8·N·width², the output gate's projection
+2·N·width² where a layer has one, MLP 4·N·width·mlp_width, and the output projection of the pooled
+token 2·width·embed_dim.
 
 Patch dropout (a training forward): the blocks see N = 1 + kept tokens (`kept_patch_count`);
 the patch embedding still runs on every patch, and a local branch convolves the full grid
@@ -71,12 +75,15 @@ def attention_flops(spec: AttentionSpec | str, tokens: int, width: int, heads: i
     branch adds its depthwise conv over the `patches` tokens: 2·k²·width per patch.
     """
     spec = as_spec(spec)
+    if spec.softmax_layers:
+        raise ValueError(f"'{spec.name}' describes a hybrid tower: count each layer's `layer_spec`")
     head_dim = width // heads
     local = 2 * spec.local_kernel**2 * width * patches
     if spec.linear is None:
         return 4 * tokens * tokens * width + local
-    normaliser = 2 * tokens * width if spec.linear.denominator == "kernel" else 0
-    return 4 * tokens * head_dim * width + normaliser + local
+    widen = 2 if spec.linear.feature_map == "pola" else 1  # pola: 2·d features, each query twice (same, opposite)
+    normaliser = 2 * widen**2 * tokens * width if spec.linear.denominator in ("kernel", "mala") else 0
+    return 4 * widen * tokens * head_dim * width + normaliser + local
 
 
 def chunked_causal_linear_flops(tokens: int, width: int, heads: int, chunk: int) -> int:
@@ -98,13 +105,29 @@ def _block_params(width: int, mlp_width: int) -> int:
 
 
 def _variant_params(spec: AttentionSpec, width: int) -> int:
-    """Per-layer parameters a linear variant adds: the focused scale, the local depthwise conv."""
-    focused = width if spec.linear is not None and spec.linear.feature_map == "focused" else 0
-    return focused + (width * spec.local_kernel**2 + width if spec.local_kernel else 0)
+    """Per-layer parameters a variant adds: the focused/pola scale, pola's power, the local depthwise conv,
+    the output gate."""
+    feature_map = spec.linear.feature_map if spec.linear is not None else None
+    scale = width if feature_map in ("focused", "pola") else 0
+    power = width if feature_map == "pola" else 0
+    gate = width * width + width if spec.gate else 0
+    return scale + power + gate + (width * spec.local_kernel**2 + width if spec.local_kernel else 0)
 
 
-def _block_other_flops(tokens: int, width: int, mlp_width: int) -> int:
-    return 2 * tokens * width * (3 * width) + 2 * tokens * width * width + 2 * 2 * tokens * width * mlp_width
+def _block_other_flops(tokens: int, width: int, mlp_width: int, gate: bool = False) -> int:
+    projections = 4 + (1 if gate else 0)  # qkv (3), out_proj, the gate's
+    return 2 * tokens * width * projections * width + 2 * 2 * tokens * width * mlp_width
+
+
+def _tower_layers(spec: AttentionSpec, tokens: int, width: int, heads: int, mlp_width: int, layers: int,
+                  patches: int = 0) -> tuple[int, int, int]:
+    """(parameters the variants add, attention FLOPs, other block FLOPs) summed over a tower's layers."""
+    params = attention = other = 0
+    for layer in spec.layer_specs(layers):
+        params += _variant_params(layer, width)
+        attention += attention_flops(layer, tokens, width, heads, patches)
+        other += _block_other_flops(tokens, width, mlp_width, layer.gate)
+    return params, attention, other
 
 
 def model_cost(model_cfg: Any, image_size: int | None = None, patch_dropout: float = 0.0) -> ModelCost:
@@ -125,41 +148,40 @@ def model_cost(model_cfg: Any, image_size: int | None = None, patch_dropout: flo
     tokens = 1 + kept_patch_count(patches, patch_dropout)  # what the blocks see
     mlp_width = int(width * image.get("mlp_ratio", 4.0))
     image_spec = tower_attention(image, "image")
+    variant_params, mixing, blocks = _tower_layers(image_spec, tokens, width, image["heads"], mlp_width,
+                                                   image["layers"], patches)
     image_params = (
         3 * patch * patch * width  # patch embedding, no bias
         + width + (1 + patches) * width  # class + position embeddings
         + 2 * width  # ln_pre
-        + image["layers"] * (_block_params(width, mlp_width) + _variant_params(image_spec, width))
+        + image["layers"] * _block_params(width, mlp_width) + variant_params
         + 2 * width + width * embed_dim  # ln_post, proj
     )
-    image_attention = image_spec.name
     image_cost = TowerCost(
         name="image",
-        attention=image_attention,
+        attention=image_spec.name,
         tokens=tokens,
         params=image_params,
-        attention_flops=image["layers"] * attention_flops(image_spec, tokens, width, image["heads"], patches),
-        other_flops=2 * patches * (3 * patch * patch) * width
-        + image["layers"] * _block_other_flops(tokens, width, mlp_width)
-        + 2 * width * embed_dim,
+        attention_flops=mixing,
+        other_flops=2 * patches * (3 * patch * patch) * width + blocks + 2 * width * embed_dim,
     )
 
     context, width = text["context_length"], text["width"]
     mlp_width = int(width * text.get("mlp_ratio", 4.0))
     text_spec = tower_attention(text, "text")
+    variant_params, mixing, blocks = _tower_layers(text_spec, context, width, text["heads"], mlp_width, text["layers"])
     text_params = (
         text["vocab_size"] * width + context * width
-        + text["layers"] * (_block_params(width, mlp_width) + _variant_params(text_spec, width))
+        + text["layers"] * _block_params(width, mlp_width) + variant_params
         + 2 * width + width * embed_dim  # ln_final, text_projection
     )
-    text_attention = text_spec.name
     text_cost = TowerCost(
         name="text",
-        attention=text_attention,
+        attention=text_spec.name,
         tokens=context,
         params=text_params,
-        attention_flops=text["layers"] * attention_flops(text_spec, context, width, text["heads"]),
-        other_flops=text["layers"] * _block_other_flops(context, width, mlp_width) + 2 * width * embed_dim,
+        attention_flops=mixing,
+        other_flops=blocks + 2 * width * embed_dim,
     )
     return ModelCost(image=image_cost, text=text_cost, other_params=1)
 

@@ -39,9 +39,10 @@ class TextTransformer(nn.Module):
         self.checkpoint_every = 0
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.attention = attention  # the tower's spec; each block gets its layer's (`AttentionSpec.layer_specs`)
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, spec=attention, causal=True, backend=backend)
-            for _ in range(layers)
+            Block(width, heads, mlp_ratio, spec=layer_spec, causal=True, backend=backend)
+            for layer_spec in attention.layer_specs(layers)
         )
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))  # (width, embed_dim)

@@ -93,9 +93,10 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))  # (width,)
         self.positional_embedding = nn.Parameter(scale * torch.randn(1 + self.grid[0] * self.grid[1], width))
         self.ln_pre = nn.LayerNorm(width)
+        self.attention = attention  # the tower's spec; each block gets its layer's (`AttentionSpec.layer_specs`)
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, spec=attention, causal=False, backend=backend)
-            for _ in range(layers)
+            Block(width, heads, mlp_ratio, spec=layer_spec, causal=False, backend=backend)
+            for layer_spec in attention.layer_specs(layers)
         )
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))  # (width, embed_dim)
