@@ -195,28 +195,21 @@ def fashion_mnist_samples(images: Iterable[np.ndarray], labels: np.ndarray, spli
         yield sample
 
 
-def fashion_mnist_files(source: Path, prefix: str) -> tuple[Path, Path]:
-    """The images and labels IDX files of one split (`train` or `t10k`); raises if either is missing."""
-    images_file = source / f"{prefix}-images-idx3-ubyte.gz"
-    labels_file = source / f"{prefix}-labels-idx1-ubyte.gz"
-    for f in (images_file, labels_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found (Debian: apt-get install dataset-fashion-mnist, or --source DIR)")
-    return images_file, labels_file
-
-
-def write_fashion_mnist(out: str | Path, source: str | Path = FASHION_MNIST_DIR, train_samples: int | None = None,
-                        test_samples: int | None = None, shard_size: int = 5000, test_shard_size: int = 1000,
-                        seed: int = 0) -> Path:
-    """out/train (captions from open_clip's OpenAI templates around the class name), out/test
-    (`cls` label + "a photo of a {name}."), out/classnames.txt. The first N samples of each split."""
-    out, source = Path(out), Path(source)
+def _write_fashion_mnist_splits(out: Path, source: Path, train_samples: int | None, test_samples: int | None,
+                                shard_size: int, test_shard_size: int, seed: int, dataset: str,
+                                drawing: dict | None = None, draw=None) -> Path:
+    """out/train, out/test, out/classnames.txt from the first N samples of each split; `draw(images, split)`
+    (optional) turns the 28 px images into what is written, `drawing` its arguments for the manifest."""
     for split, prefix, count, size in (
         ("train", "train", train_samples, shard_size),
         ("test", "t10k", test_samples, test_shard_size),
     ):
-        images_file, labels_file = fashion_mnist_files(source, prefix)
-        manifest = {"dataset": "fashion-mnist", "split": split, "samples": count, "shard_size": size,
+        images_file = source / f"{prefix}-images-idx3-ubyte.gz"
+        labels_file = source / f"{prefix}-labels-idx1-ubyte.gz"
+        for f in (images_file, labels_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} not found (Debian: apt-get install dataset-fashion-mnist, or --source DIR)")
+        manifest = {"dataset": dataset, "split": split, "samples": count, "shard_size": size, **(drawing or {}),
                     "seed": seed, "format": 1}
         if is_complete(out / split, manifest):
             print(f"{out / split}: up to date", file=sys.stderr)
@@ -224,10 +217,20 @@ def write_fashion_mnist(out: str | Path, source: str | Path = FASHION_MNIST_DIR,
         images, labels = read_idx(images_file), read_idx(labels_file)
         if count is not None:
             images, labels = images[:count], labels[:count]
-        write_shards(fashion_mnist_samples(images, labels, split, seed), out / split, size, manifest,
-                     total=len(labels), desc=f"fashion-mnist {split}")
+        drawn = draw(images, split) if draw else images
+        write_shards(fashion_mnist_samples(drawn, labels, split, seed), out / split, size, manifest,
+                     total=len(labels), desc=f"{dataset} {split}")
     _atomic_write_text(out / "classnames.txt", "\n".join(FASHION_MNIST_CLASSNAMES) + "\n")
     return out
+
+
+def write_fashion_mnist(out: str | Path, source: str | Path = FASHION_MNIST_DIR, train_samples: int | None = None,
+                        test_samples: int | None = None, shard_size: int = 5000, test_shard_size: int = 1000,
+                        seed: int = 0) -> Path:
+    """out/train (captions from open_clip's OpenAI templates around the class name), out/test
+    (`cls` label + "a photo of a {name}."), out/classnames.txt. The first N samples of each split."""
+    return _write_fashion_mnist_splits(Path(out), Path(source), train_samples, test_samples, shard_size,
+                                       test_shard_size, seed, "fashion-mnist")
 
 
 # ---------------------------------------------------------------------------- Fashion-MNIST canvas
@@ -258,26 +261,13 @@ def write_fashion_mnist_canvas(out: str | Path, source: str | Path = FASHION_MNI
                                test_samples: int | None = None, shard_size: int = 5000,
                                test_shard_size: int = 1000, seed: int = 0) -> Path:
     """Like `write_fashion_mnist` (same captions, `cls` labels, classnames.txt) with every item drawn
-    small at a random place on a larger canvas (`canvas_images`)."""
-    out = Path(out)
-    for split, prefix, count, size in (
-        ("train", "train", train_samples, shard_size),
-        ("test", "t10k", test_samples, test_shard_size),
-    ):
-        images_file, labels_file = fashion_mnist_files(Path(source), prefix)
-        manifest = {"dataset": "fashion-mnist-canvas", "split": split, "samples": count, "shard_size": size,
-                    "canvas": canvas, "item_size": item_size, "clutter": clutter, "seed": seed, "format": 1}
-        if is_complete(out / split, manifest):
-            print(f"{out / split}: up to date", file=sys.stderr)
-            continue
-        images, labels = read_idx(images_file), read_idx(labels_file)
-        if count is not None:
-            images, labels = images[:count], labels[:count]
-        canvases = canvas_images(images, canvas, item_size, clutter, seed * 2 + (split == "test"))
-        write_shards(fashion_mnist_samples(canvases, labels, split, seed), out / split, size, manifest,
-                     total=len(labels), desc=f"fashion-mnist-canvas {split}")
-    _atomic_write_text(out / "classnames.txt", "\n".join(FASHION_MNIST_CLASSNAMES) + "\n")
-    return out
+    small at a random place on a larger canvas (`canvas_images`; the test split draws with its own seed)."""
+    def draw(images: np.ndarray, split: str) -> Iterator[np.ndarray]:
+        return canvas_images(images, canvas, item_size, clutter, seed * 2 + (split == "test"))
+
+    return _write_fashion_mnist_splits(Path(out), Path(source), train_samples, test_samples, shard_size,
+                                       test_shard_size, seed, "fashion-mnist-canvas",
+                                       {"canvas": canvas, "item_size": item_size, "clutter": clutter}, draw)
 
 
 # ------------------------------------------------------------------------------------ image folder

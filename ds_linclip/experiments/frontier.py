@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ds_linclip.experiments.fits import lower_envelope
-from ds_linclip.experiments.launcher import Launcher, prepare_process, run_specs, run_study, terminate_on_sigterm
-from ds_linclip.experiments.report import (aggregate, fmt, load_average_1m, machine_sentence, markdown_table,
+from ds_linclip.experiments.launcher import Launcher, failures_exit_code, parse_study_args, prepare_process, run_specs, run_study
+from ds_linclip.experiments.report import (fmt, load_average_1m, machine_sentence, markdown_table,
                                            mean_std, run_meta, write_json)
-from ds_linclip.experiments.runs import Budget, ExperimentError, RunResult, RunSpec, log, parse_seeds, set_log_prefix
+from ds_linclip.experiments.runs import Budget, RunResult, RunSpec, log, parse_seeds, set_log_prefix
 
 # ----------------------------------------------------------------------------- configurations
 
@@ -554,20 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     set_log_prefix("frontier")
-    return run_study(lambda: _main(argv))
+    return run_study(lambda: study(*parse_study_args(build_parser(), argv, QUICK)))
 
 
-def _main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    terminate_on_sigterm()
-    if args.quick:
-        for key, value in QUICK.items():
-            if not any(a == "--" + key.replace("_", "-") or a.startswith("--" + key.replace("_", "-") + "=")
-                       for a in argv):
-                setattr(args, key, value)
+def study(args: argparse.Namespace, argv: list[str]) -> int:
+    """The command: --plan prints the grid; otherwise fill it (finished runs reused) and write the report."""
     launcher_mode = args.launcher or ("inprocess" if args.quick else "subprocess")
-    jobs = args.jobs if launcher_mode == "subprocess" else 1
+    jobs = 1 if launcher_mode == "inprocess" else args.jobs  # in-process runs share one DeepSpeed process
     known = {c.name: c for c in default_configs(args.low_size)}
     names = args.configs or list(known)
     unknown = [n for n in names if n not in known]
@@ -629,11 +622,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         "multiplier": summary, "targets": checks})
     print(markdown)
     log(f"wrote {args.out / 'frontier.md'}, frontier.json, frontier.png ({meta['wall_seconds']:.0f} s)")
-    if failures:
-        print("error: some runs failed (left out of the tables):\n  " + "\n  ".join(f.splitlines()[0] for f in failures),
-              file=sys.stderr)
-        return 1
-    return 0
+    return failures_exit_code(failures)
 
 
 if __name__ == "__main__":
