@@ -179,6 +179,7 @@ class Grid:
     probe_low: list[RunSpec]
     probe_full: list[RunSpec]
     budgets: list[float]
+    budget_steps: list[int]  # what each budget is: softmax at the full size for this many steps
     configs: list[Config]
     frontier: dict[tuple[str, int], list[RunSpec]]
 
@@ -208,7 +209,7 @@ def build_grid(configs: Sequence[Config], budget: Budget, low_size: int, full_si
             steps = steps_for_flops(base, flops)
             frontier[config.name, index] = [config.spec(full_size, width, replace(budget, steps=steps, seed=s))
                                             for s in seeds]
-    return Grid(probe_low, probe_full, budgets, list(configs), frontier)
+    return Grid(probe_low, probe_full, budgets, list(budget_steps), list(configs), frontier)
 
 
 def estimated_cpu_minutes(spec: RunSpec, gflops_per_s: float, overhead_s: float) -> float:
@@ -407,7 +408,7 @@ def report_markdown(command: str, meta: dict[str, Any], budget: Budget, low_size
              f"Data: Fashion-MNIST items drawn at {full_size // 7} px at random places on a {full_size} px canvas "
              f"with faint clutter (`python -m ds_linclip.data.writer fashion-mnist-canvas --canvas {full_size} "
              f"--item-size {full_size // 7}`); captions from the OpenAI templates around the class name. "
-             f"Model: both towers {budget.layers} layers, width {budget.width if False else grid.probe_full[0].width}, "
+             f"Model: both towers {budget.layers} layers, width {budget.width}, "
              f"head dim 32, patch {budget.patch_size}, text context {budget.context_length}; batch "
              f"{budget.batch_size}, AdamW lr {budget.lr:g} (warm-up 10% of the steps, then cosine), weight decay "
              f"{budget.weight_decay:g}, fp32, one process. Zero-shot top-1 by the eval job on the first "
@@ -435,7 +436,7 @@ def report_markdown(command: str, meta: dict[str, Any], budget: Budget, low_size
 
     lines += ["", "## The frontier: every configuration at the same training-FLOP budgets", "",
               "Budgets are the training FLOPs of softmax at the full size for "
-              + ", ".join(str(s[0].budget.steps) for (n, i), s in grid.frontier.items() if n == "softmax")
+              + ", ".join(map(str, grid.budget_steps))
               + " steps; each configuration gets the step count whose FLOPs are closest (phases counted per phase, "
               "dropped tokens not counted, the local branch's full-grid convolution counted; "
               "`ds_linclip.models.flops`, forward + backward = 3 x forward).", ""]
