@@ -116,8 +116,10 @@ def test_quick_study_end_to_end(tmp_path):
     assert len([d for d in runs.iterdir() if (d / "DONE").is_file()]) == 9
     for p in points:
         assert abs(p["flops"] - report["budgets_flops"][p["budget_index"]]) < p["flops"] / p["steps"]
-        run = next(runs.glob(f"*-{p['steps']}steps-seed1"
-                             if p["config"] == "softmax" else f"*-{p['config']}-{p['steps']}steps-seed1"))
+        kind = {"softmax-pd0.5": "softmax", "linear-lowres0.8": "linear-focused-local3"}.get(p["config"], p["config"])
+        label = "" if p["config"] == kind else p["config"] + "-"  # a plain configuration keeps the plain folder
+        assert p["runs"] == [f"{kind}-24px-w32-{label}{p['steps']}steps-seed1"]
+        run = runs / p["runs"][0]
         record = json.loads((run / "eval" / "final_zeroshot.json").read_text())
         assert math.isclose(p["top1"], 100 * record["metrics"]["top1"]) and record["num_samples"] == 200
         if p["config"] == "linear-lowres0.8":  # the trainer really ran both phases

@@ -291,6 +291,7 @@ def frontier_points(grid: Grid, done: dict[RunSpec, RunResult]) -> list[dict[str
         points.append({"config": name, "budget_index": index, "budget_flops": grid.budgets[index],
                        "flops": train_flops(finished[0]), "steps": finished[0].budget.steps,
                        "phases": phase_cell(finished[0]), "seeds": [s.budget.seed for s in finished],
+                       "runs": [s.name for s in finished],
                        "top1_per_seed": values, "top1": stat.mean, "top1_std": stat.std, "n": stat.n,
                        "final_loss": statistics.fmean(done[s].final_loss for s in finished),
                        "seeds_asked": len(specs)})
