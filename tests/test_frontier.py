@@ -131,3 +131,18 @@ def test_quick_study_end_to_end(tmp_path):
     again = subprocess.run(args + ["--no-train"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "out" / "frontier.json").read_text())["points"] == points
+
+
+def test_plan_prints_every_run_with_its_flops_before_any_run(tmp_path, capsys):
+    from ds_linclip.experiments.frontier import main
+
+    runs = tmp_path / "runs"
+    assert main(["--plan", "--budget-steps", "300", "--runs-dir", str(runs), "--data", str(tmp_path / "none")]) == 0
+    table = capsys.readouterr().out
+    assert not runs.exists() and not (tmp_path / "none").exists()  # nothing trained, no data written
+    rows = {line.split("|")[2].strip(): line for line in table.splitlines() if line.startswith("| frontier")}
+    assert set(rows) == {"softmax", "softmax-pd0.5", "linear-focused-local3", "linear-pd0.5", "softmax-lowres0.8",
+                         "linear-lowres0.8"}
+    assert "(3 from the probe)" in rows["softmax"]  # the probe's full-size runs are the softmax points
+    assert "| 622 x 50 + 155 x 197 |" in rows["softmax-lowres0.8"] and "| 653 x 99 |" in rows["softmax-pd0.5"]
+    assert "estimated total" in table

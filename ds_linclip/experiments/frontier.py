@@ -19,6 +19,8 @@ Two parts, one report (docs/results/frontier.md/.json + frontier.png):
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import math
 import shlex
 import statistics
@@ -106,20 +108,38 @@ def default_configs(low_size: int) -> list[Config]:
 # ----------------------------------------------------------------------------- FLOPs and steps
 
 
-def phase_flops(spec: RunSpec) -> list[tuple[int, float]]:
-    """[(steps, training FLOPs per step)] per phase of `spec`, as the trainer plans them (train.phases ->
-    plan_phases): 3 x forward FLOPs of one image + one caption (models.flops at the phase's image size
-    and patch dropout) x batch."""
+@functools.lru_cache(maxsize=None)
+def _resolved(spec: RunSpec) -> tuple[Any, tuple[float, ...]]:
+    """(the run's resolved config, training FLOPs per step of each train.phases entry); cached, as
+    resolving a config is the slow part and a budget search asks about the same spec many times."""
     from ds_linclip.config import load_config
     from ds_linclip.models.flops import model_cost
     from ds_linclip.train.phases import plan_phases
 
     cfg = load_config([], spec.train_overrides(Path("data"), Path("runs")))
-    out = []
+    per_step = []
     for phase in plan_phases(cfg):
         cost = model_cost(cfg.model, phase.image_size, phase.patch_dropout)
-        out.append((phase.steps, 3.0 * (cost.image.flops + cost.text.flops) * spec.budget.batch_size))
-    return out
+        per_step.append(3.0 * (cost.image.flops + cost.text.flops) * spec.budget.batch_size)
+    return cfg, tuple(per_step)
+
+
+def _phases(spec: RunSpec) -> list[Any]:
+    """The trainer's phase plan (train.phases -> plan_phases) for the spec's step count."""
+    from ds_linclip.train.phases import plan_phases
+
+    cfg, _ = _resolved(spec.with_steps(1000))
+    cfg = copy.deepcopy(cfg)
+    cfg.train.steps = spec.budget.steps
+    return plan_phases(cfg)
+
+
+def phase_flops(spec: RunSpec) -> list[tuple[int, float]]:
+    """[(steps, training FLOPs per step)] per phase of `spec`, as the trainer plans them (train.phases ->
+    plan_phases): 3 x forward FLOPs of one image + one caption (models.flops at the phase's image size
+    and patch dropout) x batch."""
+    _, per_step = _resolved(spec.with_steps(1000))
+    return [(phase.steps, per_step[phase.index]) for phase in _phases(spec)]
 
 
 def train_flops(spec: RunSpec) -> float:
@@ -130,8 +150,8 @@ def train_flops(spec: RunSpec) -> float:
 def steps_for_flops(spec: RunSpec, flops: float) -> int:
     """The step count (>= 1) whose run spends the training FLOPs closest to `flops`, phases included
     (their boundaries round with the step count, so the neighbours of the first estimate are tried)."""
-    per_step = [p for _, p in phase_flops(spec.with_steps(1000))]
-    fractions = [s / 1000 for s, _ in phase_flops(spec.with_steps(1000))]
+    phases = phase_flops(spec.with_steps(1000))
+    per_step, fractions = [p for _, p in phases], [s / 1000 for s, _ in phases]
     estimate = max(1, round(flops / sum(f * p for f, p in zip(fractions, per_step))))
     candidates = [s for s in range(max(1, estimate - 2), estimate + 3) if s >= len(per_step)]
     return min(candidates, key=lambda s: (abs(train_flops(spec.with_steps(s)) - flops), s))
@@ -219,13 +239,11 @@ def estimated_cpu_minutes(spec: RunSpec, gflops_per_s: float, overhead_s: float)
 
 def phase_cell(spec: RunSpec) -> str:
     """'steps x tokens/img' per phase: '240 x 50 + 60 x 197'."""
-    from ds_linclip.config import load_config
     from ds_linclip.models.flops import model_cost
-    from ds_linclip.train.phases import plan_phases
 
-    cfg = load_config([], spec.train_overrides(Path("data"), Path("runs")))
+    cfg, _ = _resolved(spec.with_steps(1000))
     return " + ".join(f"{p.steps} x {model_cost(cfg.model, p.image_size, p.patch_dropout).image.tokens}"
-                      for p in plan_phases(cfg))
+                      for p in _phases(spec))
 
 
 def plan_text(grid: Grid, part: str, gflops_per_s: float, overhead_s: float, reusable: set[RunSpec]) -> str:
