@@ -374,13 +374,20 @@ def target_checks(summary: dict[str, Any]) -> list[dict[str, Any]]:
         return []
     gap = summary["best_linear_top1"] - summary["best_softmax_top1"]
     multiplier = summary["multiplier"]
+    stds = [(summary[f"best_{a}_top1_std"], summary[f"best_{a}_n"]) for a in ("linear", "softmax")]
+    error = math.sqrt(sum(std ** 2 / n for std, n in stds)) if all(std is not None for std, _ in stds) else None
+    noise = ("one seed: no spread" if error is None else
+             f"standard error of the difference {error:.2f}; "
+             + ("beyond" if abs(gap) > 2 * error else "within") + " 2 standard errors")
     return [
         {"target": f"largest budget measured ({summary['budget_flops'] / 1e12:.3f} TFLOPs): best linear "
                    f"({summary['best_linear']}) >= best softmax ({summary['best_softmax']}) + 1.0 point",
-         "measured": f"{summary['best_linear_top1']:.2f} vs {summary['best_softmax_top1']:.2f}: {gap:+.2f} points",
-         "met": gap >= 1.0},
+         "measured": f"{summary['best_linear_top1']:.2f} vs {summary['best_softmax_top1']:.2f}: {gap:+.2f} points "
+                     f"({noise})",
+         "met": gap >= 1.0, "standard_error": error},
         {"target": f"best linear reaches best softmax's {summary['target_top1']:.2f}% with <= 0.7x its compute",
          "measured": (f"{multiplier:.2f}x" if multiplier is not None else
+                      "not readable with one budget" if summary["budgets_on_curves"] < 2 else
                       "not readable (needs the crossing between two measured budgets of both curves)"),
          "met": multiplier is not None and multiplier <= 0.7},
     ]
@@ -404,17 +411,21 @@ def plot_frontier(points: Sequence[dict[str, Any]], configs: Sequence[Config], p
     fig, ax = plt.subplots(figsize=(7.5, 5))
     markers = "osD^vP*X"
     for index, config in enumerate(configs):
-        mine = sorted((p for p in points if p["config"] == config.name), key=lambda p: p["flops"])
+        mine = sorted((p for p in points if p["config"] == config.name), key=lambda p: p["budget_flops"])
         if not mine:
             continue
-        ax.errorbar([p["flops"] for p in mine], [p["top1"] for p in mine],
+        # each configuration spends its budget to within one step: drawn at the budget, nudged apart to be seen
+        nudge = 1 + 0.015 * (index - (len(configs) - 1) / 2)
+        ax.errorbar([p["budget_flops"] * nudge for p in mine], [p["top1"] for p in mine],
                     yerr=[p["top1_std"] or 0 for p in mine], marker=markers[index % len(markers)], capsize=3,
                     linestyle="--" if config.linear else "-", color=color(config.name), label=config.name)
-    front = pareto_frontier([(p["flops"], p["top1"]) for p in points])
+    front = pareto_frontier([(p["budget_flops"], p["top1"]) for p in points])
     if front:
         ax.step([c for c, _ in front], [a for _, a in front], where="post", color="black", alpha=0.5, linewidth=3,
-                label="Pareto frontier", zorder=0)
-    style_axes(ax, "training FLOPs (forward + backward, per phase)", "zero-shot top-1 %")
+                marker="_", markersize=40, label="Pareto frontier", zorder=0)
+        budgets = sorted({p["budget_flops"] for p in points})
+        ax.set_xlim(budgets[0] / 1.3, budgets[-1] * 1.3)
+    style_axes(ax, "training FLOPs budget (forward + backward, per phase)", "zero-shot top-1 %")
     ax.set_title("Accuracy vs training compute: softmax (solid) vs linear (dashed)")
     save(fig, path)
 
@@ -460,7 +471,7 @@ def report_markdown(command: str, meta: dict[str, Any], budget: Budget, low_size
               "dropped tokens not counted, the local branch's full-grid convolution counted; "
               "`ds_linclip.models.flops`, forward + backward = 3 x forward).", ""]
     header = ["configuration", "schedule", "budget", "steps x image tokens", "train TFLOPs", "seeds", "top-1 %",
-              "final loss"]
+              "final loss (mean)"]
     rows = []
     described = {c.name: c.describe(full_size) for c in grid.configs}
     for p in sorted(points, key=lambda p: (p["budget_index"], -p["top1"])):
@@ -474,11 +485,11 @@ def report_markdown(command: str, meta: dict[str, Any], budget: Budget, low_size
     best = best_per_budget(points)
     if best:
         lines += ["", "### Best configuration at each budget", ""]
-        front = {c for c, _ in pareto_frontier([(p["flops"], p["top1"]) for p in points])}
+        front = {c for c, _ in pareto_frontier([(p["budget_flops"], p["top1"]) for p in points])}
         lines.append(markdown_table(
             ["budget", "budget TFLOPs", "best configuration", "top-1 %", "on the Pareto frontier"],
             [[str(i), f"{grid.budgets[i] / 1e12:.3f}", b["config"], _cell(b["top1"], b["top1_std"], b["n"]),
-              "yes" if b["flops"] in front else "no"] for i, b in sorted(best.items())]))
+              "yes" if b["budget_flops"] in front else "no"] for i, b in sorted(best.items())]))
 
     if summary:
         ratio = summary["multiplier"]
@@ -490,13 +501,15 @@ def report_markdown(command: str, meta: dict[str, Any], budget: Budget, low_size
                   f"({_cell(summary['best_linear_top1'], summary['best_linear_top1_std'], summary['best_linear_n'])}) "
                   f"and the best softmax one **{summary['best_softmax']}** "
                   f"({_cell(summary['best_softmax_top1'], summary['best_softmax_top1_std'], summary['best_softmax_n'])}). "
+                  + ("The compute multiplier needs two or more budgets (a curve per configuration); this report "
+                     "has one." if summary["budgets_on_curves"] < 2 else
                   f"Compute to reach {summary['target_top1']:.2f}% top-1 (interpolated in log compute on the mean "
                   f"curves over {summary['budgets_on_curves']} budget(s)): linear "
                   f"{fmt(summary['linear_flops_to_target'] and summary['linear_flops_to_target'] / 1e12, '.3f')} "
                   f"TFLOPs, softmax "
                   f"{fmt(summary['softmax_flops_to_target'] and summary['softmax_flops_to_target'] / 1e12, '.3f')} "
                   f"TFLOPs: multiplier **{fmt(ratio, '.2f')}x**; per seed {per_seed.cell()} "
-                  "(seeds whose curves both cross the target between two budgets)."]
+                  "(seeds whose curves both cross the target between two budgets).")]
     if checks:
         lines += ["", "## Targets", "", markdown_table(
             ["target", "measured", "met"], [[c["target"], c["measured"], "yes" if c["met"] else "no"] for c in checks])]
@@ -637,7 +650,8 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
         "full_size": args.full_size, "budgets_flops": grid.budgets,
         "configs": [{"name": c.name, "kind": c.kind, "overrides": list(c.overrides()),
                      "schedule": c.describe(args.full_size)} for c in grid.configs],
-        "probe": probe, "points": points, "pareto": pareto_frontier([(p["flops"], p["top1"]) for p in points]),
+        "probe": probe, "points": points,
+        "pareto": pareto_frontier([(p["budget_flops"], p["top1"]) for p in points]),
         "best_per_budget": {str(i): b["config"] for i, b in best_per_budget(points).items()},
         "multiplier": summary, "targets": checks})
     print(markdown)
