@@ -99,6 +99,13 @@ EXPENSIVE: dict[str, str] = {
         "tests/test_eval_job.py::test_submitit_local_executor_runs_the_eval_job",
     "python -m ds_linclip.eval --checkpoint R/checkpoints/step_00010000 --config configs/eval/imagenet1k.yaml":
         "tests/test_eval_reference.py: imagenet1k class names and templates against open_clip's",
+    # the frontier study
+    "python -m ds_linclip.data.writer fashion-mnist-canvas --out data/fmnist-canvas56 --canvas 56 --item-size 8":
+        "tests/test_writer.py::test_fashion_mnist_canvas_draws_each_item_small_and_is_deterministic",
+    "python -m ds_linclip.experiments.frontier --plan":
+        "tests/test_frontier.py::test_plan_prints_every_run_with_its_flops_before_any_run",
+    "python -m ds_linclip.experiments.frontier --jobs 2":
+        "tests/test_frontier.py::test_quick_study_end_to_end",
 }
 
 

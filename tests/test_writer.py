@@ -161,3 +161,44 @@ def test_cli_help_answers():
     assert "--train-samples" in subprocess.run(
         [sys.executable, "-m", "ds_linclip.data.writer", "fashion-mnist", "--help"], env=env, capture_output=True,
         text=True, timeout=120).stdout
+
+
+def test_fashion_mnist_canvas_draws_each_item_small_and_is_deterministic(tmp_path):
+    import io
+
+    writer.write_fashion_mnist_canvas(tmp_path / "a", canvas=32, item_size=8, clutter=3, train_samples=40,
+                                      test_samples=30, shard_size=20, test_shard_size=10)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run([sys.executable, "-m", "ds_linclip.data.writer", "fashion-mnist-canvas", "--out", str(tmp_path / "b"),
+                    "--canvas", "32", "--item-size", "8", "--train-samples", "40", "--test-samples", "30",
+                    "--shard-size", "20", "--test-shard-size", "10"], env=env, check=True, timeout=300,
+                   capture_output=True)
+    for split, shards in (("train", 2), ("test", 3)):
+        sizes = json.loads((tmp_path / "a" / split / "sizes.json").read_text())
+        assert list(sizes) == [f"shard-{i:06d}.tar" for i in range(shards)]
+        for name in sizes:  # the same arguments give the same samples (the tar headers hold write times)
+            first, second = (shard_samples(tmp_path / out / split / name) for out in ("a", "b"))
+            assert [dict(s, __url__=None) for s in first] == [dict(s, __url__=None) for s in second]
+    assert (tmp_path / "a" / "classnames.txt").read_text().splitlines() == list(FASHION_MNIST_CLASSNAMES)
+
+    images = read_idx(f"{FASHION_MNIST_DIR}/t10k-images-idx3-ubyte.gz")
+    labels = read_idx(f"{FASHION_MNIST_DIR}/t10k-labels-idx1-ubyte.gz")
+    test = [s for i in range(3) for s in shard_samples(tmp_path / "a" / "test" / f"shard-{i:06d}.tar")]
+    corners = set()
+    for index, sample in enumerate(test):
+        assert int(sample["cls"]) == labels[index]
+        assert sample["txt"].decode() == f"a photo of a {FASHION_MNIST_CLASSNAMES[labels[index]]}."
+        canvas = np.asarray(Image.open(io.BytesIO(sample["png"])))
+        assert canvas.shape == (32, 32) and canvas.dtype == np.uint8
+        item = np.asarray(Image.fromarray(images[index]).resize((8, 8), Image.Resampling.BOX))
+        bright = np.argwhere(canvas > 48)  # clutter is at most 48: what is brighter is the item
+        top, left = bright.min(axis=0)
+        assert (bright.max(axis=0) - bright.min(axis=0) < 8).all()  # the item fits in an 8 x 8 box
+        # somewhere the 8 x 8 box holds the shrunk item (over the clutter: the brighter of the two)
+        fits = [(t, l) for t in range(max(0, top - 7), top + 1) for l in range(max(0, left - 7), left + 1)
+                if t + 8 <= 32 and l + 8 <= 32
+                and np.array_equal(np.maximum(canvas[t:t + 8, l:l + 8], item), canvas[t:t + 8, l:l + 8])
+                and (canvas[t:t + 8, l:l + 8][item > 48] == item[item > 48]).all()]
+        assert fits, f"test sample {index}: the shrunk item is not on the canvas"
+        corners.add(fits[0])
+    assert len(corners) > 10  # placed at random, not at one spot

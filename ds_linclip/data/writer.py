@@ -4,6 +4,7 @@
     python -m ds_linclip.data.writer imagefolder --images DIR [--captions captions.csv] --out DIR
     python -m ds_linclip.data.writer img2dataset --input 'laion/{00000..00099}.tar' --out DIR --shard-size 10000
     python -m ds_linclip.data.writer synthetic --out DIR --samples 2048 --image-size 64
+    python -m ds_linclip.data.writer fashion-mnist-canvas --out data/fmnist-canvas --canvas 56 --item-size 8
 
 Every shard is written under a hidden temporary name and renamed when complete, so a crash never
 leaves a half-written tar under a name a shard spec matches. `sizes.json` (open_clip's format,
@@ -179,7 +180,7 @@ def caption_templates():
     return OPENAI_IMAGENET_TEMPLATES
 
 
-def fashion_mnist_samples(images: np.ndarray, labels: np.ndarray, split: str, seed: int) -> Iterator[dict]:
+def fashion_mnist_samples(images: Iterable[np.ndarray], labels: np.ndarray, split: str, seed: int) -> Iterator[dict]:
     templates = caption_templates()
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     choice = rng.integers(0, len(templates), size=len(labels))
@@ -194,12 +195,11 @@ def fashion_mnist_samples(images: np.ndarray, labels: np.ndarray, split: str, se
         yield sample
 
 
-def write_fashion_mnist(out: str | Path, source: str | Path = FASHION_MNIST_DIR, train_samples: int | None = None,
-                        test_samples: int | None = None, shard_size: int = 5000, test_shard_size: int = 1000,
-                        seed: int = 0) -> Path:
-    """out/train (captions from open_clip's OpenAI templates around the class name), out/test
-    (`cls` label + "a photo of a {name}."), out/classnames.txt. The first N samples of each split."""
-    out, source = Path(out), Path(source)
+def _write_fashion_mnist_splits(out: Path, source: Path, train_samples: int | None, test_samples: int | None,
+                                shard_size: int, test_shard_size: int, seed: int, dataset: str,
+                                drawing: dict | None = None, draw=None) -> Path:
+    """out/train, out/test, out/classnames.txt from the first N samples of each split; `draw(images, split)`
+    (optional) turns the 28 px images into what is written, `drawing` its arguments for the manifest."""
     for split, prefix, count, size in (
         ("train", "train", train_samples, shard_size),
         ("test", "t10k", test_samples, test_shard_size),
@@ -209,7 +209,7 @@ def write_fashion_mnist(out: str | Path, source: str | Path = FASHION_MNIST_DIR,
         for f in (images_file, labels_file):
             if not f.is_file():
                 raise FileNotFoundError(f"{f} not found (Debian: apt-get install dataset-fashion-mnist, or --source DIR)")
-        manifest = {"dataset": "fashion-mnist", "split": split, "samples": count, "shard_size": size,
+        manifest = {"dataset": dataset, "split": split, "samples": count, "shard_size": size, **(drawing or {}),
                     "seed": seed, "format": 1}
         if is_complete(out / split, manifest):
             print(f"{out / split}: up to date", file=sys.stderr)
@@ -217,10 +217,57 @@ def write_fashion_mnist(out: str | Path, source: str | Path = FASHION_MNIST_DIR,
         images, labels = read_idx(images_file), read_idx(labels_file)
         if count is not None:
             images, labels = images[:count], labels[:count]
-        write_shards(fashion_mnist_samples(images, labels, split, seed), out / split, size, manifest,
-                     total=len(labels), desc=f"fashion-mnist {split}")
+        drawn = draw(images, split) if draw else images
+        write_shards(fashion_mnist_samples(drawn, labels, split, seed), out / split, size, manifest,
+                     total=len(labels), desc=f"{dataset} {split}")
     _atomic_write_text(out / "classnames.txt", "\n".join(FASHION_MNIST_CLASSNAMES) + "\n")
     return out
+
+
+def write_fashion_mnist(out: str | Path, source: str | Path = FASHION_MNIST_DIR, train_samples: int | None = None,
+                        test_samples: int | None = None, shard_size: int = 5000, test_shard_size: int = 1000,
+                        seed: int = 0) -> Path:
+    """out/train (captions from open_clip's OpenAI templates around the class name), out/test
+    (`cls` label + "a photo of a {name}."), out/classnames.txt. The first N samples of each split."""
+    return _write_fashion_mnist_splits(Path(out), Path(source), train_samples, test_samples, shard_size,
+                                       test_shard_size, seed, "fashion-mnist")
+
+
+# ---------------------------------------------------------------------------- Fashion-MNIST canvas
+def canvas_images(images: np.ndarray, canvas: int, item_size: int, clutter: int, seed: int) -> Iterator[np.ndarray]:
+    """Each Fashion-MNIST item shrunk to `item_size` px (antialiased) and pasted at a uniformly random
+    place on a dark `canvas` x `canvas` px image with `clutter` faint rectangles (intensity 16-48).
+    Deterministic in `seed`. Why: at half the canvas resolution the item is item_size / 2 px and loses
+    the detail that tells the classes apart, so more tokens (a higher input resolution at a fixed
+    patch size) can pay. Yields (canvas, canvas) uint8 arrays."""
+    if not 0 < item_size <= canvas:
+        raise ValueError(f"item size {item_size} must be in 1..canvas ({canvas})")
+    rng = np.random.default_rng(seed)
+    for pixels in images:
+        image = np.zeros((canvas, canvas), dtype=np.uint8)
+        for _ in range(clutter):
+            top, left = rng.integers(0, canvas, size=2)
+            height, width = rng.integers(2, canvas // 4 + 1, size=2)
+            image[top:top + height, left:left + width] = rng.integers(16, 49)
+        item = np.asarray(Image.fromarray(pixels).resize((item_size, item_size), Image.Resampling.BOX))
+        top, left = rng.integers(0, canvas - item_size + 1, size=2)
+        region = image[top:top + item_size, left:left + item_size]
+        np.maximum(region, item, out=region)  # the item drawn over the clutter
+        yield image
+
+
+def write_fashion_mnist_canvas(out: str | Path, source: str | Path = FASHION_MNIST_DIR, canvas: int = 56,
+                               item_size: int = 8, clutter: int = 3, train_samples: int | None = None,
+                               test_samples: int | None = None, shard_size: int = 5000,
+                               test_shard_size: int = 1000, seed: int = 0) -> Path:
+    """Like `write_fashion_mnist` (same captions, `cls` labels, classnames.txt) with every item drawn
+    small at a random place on a larger canvas (`canvas_images`; the test split draws with its own seed)."""
+    def draw(images: np.ndarray, split: str) -> Iterator[np.ndarray]:
+        return canvas_images(images, canvas, item_size, clutter, seed * 2 + (split == "test"))
+
+    return _write_fashion_mnist_splits(Path(out), Path(source), train_samples, test_samples, shard_size,
+                                       test_shard_size, seed, "fashion-mnist-canvas",
+                                       {"canvas": canvas, "item_size": item_size, "clutter": clutter}, draw)
 
 
 # ------------------------------------------------------------------------------------ image folder
@@ -321,6 +368,19 @@ def main(argv: list[str] | None = None) -> int:
     fm.add_argument("--test-shard-size", type=int, default=1000, help="samples per test shard (default %(default)s)")
     fm.add_argument("--seed", type=int, default=0, help="seed for the caption template choice")
 
+    canvas = sub.add_parser("fashion-mnist-canvas",
+                            help="Fashion-MNIST items drawn small at random places on a larger canvas (detail needs tokens)")
+    canvas.add_argument("--out", required=True, help="output dir: OUT/train, OUT/test, OUT/classnames.txt")
+    canvas.add_argument("--source", default=FASHION_MNIST_DIR, help="dir with the *-idx?-ubyte.gz files (default: %(default)s)")
+    canvas.add_argument("--canvas", type=int, default=56, help="canvas size in px (default %(default)s)")
+    canvas.add_argument("--item-size", type=int, default=8, help="item size in px on the canvas (default %(default)s)")
+    canvas.add_argument("--clutter", type=int, default=3, help="faint rectangles per image (default %(default)s)")
+    canvas.add_argument("--train-samples", type=int, default=None, help="first N of the 60000 train images (default all)")
+    canvas.add_argument("--test-samples", type=int, default=None, help="first N of the 10000 test images (default all)")
+    canvas.add_argument("--shard-size", type=int, default=5000, help="samples per train shard (default %(default)s)")
+    canvas.add_argument("--test-shard-size", type=int, default=1000, help="samples per test shard (default %(default)s)")
+    canvas.add_argument("--seed", type=int, default=0, help="seed for placement, clutter and caption templates")
+
     folder = sub.add_parser("imagefolder", help="an image folder (+ captions CSV/TSV, or class sub-folders) -> shards")
     folder.add_argument("--images", required=True, help="root folder of the images")
     folder.add_argument("--captions", default=None,
@@ -351,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "fashion-mnist":
         write_fashion_mnist(args.out, args.source, args.train_samples, args.test_samples, args.shard_size,
                             args.test_shard_size, args.seed)
+    elif args.command == "fashion-mnist-canvas":
+        write_fashion_mnist_canvas(args.out, args.source, args.canvas, args.item_size, args.clutter,
+                                   args.train_samples, args.test_samples, args.shard_size, args.test_shard_size,
+                                   args.seed)
     elif args.command == "imagefolder":
         images = Path(args.images)
         if not images.is_dir():

@@ -1,7 +1,7 @@
 """Experiments: studies that train grids of small CLIPs with our trainer, score them with our eval job
 and write their results under docs/results/.
 
-A study is one thin module (`compare`, `linearize`, ...) with a CLI on top of shared pieces:
+A study is one thin module (`compare`, `linearize`, `frontier`, ...) with a CLI on top of shared pieces:
 
     variants  VARIANT_GRAMMAR, parse_variant(name) -> Variant (.image/.text AttentionSpec, .linear,
               .overrides()), VariantError, variant_argument (argparse type), HEAD_DIM (heads = width / 32)
@@ -21,6 +21,8 @@ A study is one thin module (`compare`, `linearize`, ...) with a CLI on top of sh
               .evaluate(spec)); run_specs(specs, launcher, done, jobs=1, train=True, bar=None, evaluate=True) fills
               `done` {spec: RunResult}, `jobs` runs at a time (one thread each), returns failure messages;
               prepare_process(threads), run_study(body) (errors -> exit 1, child processes killed),
+              parse_study_args(parser, argv, quick) -> (args, argv) (--quick fills what the line did not give),
+              failures_exit_code(failures) (1 with the failed runs on stderr, else 0),
               terminate_on_sigterm(), kill_live_processes(), child_env(), free_port()
     report    aggregate(specs, done) -> [Row] (one per spec with its seed left out; Row.stat(field) -> Stat,
               .seeds_cell(), .summary()); mean_std(values) -> Stat(mean, std, n) (.cell() 'mean ± std (n)');
@@ -54,4 +56,6 @@ What a study module writes:
    Intermediate losses come from RunResult.loss_curve / loss_at(step) / loss_vs_compute(), or any other
    TensorBoard tag through read_curve(runs_dir / spec.name, tag).
 The CLI: `main(argv)` = `set_log_prefix(name)`, `prepare_process(threads)`, `return run_study(lambda: ...)`.
+`frontier` adds phase-aware FLOPs (`train_flops(spec)`, `steps_for_flops(spec, flops)` over train.phases and
+patch dropout), `pareto_frontier(points)` and `compute_to_reach(curve, target)` / `compute_multiplier`.
 """

@@ -75,6 +75,29 @@ def terminate_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def parse_study_args(parser: Any, argv: Sequence[str] | None, quick: dict[str, Any]) -> tuple[Any, list[str]]:
+    """A study's command line: (args, argv) from `argv` (default sys.argv[1:]); with --quick every `quick`
+    option the command line did not give is set to its tiny value. Also stops child runs on SIGTERM."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    terminate_on_sigterm()
+    if args.quick:
+        for key, value in quick.items():
+            option = "--" + key.replace("_", "-")
+            if not any(a == option or a.startswith(option + "=") for a in argv):
+                setattr(args, key, value)
+    return args, argv
+
+
+def failures_exit_code(failures: Sequence[str]) -> int:
+    """A study's exit code: 1 (each failed run's first line on stderr) when runs failed, else 0."""
+    if failures:
+        print("error: some runs failed (left out of the tables):\n  " + "\n  ".join(f.splitlines()[0] for f in failures),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def run_study(body: Callable[[], int]) -> int:
     """A study's main: `body()`'s exit code; an ExperimentError is printed as `error: ...` (exit 1);
     every trainer/eval process group still running is killed on the way out."""
