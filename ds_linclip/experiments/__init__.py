@@ -21,6 +21,7 @@ A study is one thin module (`compare`, `linearize`, ...) with a CLI on top of sh
               .evaluate(spec)); run_specs(specs, launcher, done, jobs=1, train=True, bar=None, evaluate=True) fills
               `done` {spec: RunResult}, `jobs` runs at a time (one thread each), returns failure messages;
               prepare_process(threads), run_study(body) (errors -> exit 1, child processes killed),
+              parse_study_args(parser, argv, quick) (-> args, argv; --quick fills what was not given), explicit_option,
               terminate_on_sigterm(), kill_live_processes(), child_env(), free_port()
     report    aggregate(specs, done) -> [Row] (one per spec with its seed left out; Row.stat(field) -> Stat,
               .seeds_cell(), .summary()); mean_std(values) -> Stat(mean, std, n) (.cell() 'mean ± std (n)');

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ds_linclip.experiments.fits import fit_power_law
-from ds_linclip.experiments.launcher import Launcher, prepare_process, run_specs, run_study, terminate_on_sigterm
+from ds_linclip.experiments.launcher import Launcher, parse_study_args, prepare_process, run_specs, run_study
 from ds_linclip.experiments.plots import (plot_accuracy_vs_compute, plot_loss, plot_scaling, plot_sweep,
                                           plot_throughput)
 from ds_linclip.experiments.report import (Row, aggregate, fmt, load_average_1m, machine_sentence, markdown_table,
@@ -449,23 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _explicit(argv: Sequence[str], option: str) -> bool:
-    return any(a == option or a.startswith(option + "=") for a in argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     set_log_prefix("compare")
     return run_study(lambda: _main(argv))
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    terminate_on_sigterm()
-    if args.quick:
-        for key, value in QUICK.items():
-            if not _explicit(argv, "--" + key.replace("_", "-")):
-                setattr(args, key, value)
+    args, argv = parse_study_args(build_parser(), argv, QUICK)
     launcher_mode = args.launcher or ("inprocess" if args.quick else "subprocess")
     seeds = parse_seeds(args.seeds)
     long_seeds = parse_seeds(args.long_seeds) if args.long_seeds else seeds

@@ -87,6 +87,24 @@ def run_study(body: Callable[[], int]) -> int:
         kill_live_processes()
 
 
+def explicit_option(argv: Sequence[str], option: str) -> bool:
+    """`option` (e.g. `--steps`) given on the command line, as `--steps N` or `--steps=N`."""
+    return any(a == option or a.startswith(option + "=") for a in argv)
+
+
+def parse_study_args(parser: Any, argv: Sequence[str] | None, quick: dict[str, Any]) -> tuple[Any, list[str]]:
+    """A study CLI's (args, argv): argv (default sys.argv[1:]) parsed, SIGTERM turned into an exit that kills
+    the runs, and with --quick every `quick` value whose option was not given explicitly."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    terminate_on_sigterm()
+    if args.quick:
+        for key, value in quick.items():
+            if not explicit_option(argv, "--" + key.replace("_", "-")):
+                setattr(args, key, value)
+    return args, argv
+
+
 class Launcher:
     """Runs the trainer and the eval job of a RunSpec, as subprocesses (default) or in this process.
 

@@ -23,7 +23,6 @@ plots are the experiments package's shared pieces.
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import statistics
 import sys
@@ -34,7 +33,8 @@ from typing import Any, Sequence
 
 from ds_linclip.experiments.fits import (bootstrap_curves, compute_multiplier, compute_to_reach, fit_power_law,
                                          fit_shared_floor, lower_envelope)
-from ds_linclip.experiments.launcher import Launcher, prepare_process, run_specs, run_study, terminate_on_sigterm
+from ds_linclip.experiments.launcher import (Launcher, explicit_option, parse_study_args, prepare_process, run_specs,
+                                             run_study)
 from ds_linclip.experiments.plots import plot_envelope_fits, plot_metric_vs_compute
 from ds_linclip.experiments.report import fmt, load_average_1m, machine_sentence, markdown_table, mean_std, run_meta, write_json
 from ds_linclip.experiments.runs import (Budget, ExperimentError, RunResult, RunSpec, ensure_shards, log, model_cost_of,
@@ -489,10 +489,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _explicit(argv: Sequence[str], option: str) -> bool:
-    return any(a == option or a.startswith(option + "=") for a in argv)
-
-
 def build_grid(args: argparse.Namespace) -> Grid:
     """The Grid of the parsed options; ExperimentError naming the option when they do not fit together."""
     if len(args.layers) != len(args.widths):
@@ -525,15 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    terminate_on_sigterm()
-    if args.quick:
-        for key, value in QUICK.items():
-            if not _explicit(argv, "--" + key.replace("_", "-")):
-                setattr(args, key, value)
-        if not _explicit(argv, "--large-widths"):
-            args.large_widths = []
+    args, argv = parse_study_args(build_parser(), argv, QUICK)
+    if args.quick and not explicit_option(argv, "--large-widths"):
+        args.large_widths = []
     grid = build_grid(args)
     launcher_mode = args.launcher or ("inprocess" if args.quick else "subprocess")
     jobs = args.jobs if launcher_mode == "subprocess" else 1
