@@ -202,6 +202,7 @@ def test_quick_scaling_end_to_end(tmp_path, fmnist_shards):
     again = subprocess.run([sys.executable, "-m", "ds_linclip.experiments.scaling", *common, "--no-train"], cwd=REPO,
                            env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "training" not in again.stdout and again.stdout.count("reusing the finished run") == 12
+    # 8 sweep runs, then the 8 at the best lr (4 of them the sweep's best, read again with their scores)
+    assert ": training " not in again.stdout and again.stdout.count("reusing the finished run") == 16
     rerun = json.loads((tmp_path / "out" / "scaling.json").read_text())
     assert [r["final_loss"] for r in rerun["runs"]] == [r["final_loss"] for r in report["runs"]]

@@ -448,12 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--widths", nargs="+", type=int, default=list(DEFAULT_WIDTHS), help="model widths (default %(default)s)")
     parser.add_argument("--layers", nargs="+", type=int, default=list(DEFAULT_LAYERS),
                         help="layers per tower, one per width (default %(default)s)")
-    parser.add_argument("--steps", nargs="+", type=int, default=[600],
+    parser.add_argument("--steps", nargs="+", type=int, default=[500],
                         help="training steps: one value for every width, or one per width (default %(default)s)")
     parser.add_argument("--image-size", type=int, default=28, help="image size, px (default %(default)s: 50 tokens)")
     parser.add_argument("--large-size", type=int, default=56,
                         help="a second, larger image size trained at --large-widths (default %(default)s: 197 tokens)")
-    parser.add_argument("--large-widths", nargs="*", type=int, default=[32, 64, 96],
+    parser.add_argument("--large-widths", nargs="*", type=int, default=[32, 64],
                         help="the widths also trained at --large-size (default %(default)s; none = skip it)")
     parser.add_argument("--lrs", nargs="+", type=float, default=list(DEFAULT_LRS),
                         help="peak learning rates swept on the first seed (default %(default)s)")
