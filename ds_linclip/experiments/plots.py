@@ -225,6 +225,10 @@ def plot_envelope_fits(curves: dict[str, list[list[tuple[float, float]]]], front
                 ax.plot(grid, power_law(grid, pure_fits[kind]), color=color_, linestyle=":",
                         label=f"{kind}: A·C^-α, α = {pure_fits[kind]['exponent']:.3f}")
     style_axes(ax, "training compute C (FLOPs, 3 x forward x samples)", "training loss L", ylog=True, legend=7)
+    from matplotlib.ticker import FormatStrFormatter
+
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # plain numbers on the log loss axis
+        axis(FormatStrFormatter("%.2f"))
     ax.set_title(title, fontsize=10)
     save(fig, path)
 

@@ -323,6 +323,15 @@ SIZE_HEADER = ["attention", "size", "params (M)", "steps", "train TFLOPs", "fina
                "best lr", "final loss at best lr", "zero-shot top-1 %"]
 
 
+def runs_span_minutes(runs_dir: Path, names: Sequence[str]) -> float | None:
+    """Minutes from the first of these runs' start (its config.yaml) to the last one's end (its DONE or eval
+    JSON): the wall time the grid took, over however many invocations trained it."""
+    starts = [(runs_dir / n / "config.yaml").stat().st_mtime for n in names if (runs_dir / n / "config.yaml").is_file()]
+    ends = [(runs_dir / n / end).stat().st_mtime for n in names for end in ("DONE", "eval/final_zeroshot.json")
+            if (runs_dir / n / end).is_file()]
+    return (max(ends) - min(starts)) / 60 if starts and ends else None
+
+
 def write_report(out: Path, command: str, grid: Grid, done: dict[RunSpec, RunResult], best: dict[tuple[str, Size], float],
                  analyses: list[dict[str, Any]], meta: dict[str, Any], missing: list[str], plan: dict[str, Any]) -> dict[str, Path]:
     """scaling.md, scaling.json, scaling_loss_vs_compute.png (+ _56px... per extra image size) and
@@ -353,8 +362,9 @@ def write_report(out: Path, command: str, grid: Grid, done: dict[RunSpec, RunRes
 
     b = grid.budget
     md = ["# Scaling: does linear attention keep up with softmax as CLIP models grow?", "",
-          f"Command: `{command}`  ", machine_sentence(meta) + f" Wall time {meta['wall_seconds'] / 60:.1f} min, "
-          f"{meta['jobs']} runs at a time, one thread each.", ""]
+          f"Command: `{command}`  ", machine_sentence(meta) + f" This invocation: {meta['wall_seconds'] / 60:.1f} min; "
+          f"the {len(done)} finished runs span {fmt(meta.get('runs_span_minutes'), '.1f')} min of wall time from the "
+          f"first start to the last end ({meta['jobs']} runs at a time, one thread each).", ""]
     for a in analyses:
         md += [f"## {a['image_size']} px ({(a['image_size'] // b.patch_size) ** 2 + 1} image tokens)", ""]
         if a.get("fit_error") or not a["fits"]:
@@ -584,6 +594,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             log("  " + line.replace("**", ""))
     meta["load_average_end"] = load_average_1m()
     meta["wall_seconds"] = round(time.perf_counter() - start, 1)
+    meta["runs_span_minutes"] = runs_span_minutes(runs_dir, [r.name for r in done.values()])
     paths = write_report(args.out, command, grid, done, best, analyses, meta, missing, plan)
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     if failures:
