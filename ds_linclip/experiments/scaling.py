@@ -79,8 +79,9 @@ class Grid:
         return RunSpec(kind, size.image_size, size.width, budget, label=f"L{size.layers}-lr{lr:g}")
 
     def sweep(self) -> list[RunSpec]:
-        """The first seed at every learning rate, smallest sizes first."""
-        return [self.spec(kind, size, lr, self.seeds[0]) for size in self.sizes for kind in self.kinds for lr in self.lrs]
+        """The first seed at every learning rate: lr-major in the order given, smallest sizes first, so a study
+        stopped early has every size at the first learning rates (give the likeliest best first)."""
+        return [self.spec(kind, size, lr, self.seeds[0]) for lr in self.lrs for size in self.sizes for kind in self.kinds]
 
     def at_best(self, best: dict[tuple[str, Size], float]) -> list[RunSpec]:
         """Every seed at each (kind, size)'s best lr (the first seed's run is a sweep run, reused); seed-major."""
@@ -310,7 +311,7 @@ def size_rows(grid: Grid, done: dict[RunSpec, RunResult], best: dict[tuple[str, 
             lr = best.get((kind, size))
             runs = [done[s] for seed in grid.seeds if lr is not None and (s := grid.spec(kind, size, lr, seed)) in done]
             sweep = [fmt(done[s].final_loss, ".3f") if (s := grid.spec(kind, size, x, grid.seeds[0])) in done else "-"
-                     for x in grid.lrs]
+                     for x in sorted(grid.lrs)]
             first = runs[0] if runs else None
             rows.append([kind, size.label, fmt(first.params / 1e6 if first else None, ".3f"),
                          str(grid.steps[size.width]), fmt(first.train_flops / 1e12 if first else None, ".3f"),
@@ -376,7 +377,7 @@ def write_report(out: Path, command: str, grid: Grid, done: dict[RunSpec, RunRes
                + (f"{a.get('resamples')} bootstrap resamples of whole runs per attention (percentile, 95%)."
                   if a["intervals"] else "none (fewer than 2 runs of some attention)."), ""]
         md += [v for v in a["verdicts"].values()] + [""]
-    md += ["## Runs", "", markdown_table([h.format(lrs=" / ".join(f"{x:g}" for x in grid.lrs)) for h in SIZE_HEADER],
+    md += ["## Runs", "", markdown_table([h.format(lrs=" / ".join(f"{x:g}" for x in sorted(grid.lrs))) for h in SIZE_HEADER],
                                          size_rows(grid, done, best)), ""]
     if missing:
         md += [f"Not finished ({len(missing)}; a later run of the same command trains them, finished runs are reused): "
