@@ -105,7 +105,7 @@ def _result(kind: str, width: int, lr: float, seed: int, laws, steps: int = 200)
                      eval_samples=200, train_seconds=None, reused=True)
 
 
-def test_analysis_of_runs_on_known_laws():
+def test_analysis_of_runs_on_known_laws(tmp_path):
     """Best lr by final loss, the frontier over every run, the joint fit and both multipliers against the
     closed form (same alpha -> the multiplier is (A_s / A_l)^(1/alpha) at every compute)."""
     args = scaling.build_parser().parse_args(["--widths", "32", "64", "128", "--layers", "2", "2", "3", "--steps", "200",
@@ -130,6 +130,17 @@ def test_analysis_of_runs_on_known_laws():
     assert analysis["multipliers"]["linear-focused-local3"]["largest"]["frontier"] is not None
     assert "shows no measurable difference" not in analysis["verdicts"]["linear-focused-local3"]  # no interval: none claimed
     assert "α ratio 1.00" in analysis["verdicts"]["linear-focused-local3"]
+
+    meta = {"date": "2026-01-01T00:00:00+00:00", "commit": "abc", "jobs": 2, "wall_seconds": 60.0,
+            "load_average_end": 1.0, "runs_span_minutes": 1.0,
+            "machine": {"cpus": 2, "torch": "x", "torch_threads": 1, "cuda": False, "load_average_1m": 1.0}}
+    plan = {"source": "a given rate", "total_cpu_minutes": 1.0, "todo_cpu_minutes": 0.0}
+    paths = scaling.write_report(tmp_path, "cmd", grid, done, best, [analysis], meta, [], plan)
+    for key in ("loss_png", "accuracy_png"):
+        assert paths[key].stat().st_size > 10_000
+    report = json.loads(paths["json"].read_text())
+    assert report["analyses"][0]["fits"]["softmax"]["exponent"] == pytest.approx(0.3, abs=0.01)
+    assert "| linear-focused-local3 | 9 |" in paths["markdown"].read_text()  # runs: 3 sizes x 2 lrs on seed 0 + 3 on seed 1
 
 
 PLAN_ARGS = ["--widths", "32", "64", "--layers", "2", "2", "--steps", "100", "--lrs", "1e-3", "2e-3", "--seeds", "2",

@@ -233,15 +233,18 @@ def plot_envelope_fits(curves: dict[str, list[list[tuple[float, float]]]], front
     save(fig, path)
 
 
-def plot_metric_vs_compute(points: dict[str, list[tuple[float, float, float | None, str]]], path: Path, ylabel: str,
-                           title: str) -> None:
-    """Per group: (compute, value, std or None, annotation) markers with error bars, joined in compute order."""
+def plot_metric_vs_compute(points: dict[tuple[str, str], list[tuple[float, float, float | None, str]]], path: Path,
+                           ylabel: str, title: str) -> None:
+    """Per series (kind, label: colour by kind, line style by label): (compute, value, std or None, annotation)
+    markers with error bars, joined in compute order."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.6))
-    for kind, rows in points.items():
+    labels = list(dict.fromkeys(label for _, label in points))
+    for (kind, label), rows in points.items():
         rows = sorted(rows)
         xs, ys = [r[0] for r in rows], [r[1] for r in rows]
-        ax.errorbar(xs, ys, yerr=[r[2] or 0 for r in rows], color=color(kind), marker="o", capsize=3, label=kind)
+        ax.errorbar(xs, ys, yerr=[r[2] or 0 for r in rows], color=color(kind), marker="o", capsize=3,
+                    linestyle=("-", "--", ":", "-.")[labels.index(label) % 4], label=f"{kind} {label}")
         for x, y, _, note in rows:
             ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
     style_axes(ax, "training compute (FLOPs)", ylabel)

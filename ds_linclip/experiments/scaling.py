@@ -346,7 +346,7 @@ def write_report(out: Path, command: str, grid: Grid, done: dict[RunSpec, RunRes
             plot_envelope_fits(a["curves"], a["frontiers"], a["fits"], a["pure_fits"], paths[f"loss_png{suffix}"],
                                title=f"{a['image_size']} px: loss vs compute, every run (thin), the frontier (dots), "
                                      "joint fit (dashed), pure power law (dotted)")
-    accuracy: dict[str, list] = {}
+    accuracy: dict[tuple[str, str], list] = {}
     for size in grid.sizes:
         for kind in grid.kinds:
             lr = best.get((kind, size))
@@ -354,8 +354,7 @@ def write_report(out: Path, command: str, grid: Grid, done: dict[RunSpec, RunRes
             scored = [r for r in runs if r.top1 is not None]
             if scored:
                 stat = mean_std(100 * r.top1 for r in scored)
-                label = f"{kind} {size.image_size}px"
-                accuracy.setdefault(label, []).append((scored[0].train_flops, stat.mean, stat.std, f"w{size.width}"))
+                accuracy.setdefault((kind, f"{size.image_size}px"), []).append((scored[0].train_flops, stat.mean, stat.std, f"w{size.width}"))
     if accuracy:
         paths["accuracy_png"] = out / "scaling_accuracy_vs_compute.png"
         plot_metric_vs_compute(accuracy, paths["accuracy_png"], "zero-shot top-1 % (best lr; mean ± std over seeds)",
