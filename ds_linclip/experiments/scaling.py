@@ -374,7 +374,8 @@ def write_report(out: Path, command: str, grid: Grid, done: dict[RunSpec, RunRes
         md += [markdown_table(HEADLINE_HEADER, headline_rows(a)), "",
                f"Shared irreducible loss E = {energy:.3f} {_interval(a['intervals'], 'E', '.3f')}. Intervals: "
                + (f"{a.get('resamples')} bootstrap resamples of whole runs per attention (percentile, 95%)."
-                  if a["intervals"] else "none (fewer than 2 runs of some attention)."), ""]
+                  if a["intervals"] else "none (" + ("--resamples 0" if not a.get("resamples") else
+                                                     "fewer than 2 runs of some attention") + ")."), ""]
         md += [v for v in a["verdicts"].values()] + [""]
     md += ["## Runs", "", markdown_table([h.format(lrs=" / ".join(f"{x:g}" for x in sorted(grid.lrs))) for h in SIZE_HEADER],
                                          size_rows(grid, done, best)), ""]
