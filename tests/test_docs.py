@@ -57,6 +57,14 @@ EXPENSIVE: dict[str, str] = {
     "model.text.attention=linear-focused train.linearize.enabled=true train.steps=2000 "
     "train.linearize.transfer_steps=1000 train.lr=1e-4":
         "tests/test_linearize.py::test_both_stages_through_the_deepspeed_launcher_zero2_from_open_clip",
+    # scaling study
+    "python -m ds_linclip.experiments.scaling --plan":
+        "tests/test_scaling.py::test_plan_prints_the_grid_and_its_cost: the plan of a small grid at a given rate",
+    "python -m ds_linclip.experiments.scaling --jobs 2 --max-cpu-minutes 480":
+        "tests/test_scaling.py::test_quick_scaling_end_to_end: the same command on a tiny grid (real trainer and "
+        "eval job); the budget refusal in test_a_grid_above_the_budget_is_refused_before_anything_runs",
+    "python -m ds_linclip.experiments.scaling --no-train":
+        "tests/test_scaling.py::test_quick_scaling_end_to_end: the --no-train report of the finished runs",
     # data
     "python -m ds_linclip.data.writer fashion-mnist --out data/fmnist":
         "tests/test_writer.py::test_fashion_mnist_shards_match_the_source",

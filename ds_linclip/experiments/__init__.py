@@ -22,7 +22,7 @@ A study is one thin module (`compare`, `linearize`, `frontier`, ...) with a CLI 
               `done` {spec: RunResult}, `jobs` runs at a time (one thread each), returns failure messages;
               prepare_process(threads), run_study(body) (errors -> exit 1, child processes killed),
               parse_study_args(parser, argv, quick) -> (args, argv) (--quick fills what the line did not give),
-              failures_exit_code(failures) (1 with the failed runs on stderr, else 0),
+              explicit_option(argv, option), failures_exit_code(failures) (1 with the failed runs on stderr, else 0),
               terminate_on_sigterm(), kill_live_processes(), child_env(), free_port()
     report    aggregate(specs, done) -> [Row] (one per spec with its seed left out; Row.stat(field) -> Stat,
               .seeds_cell(), .summary()); mean_std(values) -> Stat(mean, std, n) (.cell() 'mean ± std (n)');

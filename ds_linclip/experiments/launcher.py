@@ -75,20 +75,6 @@ def terminate_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def parse_study_args(parser: Any, argv: Sequence[str] | None, quick: dict[str, Any]) -> tuple[Any, list[str]]:
-    """A study's command line: (args, argv) from `argv` (default sys.argv[1:]); with --quick every `quick`
-    option the command line did not give is set to its tiny value. Also stops child runs on SIGTERM."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    terminate_on_sigterm()
-    if args.quick:
-        for key, value in quick.items():
-            option = "--" + key.replace("_", "-")
-            if not any(a == option or a.startswith(option + "=") for a in argv):
-                setattr(args, key, value)
-    return args, argv
-
-
 def failures_exit_code(failures: Sequence[str]) -> int:
     """A study's exit code: 1 (each failed run's first line on stderr) when runs failed, else 0."""
     if failures:
@@ -108,6 +94,24 @@ def run_study(body: Callable[[], int]) -> int:
         return 1
     finally:
         kill_live_processes()
+
+
+def explicit_option(argv: Sequence[str], option: str) -> bool:
+    """`option` (e.g. `--steps`) given on the command line, as `--steps N` or `--steps=N`."""
+    return any(a == option or a.startswith(option + "=") for a in argv)
+
+
+def parse_study_args(parser: Any, argv: Sequence[str] | None, quick: dict[str, Any]) -> tuple[Any, list[str]]:
+    """A study CLI's (args, argv): argv (default sys.argv[1:]) parsed, SIGTERM turned into an exit that kills
+    the runs, and with --quick every `quick` value whose option was not given explicitly."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    terminate_on_sigterm()
+    if args.quick:
+        for key, value in quick.items():
+            if not explicit_option(argv, "--" + key.replace("_", "-")):
+                setattr(args, key, value)
+    return args, argv
 
 
 class Launcher:

@@ -197,3 +197,56 @@ def plot_scaling(results: Sequence[RunResult], fits: dict[str, dict], path: Path
     style_axes(ax, "training compute C (FLOPs)", "final training loss L", ylog=True)
     ax.set_title(title)
     save(fig, path)
+
+
+def plot_envelope_fits(curves: dict[str, list[list[tuple[float, float]]]], frontiers: dict[str, list[tuple[float, float]]],
+                       fits: dict[str, dict], pure_fits: dict[str, dict], path: Path,
+                       title: str = "Loss vs training compute: every run's curve, the frontier, the fits") -> None:
+    """Per group (attention): every curve thin, its lower envelope as dots, the joint fit (E shared) dashed and
+    the pure power law dotted. curves/frontiers: [(compute FLOPs, loss)]; fits: `fits.power_law` dicts."""
+    import numpy as np
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    for kind, runs in curves.items():
+        color_ = color(kind)
+        for curve in runs:
+            xs, ys = zip(*curve)
+            ax.plot(xs, ys, color=color_, alpha=0.2, linewidth=0.8)
+        if frontiers.get(kind):
+            xs, ys = zip(*frontiers[kind])
+            ax.scatter(xs, ys, color=color_, s=12, zorder=3, label=f"{kind}: frontier")
+            grid = np.geomspace(min(xs), max(xs), 60)
+            if kind in fits:
+                f = fits[kind]
+                ax.plot(grid, power_law(grid, f), color=color_, linestyle="--",
+                        label=f"{kind}: E + A·C^-α, α = {f['exponent']:.3f}, E = {f['irreducible']:.3f}")
+            if kind in pure_fits:
+                ax.plot(grid, power_law(grid, pure_fits[kind]), color=color_, linestyle=":",
+                        label=f"{kind}: A·C^-α, α = {pure_fits[kind]['exponent']:.3f}")
+    style_axes(ax, "training compute C (FLOPs, 3 x forward x samples)", "training loss L", ylog=True, legend=7)
+    from matplotlib.ticker import FormatStrFormatter
+
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # plain numbers on the log loss axis
+        axis(FormatStrFormatter("%.2f"))
+    ax.set_title(title, fontsize=10)
+    save(fig, path)
+
+
+def plot_metric_vs_compute(points: dict[tuple[str, str], list[tuple[float, float, float | None, str]]], path: Path,
+                           ylabel: str, title: str) -> None:
+    """Per series (kind, label: colour by kind, line style by label): (compute, value, std or None, annotation)
+    markers with error bars, joined in compute order."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    labels = list(dict.fromkeys(label for _, label in points))
+    for (kind, label), rows in points.items():
+        rows = sorted(rows)
+        xs, ys = [r[0] for r in rows], [r[1] for r in rows]
+        ax.errorbar(xs, ys, yerr=[r[2] or 0 for r in rows], color=color(kind), marker="o", capsize=3,
+                    linestyle=("-", "--", ":", "-.")[labels.index(label) % 4], label=f"{kind} {label}")
+        for x, y, _, note in rows:
+            ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    style_axes(ax, "training compute (FLOPs)", ylabel)
+    ax.set_title(title, fontsize=10)
+    save(fig, path)
