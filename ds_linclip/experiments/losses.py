@@ -22,14 +22,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from ds_linclip.experiments.launcher import Launcher, prepare_process, run_specs, run_study
+from ds_linclip.experiments.launcher import (Launcher, failures_exit_code, parse_study_args, prepare_process, run_specs,
+                                             run_study)
 from ds_linclip.experiments.report import aggregate, machine_sentence, markdown_table, run_meta, write_json
 from ds_linclip.experiments.runs import Budget, RunSpec, ensure_shards, log, parse_seeds, set_log_prefix
 from ds_linclip.experiments.variants import variant_argument
 
 LOSSES = ("clip", "siglip")
-QUICK = {"steps": 4, "batch_size": 8, "width": 32, "layers": 1, "image_size": 12, "eval_samples": 100,
-         "kinds": ["linear-focused-local3"], "seeds": [1]}
+QUICK = {"steps": 4, "batch_size": 8, "width": 32, "layers": 1, "image_size": 12, "eval_samples": 100, "seeds": [1]}
 
 
 def loss_spec(kind: str, loss: str, image_size: int, budget: Budget) -> RunSpec:
@@ -86,16 +86,11 @@ def report(rows, command: str, meta: dict, losses: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     set_log_prefix("losses")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    return run_study(lambda: _main(args, argv))
+    return run_study(lambda: _main(*parse_study_args(build_parser(), argv, QUICK)))
 
 
 def _main(args, argv: list[str]) -> int:
     prepare_process(args.threads)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
     seeds = parse_seeds(args.seeds)
     budget = Budget(steps=args.steps, batch_size=args.batch_size, seed=seeds[0], lr=args.lr, layers=args.layers,
                     width=args.width, eval_samples=args.eval_samples)
@@ -117,9 +112,7 @@ def _main(args, argv: list[str]) -> int:
                                           "rows": [dict(row.summary(), loss="siglip" if row.spec.label == "siglip"
                                                         else "clip") for row in rows]})
     print((args.out / "losses.md").read_text())
-    for failure in failures:
-        log(f"FAILED {failure}")
-    return 1 if failures else 0
+    return failures_exit_code(failures)
 
 
 if __name__ == "__main__":
