@@ -20,7 +20,7 @@ class LinearOptions(NamedTuple):
     denominator: str = "count"  # kernels.reference.DENOMINATORS
     causal: bool = False  # token i attends to tokens j <= i
     scale: torch.Tensor | None = None  # (heads, head_dim), positive: the focused map's s (only that map's)
-    power: float = 3.0  # the focused map's p
+    power: float | torch.Tensor = 3.0  # the focused map's p, or pola's (heads, head_dim) tensor
     eps: float = 1e-6  # added to the kernel normaliser's sum (every map but affine)
 
 

@@ -323,20 +323,12 @@ def _on_features(phi_q, phi_k, v, denominator: str, causal: bool, head_dim: int,
     return _BidirectionalLinearAttention.apply(phi_q, phi_k, v, "identity", denominator, eps)
 
 
-def variant_attention_torch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    feature_map: str = "pola",
-    denominator: str = "kernel",
-    causal: bool = False,
-    scale: torch.Tensor | None = None,
-    power: float | torch.Tensor = 3.0,
-    eps: float = 1e-6,
-) -> torch.Tensor:
+@linear_backend
+def variant_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: LinearOptions) -> torch.Tensor:
     """The torch-path-only variants (pola map, mala normaliser), O(N·d²); same maths as
     `kernels.reference.variant_attention_reference`. q, k: (B, H, N, D); v: (B, H, N, E) -> (B, H, N, E).
-    power: the focused map's float, or pola's (H, D) tensor p."""
+    options.power: the focused map's float, or pola's (H, D) tensor p."""
+    feature_map, denominator, causal, scale, power, eps = options
     head_dim = q.shape[-1]
     if feature_map == "pola":
         same, opposite = polarity_features(q, scale, power)
