@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def report(rows, command: str, meta: dict, losses: Sequence[str]) -> str:
+def report(rows, command: str, meta: dict) -> str:
     header = ["attention", "loss", "px (tokens)", "steps", "zero-shot top-1 %", "top-5 %", "final loss", "seeds"]
     table = [[row.kind, "siglip" if row.spec.label == "siglip" else "clip", f"{row.image_size} ({row.tokens})",
               str(row.steps), row.stat("top1").cell(scale=100), row.stat("top5").cell(scale=100),
@@ -107,7 +107,7 @@ def _main(args, argv: list[str]) -> int:
     command = "python -m ds_linclip.experiments.losses " + shlex.join(argv)
     meta = run_meta()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "losses.md").write_text(report(rows, command, meta, args.losses))
+    (args.out / "losses.md").write_text(report(rows, command, meta))
     write_json(args.out / "losses.json", {"command": command, **meta, "wall_seconds": time.perf_counter() - start,
                                           "rows": [dict(row.summary(), loss="siglip" if row.spec.label == "siglip"
                                                         else "clip") for row in rows]})

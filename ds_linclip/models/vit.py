@@ -129,7 +129,7 @@ class VisionTransformer(nn.Module):
                                              self.patch_dropout_generator).to(x.device)
             kept = x[:, 1:].gather(1, kept_patches.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
             x = torch.cat([x[:, :1], kept], dim=1)  # (batch, 1 + kept, width)
-        x = self.ln_pre(x)  # (batch, 1 + patches, width)
+        x = self.ln_pre(x)  # (batch, 1 + patches kept, width)
         x = run_blocks(self.blocks, x, self.checkpoint_every, grid, kept_patches)
         pooled = self.ln_post(x[:, 0])  # CLS token, (batch, width)
         return pooled @ self.proj  # (batch, embed_dim)

@@ -75,6 +75,7 @@ class FeatureCachedStep:
         self.engine, self.loss_fn, self.input_dtype = engine, loss_fn, input_dtype
         self.batches_per_unit = int(accum_freq)
         self.batches: list[Sequence] = []
+        self.generators: list[torch.Generator] = []  # _generators(), found once per unit by loss()
         self.cached: list[list[torch.Tensor]] = []  # per tower: N tensors (B, E), no autograd graph
         self.random_states: list[list[torch.Tensor]] = []  # per micro-batch: generator states before it
         self.piece_losses: list[float] = []  # the last backward_and_step's N loss values (all = the loss)
@@ -84,19 +85,18 @@ class FeatureCachedStep:
         if len(batches) != self.batches_per_unit:
             raise ValueError(f"expected {self.batches_per_unit} micro-batches, got {len(batches)}")
         self.batches = list(batches)
-        generators = _generators(self.engine.module)
+        self.generators = _generators(self.engine.module)  # the same ones for the re-encoding
         self.random_states, outputs = [], []
         with torch.no_grad():
             for batch in self.batches:
-                self.random_states.append([g.get_state() for g in generators])
+                self.random_states.append([g.get_state() for g in self.generators])
                 outputs.append(model_outputs(self.engine, batch, self.input_dtype))
             self.cached = [[out[tower] for out in outputs] for tower in (0, 1)]
             return self.loss_fn(*(torch.cat(tower) for tower in self.cached), *outputs[-1][2:])
 
     def backward_and_step(self, loss: torch.Tensor | None = None) -> None:
         """Re-encode each micro-batch with autograd in the cached features' place; backward; engine.step()."""
-        parts = self.batches_per_unit
-        generators = _generators(self.engine.module)
+        parts, generators = self.batches_per_unit, self.generators
         after_caching = [g.get_state() for g in generators]
         self.piece_losses = []
         for index, batch in enumerate(self.batches):
@@ -113,4 +113,4 @@ class FeatureCachedStep:
             self.piece_losses.append(float(piece.detach()))
         for generator, state in zip(generators, after_caching):
             generator.set_state(state)
-        self.batches, self.cached, self.random_states = [], [], []
+        self.batches, self.cached, self.random_states, self.generators = [], [], [], []

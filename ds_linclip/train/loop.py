@@ -367,11 +367,12 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
     try:
         while state.step < tc.steps:
             step_start = time.perf_counter()
-            if phase_at(phases, state.step + 1) != phase:
+            next_phase = phase_at(phases, state.step + 1)
+            if next_phase != phase:
                 # the running loader iterator's workers make the old size (and prefetch): end it; the
                 # next iter() goes on from the last batch this rank trained on
                 batches.close()
-                phase = phase_at(phases, state.step + 1)
+                phase = next_phase
                 enter_phase(phase)
                 batches = _batches(loader)
             visual.patch_dropout_generator.manual_seed(_patch_dropout_seed(tc.seed, rank, state.step + 1))
