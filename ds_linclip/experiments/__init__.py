@@ -15,7 +15,8 @@ A study is one thin module (`compare`, `linearize`, `frontier`, ...) with a CLI 
               scored, reads the numbers back); RunResult (.final_loss, .loss_curve [(step, loss)], .loss_at(step),
               .loss_vs_compute(), .flops_per_step, .train_flops, .top1/.top5, ...); read_scalars(tensorboard_dir)
               -> {tag: [(step, value)]}, read_curve(run_dir, tag="train/loss"), window_mean_loss, tail_mean_loss,
-              median_window_rate; model_cost_of(spec), train_flops_per_step(spec), steps_for_flops(spec, flops);
+              median_window_rate; model_cost_of(spec), train_flops_per_step(spec) (one phase; frontier's
+              train_flops / steps_for_flops count train.phases);
               parse_seeds, ensure_shards(data_dir), log / set_log_prefix, ExperimentError, MissingRun
     launcher  Launcher(mode "subprocess"|"inprocess", runs_dir, data_dir, reuse_any_finished=False) (.train(spec),
               .evaluate(spec)); run_specs(specs, launcher, done, jobs=1, train=True, bar=None, evaluate=True) fills

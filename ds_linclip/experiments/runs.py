@@ -333,11 +333,6 @@ def train_flops_per_step(spec: RunSpec) -> float:
     return 3.0 * (cost.image.flops + cost.text.flops) * spec.budget.batch_size
 
 
-def steps_for_flops(spec: RunSpec, flops: float) -> int:
-    """Steps of `spec` that spend `flops` training FLOPs (rounded, at least 1): for fixed-compute grids."""
-    return max(1, round(flops / train_flops_per_step(spec)))
-
-
 def run_one(spec: RunSpec, launcher: Launcher, train: bool = True, evaluate: bool = True) -> RunResult:
     """Train (unless an identical finished run exists), evaluate (unless already scored; evaluate=False:
     not at all, top1/top5 None), collect numbers. train=False: a run not finished with this resolved
