@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -163,7 +162,7 @@ def run_ours(args, run: Run, work: Path, env: dict) -> dict:
         f"train.log_every={args.log_every}", "train.checkpoint_every=0", f"train.output_dir={work}",
         f"train.run_name={name}", "train.resume=none",
     ] + ([f"model.image.patch_dropout={run.patch_dropout}"] if run.patch_dropout else [])
-    text = _run(cmd, {**env, "MASTER_PORT": str(free_port())}, work / f"{name}.log", args.timeout)
+    text = _run(cmd, env, work / f"{name}.log", args.timeout)
     # "step 20/40 (...) | ... | step 0.512s (data 0.003s) | peak 1,234 MiB | ..."; the step time is the interval mean
     rows = re.findall(r"^step (\d+)/\d+ .*?\| step ([0-9.]+)s \(data.*?\| peak ([0-9,]+) MiB", text, flags=re.M)
     intervals = [(int(step), float(t)) for step, t, _ in rows]
@@ -179,12 +178,6 @@ def _summarise(run: Run, intervals: list[tuple[int, float]], args) -> dict:
     step_s = statistics.mean(kept)
     return {"run": run, "label": run.label, "step_s": step_s, "images_per_s": args.batch_size / step_s,
             "intervals": intervals}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def tokens_per_image(image_size: int, patch_size: int) -> int:
@@ -262,7 +255,7 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_PORT"):
-        env.pop(key, None)  # one process each, on a port of its own (run_ours)
+        env.pop(key, None)  # one process each: without MASTER_PORT the trainer listens on a free port
     baselines = sorted({run.patch_dropout for run in args.runs}) if args.baseline == "open_clip" else []
     runs: dict[Run, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="linclip_throughput_") as tmp:
