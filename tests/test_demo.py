@@ -17,10 +17,10 @@ def test_demo_script_short_form(tmp_path):
     # shape on 2 cores (both ranks, then the eval job again), more than 100 short steps gain from it;
     # the fused map is checked against the oracle in tests/test_kernels.py
     env = dict(os.environ, PYTHONPATH=str(REPO), MASTER_PORT="29541", DS_LINCLIP_FUSE_FOCUSED="off")
-    steps = 100
+    steps = 50
     result = subprocess.run(
         ["bash", "scripts/demo.sh", f"train.steps={steps}", f"train.output_dir={tmp_path}",
-         "train.warmup_steps=10", "train.checkpoint_every=50", "train.log_every=10"],
+         "train.warmup_steps=5", "train.checkpoint_every=25", "train.log_every=10"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
     )
     output = result.stdout + result.stderr
@@ -40,5 +40,5 @@ def test_demo_script_short_form(tmp_path):
     record = json.loads(results[0].read_text())
     assert record["step"] == steps
     assert record["num_samples"] == 10000
-    # 100 steps are far from the full demo's 600 (81% top-1), yet well above chance (10%)
-    assert record["metrics"]["top1"] > 0.2, record["metrics"]
+    # 50 steps are far from the full demo's 600 (88% top-1), yet well above chance (10%): measured 57.1%
+    assert record["metrics"]["top1"] > 0.35, record["metrics"]
