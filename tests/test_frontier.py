@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_linclip.experiments.frontier import (Config, Phase, compute_multiplier, compute_to_reach, pareto_frontier,
+from ds_linclip.experiments.frontier import (Config, Phase, compute_ratio_at_accuracy, compute_to_reach_accuracy, pareto_frontier,
                                              steps_for_flops, train_flops)
 from ds_linclip.experiments.runs import Budget, read_curve
 
@@ -82,15 +82,15 @@ def test_pareto_frontier_on_synthetic_points():
 def test_compute_multiplier_interpolates_in_log_compute():
     linear = [(1.0, 50.0), (2.0, 60.0), (4.0, 70.0)]
     softmax = [(4.0, 60.0), (1.0, 40.0), (2.0, 50.0)]  # any order
-    assert compute_to_reach(linear, 60) == 2.0 and compute_to_reach(softmax, 60) == 4.0
-    assert compute_multiplier(linear, softmax, 60) == 0.5
+    assert compute_to_reach_accuracy(linear, 60) == 2.0 and compute_to_reach_accuracy(softmax, 60) == 4.0
+    assert compute_ratio_at_accuracy(linear, softmax, 60) == 0.5
     # halfway in accuracy = the geometric mean of the budgets
-    assert math.isclose(compute_to_reach(linear, 55), math.sqrt(2))
-    assert math.isclose(compute_to_reach(softmax, 55), 2 * math.sqrt(2))
-    assert math.isclose(compute_multiplier(linear, softmax, 55), 0.5)
-    assert math.isclose(compute_to_reach(softmax, 42.5), 2 ** 0.25)
-    assert compute_to_reach(softmax, 65) is None and compute_multiplier(linear, softmax, 65) is None
-    assert compute_to_reach(linear, 45) is None  # already past it at the smallest budget: the crossing is unmeasured
+    assert math.isclose(compute_to_reach_accuracy(linear, 55), math.sqrt(2))
+    assert math.isclose(compute_to_reach_accuracy(softmax, 55), 2 * math.sqrt(2))
+    assert math.isclose(compute_ratio_at_accuracy(linear, softmax, 55), 0.5)
+    assert math.isclose(compute_to_reach_accuracy(softmax, 42.5), 2 ** 0.25)
+    assert compute_to_reach_accuracy(softmax, 65) is None and compute_ratio_at_accuracy(linear, softmax, 65) is None
+    assert compute_to_reach_accuracy(linear, 45) is None  # already past it at the smallest budget: the crossing is unmeasured
 
 
 @pytest.mark.slow

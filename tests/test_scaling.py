@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ds_linclip.experiments import scaling
-from ds_linclip.experiments.fits import (bootstrap_curves, compute_multiplier, compute_to_reach, fit_shared_floor,
+from ds_linclip.experiments.fits import (bootstrap_curves, fit_compute_multiplier, compute_to_reach_loss, fit_shared_floor,
                                          lower_envelope, power_law)
 from ds_linclip.experiments.runs import RunResult, train_flops_per_step
 
@@ -79,19 +79,19 @@ def test_frontier_and_compute_to_reach_by_hand():
     assert frontier == [(1.0, 5.0), (2.0, 4.0), (10.0, 2.0), (100.0, 1.0)]
     # 1.5 lies between (10, 2) and (100, 1): log-log interpolation
     expected = 10 ** (1 + math.log(1.5 / 2) / math.log(1 / 2))
-    assert compute_to_reach(frontier, 1.5) == pytest.approx(expected)
-    assert compute_to_reach(frontier, 2.0) == pytest.approx(10.0)
-    assert compute_to_reach(frontier, 0.5) is None  # never that low
-    assert compute_to_reach(frontier, 6.0) is None  # below it from the first point: not bracketed
+    assert compute_to_reach_loss(frontier, 1.5) == pytest.approx(expected)
+    assert compute_to_reach_loss(frontier, 2.0) == pytest.approx(10.0)
+    assert compute_to_reach_loss(frontier, 0.5) is None  # never that low
+    assert compute_to_reach_loss(frontier, 6.0) is None  # below it from the first point: not bracketed
 
 
 def test_compute_multiplier_by_hand():
     reference = {"irreducible": 1.0, "coefficient": 10.0, "exponent": 0.5}
     other = {"irreducible": 1.0, "coefficient": 5.0, "exponent": 0.5}
     # reference at C = 100: 1 + 10/10 = 2; other: 1 + 5 C^-0.5 = 2 at C = 25 -> 4x less compute
-    assert compute_multiplier(100.0, reference, other) == pytest.approx(4.0)
-    assert compute_multiplier(100.0, other, reference) == pytest.approx(0.25)
-    assert compute_multiplier(100.0, reference, {**other, "irreducible": 2.5}) is None
+    assert fit_compute_multiplier(100.0, reference, other) == pytest.approx(4.0)
+    assert fit_compute_multiplier(100.0, other, reference) == pytest.approx(0.25)
+    assert fit_compute_multiplier(100.0, reference, {**other, "irreducible": 2.5}) is None
 
 
 def _result(kind: str, width: int, lr: float, seed: int, laws, steps: int = 200) -> RunResult:

@@ -58,5 +58,8 @@ What a study module writes:
    TensorBoard tag through read_curve(runs_dir / spec.name, tag).
 The CLI: `main(argv)` = `set_log_prefix(name)`, `prepare_process(threads)`, `return run_study(lambda: ...)`.
 `frontier` adds phase-aware FLOPs (`train_flops(spec)`, `steps_for_flops(spec, flops)` over train.phases and
-patch dropout), `pareto_frontier(points)` and `compute_to_reach(curve, target)` / `compute_multiplier`.
+patch dropout), `pareto_frontier(points)` and `compute_to_reach_accuracy(curve, target)` /
+`compute_ratio_at_accuracy` (linear's compute over softmax's: < 1 means linear needs less). `fits` has the
+loss-side pair: `compute_to_reach_loss(frontier, target)` on a measured envelope and `fit_compute_multiplier`
+(reference's compute over the other's, from two fitted laws: > 1 means the other needs less).
 """

@@ -161,7 +161,7 @@ def bootstrap_curves(statistic: Callable[[dict[str, list[Any]]], dict[str, float
     return {name: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for name, v in samples.items()}
 
 
-def compute_to_reach(frontier: Sequence[tuple[float, float]], target: float) -> float | None:
+def compute_to_reach_loss(frontier: Sequence[tuple[float, float]], target: float) -> float | None:
     """The compute at which a frontier (`lower_envelope`, sorted by compute) first reaches loss <= `target`,
     interpolated linearly in log-log between the two frontier points around it; None when the frontier never
     gets that low or is already below it at its first point (not bracketed: no honest value)."""
@@ -177,7 +177,7 @@ def compute_to_reach(frontier: Sequence[tuple[float, float]], target: float) -> 
     return None
 
 
-def compute_multiplier(compute: float, reference: Fit, other: Fit) -> float | None:
+def fit_compute_multiplier(compute: float, reference: Fit, other: Fit) -> float | None:
     """How many times less compute `other` needs than `reference` to reach the loss `reference` reaches at
     `compute` (both fits of L = E + A*C^-alpha): compute / C_other with power_law(C_other, other) =
     power_law(compute, reference). > 1: `other` needs less. None when `other` never gets that low (its E is

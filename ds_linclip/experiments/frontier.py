@@ -166,7 +166,7 @@ def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[tuple[float, 
     return [(c, -negative) for c, negative in lower_envelope([(c, -a) for c, a in points])]
 
 
-def compute_to_reach(curve: Sequence[tuple[float, float]], target: float) -> float | None:
+def compute_to_reach_accuracy(curve: Sequence[tuple[float, float]], target: float) -> float | None:
     """The compute at which a (compute, accuracy) curve first reaches `target`, interpolated linearly in
     log(compute) between the two measured budgets around the crossing. None when the curve never reaches
     `target`, or already exceeds it at its smallest budget (the crossing lies below what was measured)."""
@@ -181,10 +181,10 @@ def compute_to_reach(curve: Sequence[tuple[float, float]], target: float) -> flo
     return None
 
 
-def compute_multiplier(linear_curve: Sequence[tuple[float, float]], softmax_curve: Sequence[tuple[float, float]],
-                       target: float) -> float | None:
+def compute_ratio_at_accuracy(linear_curve: Sequence[tuple[float, float]],
+                              softmax_curve: Sequence[tuple[float, float]], target: float) -> float | None:
     """compute(linear reaches target) / compute(softmax reaches target); None where either cannot be read."""
-    linear, softmax = compute_to_reach(linear_curve, target), compute_to_reach(softmax_curve, target)
+    linear, softmax = compute_to_reach_accuracy(linear_curve, target), compute_to_reach_accuracy(softmax_curve, target)
     return None if linear is None or softmax is None else linear / softmax
 
 
@@ -354,7 +354,7 @@ def multiplier_summary(grid: Grid, points: Sequence[dict[str, Any]], target: flo
     linear_curve, softmax_curve = curve(best_linear["config"]), curve(best_softmax["config"])
     per_seed = []
     for seed_index in range(max(p["n"] for p in points)):
-        value = compute_multiplier(curve(best_linear["config"], seed_index), curve(best_softmax["config"], seed_index),
+        value = compute_ratio_at_accuracy(curve(best_linear["config"], seed_index), curve(best_softmax["config"], seed_index),
                                    target)
         if value is not None:
             per_seed.append(value)
@@ -363,9 +363,9 @@ def multiplier_summary(grid: Grid, points: Sequence[dict[str, Any]], target: flo
             "best_linear_top1_std": best_linear["top1_std"], "best_linear_n": best_linear["n"],
             "best_softmax": best_softmax["config"], "best_softmax_top1": best_softmax["top1"],
             "best_softmax_top1_std": best_softmax["top1_std"], "best_softmax_n": best_softmax["n"],
-            "linear_flops_to_target": compute_to_reach(linear_curve, target),
-            "softmax_flops_to_target": compute_to_reach(softmax_curve, target),
-            "multiplier": compute_multiplier(linear_curve, softmax_curve, target),
+            "linear_flops_to_target": compute_to_reach_accuracy(linear_curve, target),
+            "softmax_flops_to_target": compute_to_reach_accuracy(softmax_curve, target),
+            "multiplier": compute_ratio_at_accuracy(linear_curve, softmax_curve, target),
             "multiplier_per_seed": per_seed, "budgets_on_curves": len(linear_curve)}
 
 

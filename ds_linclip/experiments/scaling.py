@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from ds_linclip.experiments.fits import (bootstrap_curves, compute_multiplier, compute_to_reach, fit_power_law,
+from ds_linclip.experiments.fits import (bootstrap_curves, fit_compute_multiplier, compute_to_reach_loss, fit_power_law,
                                          fit_shared_floor, lower_envelope)
 from ds_linclip.experiments.launcher import (Launcher, explicit_option, parse_study_args, prepare_process, run_specs,
                                              run_study)
@@ -266,9 +266,9 @@ def analyse(grid: Grid, size_group: Sequence[Size], done: dict[RunSpec, RunResul
             if reached is None:
                 continue
             compute, loss = reached
-            empirical = compute_to_reach(frontiers[kind], loss)
+            empirical = compute_to_reach_loss(frontiers[kind], loss)
             multipliers[where] = {"size": size.label, "softmax_compute": compute, "softmax_final_loss": loss,
-                                  "fit": compute_multiplier(compute, fits[REFERENCE], fits[kind]),
+                                  "fit": fit_compute_multiplier(compute, fits[REFERENCE], fits[kind]),
                                   "frontier": compute / empirical if empirical else None}
         out["multipliers"][kind] = multipliers
         interval = out["intervals"].get(f"{kind}.ratio")
