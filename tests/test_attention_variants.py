@@ -133,6 +133,15 @@ def test_hybrid_tower_runs_softmax_in_the_named_layers():
     assert softmax.attention_kinds() == {"image": "linear-focused-gate-smlast", "text": "linear-pola"}
 
 
+def test_the_open_gate_bias_is_where_silu_is_one():
+    """GATE_OPEN_BIAS is the root of x * sigmoid(x) = 1: a zero-weight gate passes the attention output
+    through unchanged, so a converted checkpoint's outputs do not move when the gate is added."""
+    bias = torch.tensor(GATE_OPEN_BIAS, dtype=torch.float64)
+    assert F.silu(bias).item() == pytest.approx(1.0, abs=1e-14)
+    # the root is unique on x > 0 (SiLU rises there): a nearby value is off by its slope times the gap
+    assert F.silu(bias + 1e-6).item() > 1.0 > F.silu(bias - 1e-6).item()
+
+
 def test_softmax_checkpoint_loads_into_a_gated_model_with_the_gate_open():
     from ds_linclip.models.convert import load_pretrained
 
