@@ -331,10 +331,10 @@ def test_watcher_scores_each_checkpoint_once_across_a_restart(deepspeed_run, eva
 
 @pytest.mark.slow
 def test_submitit_local_executor_runs_the_eval_job(deepspeed_run, eval_overrides, tmp_path, monkeypatch):
-    from ds_linclip.train.loop import _submit_eval
+    from ds_linclip.train.loop import EvalSubmissions
 
-    # the trainer hook on a DeepSpeed checkpoint whose config.yaml holds the run's eval settings
-    # (the job runs meanwhile; the hook returns once it is submitted)
+    # the trainer hook on a DeepSpeed checkpoint whose config.yaml holds the run's eval settings: the
+    # submission runs beside training (submit returns at once), close() waits for it and logs its answer
     cfg = load_config([deepspeed_run / "config.yaml"], [*eval_overrides, "eval.cluster=local"])
     target = tmp_path / "hook"
     tag_dir = target / "checkpoints" / "step_00000002"
@@ -343,7 +343,13 @@ def test_submitit_local_executor_runs_the_eval_job(deepspeed_run, eval_overrides
     (target / "config.yaml").write_text(to_yaml(cfg))
     monkeypatch.chdir(REPO_ROOT)  # the hook's `python -m` imports this checkout
     monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
-    _submit_eval(tag_dir)
+    submissions = EvalSubmissions()
+    started = time.monotonic()
+    submissions.submit(tag_dir)
+    assert time.monotonic() - started < 2.0 and len(submissions.running) == 1  # not waited for
+    submissions.close()
+    assert not submissions.running
+    assert "submitted eval job" in (target / "eval" / "submit" / "step_00000002.log").read_text()
 
     # the CLI: submit, wait, print the job's table
     run = _export_run(tmp_path / "cli", seed=1)
@@ -394,3 +400,29 @@ def test_watcher_stop_flag_and_config_errors(export_run, eval_overrides, tmp_pat
     assert job.main(["--watch", str(run), "--once"]) == 2
     assert "eval.zeroshot_data" in capsys.readouterr().err
     assert not (run / "eval" / "watch_state.json").exists()
+
+
+def test_eval_submissions_run_beside_training_and_failures_are_logged_not_fatal(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from ds_linclip.train.loop import EvalSubmissions
+
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    tag = tmp_path / "run" / "checkpoints" / "step_00000004"
+    tag.mkdir(parents=True)  # no config.yaml, no weights: the submission must fail
+    caplog.set_level(logging.INFO, logger="ds_linclip.train")
+    failing = EvalSubmissions()
+    failing.submit(tag)
+    failing.close()
+    log_file = tmp_path / "run" / "eval" / "submit" / "step_00000004.log"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "could not submit the eval job" in warnings[0] and str(log_file) in warnings[0]
+    assert log_file.read_text().strip()  # the submitter's own error, kept for the user
+
+    caplog.clear()
+    slow = EvalSubmissions(wait_s=0.2)  # the interpreter alone takes longer to start
+    slow.submit(tag)
+    slow.close()
+    assert not slow.running
+    assert any("no answer after 0.2 s" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]

@@ -331,6 +331,7 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         writer.add_text("config", "```\n" + config_yaml + "\n```", state.step)
         writer.add_scalar("train/global_batch_size", global_batch, state.step)
     key_log = _KeyLog(root / "sample_keys" / f"rank_{rank:05d}.txt" if tc.log_sample_keys else None)
+    submissions = EvalSubmissions() if is_main and tc.eval_after_checkpoint else None
 
     def client_state() -> dict[str, Any]:
         # every rank's loader position in every rank's file: any one file resumes the whole job
@@ -351,8 +352,8 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
                                                         int(tc.keep_unscored_max)))
         if is_main:
             log.info("checkpoint %s", save_dir / tag)
-            if tc.eval_after_checkpoint:
-                _submit_eval(save_dir / tag)
+            if submissions is not None:
+                submissions.submit(save_dir / tag)
         return tag
 
     guard = NonFiniteGuard(int(tc.max_nonfinite_steps))
@@ -461,28 +462,78 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         key_log.close()
         if writer is not None:
             writer.close()
+        if submissions is not None:
+            submissions.close()
 
 
-def _submit_eval(tag_dir: Path) -> None:
-    """train.eval_after_checkpoint: hand the checkpoint to the eval job (submitit: Slurm or local)
-    through its command line, `python -m ds_linclip.eval.submit --checkpoint TAG_DIR`: the eval
-    layer sits above training, so the trainer knows its CLI only. The job reads the run's `eval`
-    section from the tag's config.yaml. A failed submission is logged, never fatal: training goes
-    on and `--watch` can catch up."""
-    import subprocess
-    import sys
+class EvalSubmissions:
+    """train.eval_after_checkpoint: hand each checkpoint to the eval job (submitit: Slurm or local) through
+    its command line, `python -m ds_linclip.eval.submit --checkpoint TAG_DIR`: the eval layer sits above
+    training, so the trainer knows its CLI only. The job reads the run's `eval` section from the tag's
+    config.yaml.
 
-    command = [sys.executable, "-m", "ds_linclip.eval.submit", "--checkpoint", str(tag_dir)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.SubprocessError) as err:
-        log.warning("could not submit the eval job for %s: %s", tag_dir, err)
-        return
-    if done.returncode == 0:  # its last line: "submitted eval job ID; logs: FOLDER"
-        log.info("%s (checkpoint %s)", (done.stdout.strip().splitlines() or ["eval job submitted"])[-1], tag_dir)
-    else:
-        reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-        log.warning("could not submit the eval job for %s: %s", tag_dir, reason)
+    A submission runs beside training (rank 0 does not wait for it: the other ranks would stand at the
+    next collective meanwhile); its output goes to RUN/eval/submit/TAG.log. Finished submissions are
+    reported at the next checkpoint and at the end, where the trainer waits for the ones still running
+    (at most `wait_s` in all). A failed submission is logged, never fatal: training goes on and `--watch`
+    can catch up."""
+
+    def __init__(self, wait_s: float = 600.0):
+        self.wait_s = wait_s
+        self.running: list[tuple[Path, Path, Any]] = []  # (tag dir, log file, Popen)
+
+    def submit(self, tag_dir: Path) -> None:
+        import subprocess
+        import sys
+
+        self.poll()
+        log_file = tag_dir.parent.parent / "eval" / "submit" / f"{tag_dir.name}.log"
+        command = [sys.executable, "-m", "ds_linclip.eval.submit", "--checkpoint", str(tag_dir)]
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_file, "w") as out:
+                process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        except OSError as err:
+            log.warning("could not submit the eval job for %s: %s", tag_dir, err)
+            return
+        self.running.append((tag_dir, log_file, process))
+
+    def poll(self) -> None:
+        """Report the submissions that have finished; keep the others."""
+        still = []
+        for tag_dir, log_file, process in self.running:
+            if process.poll() is None:
+                still.append((tag_dir, log_file, process))
+            else:
+                self._report(tag_dir, log_file, process.returncode)
+        self.running = still
+
+    def close(self) -> None:
+        """Wait for the submissions still running (`wait_s` in all), report them; stop the ones left."""
+        import subprocess
+        import time
+
+        deadline = time.monotonic() + self.wait_s
+        for tag_dir, log_file, process in self.running:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                log.warning("could not submit the eval job for %s: no answer after %g s (log %s)",
+                            tag_dir, self.wait_s, log_file)
+                continue
+            self._report(tag_dir, log_file, process.returncode)
+        self.running = []
+
+    @staticmethod
+    def _report(tag_dir: Path, log_file: Path, returncode: int) -> None:
+        lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+        if returncode == 0:  # its last line: "submitted eval job ID; logs: FOLDER"
+            log.info("%s (checkpoint %s)", (lines or ["eval job submitted"])[-1].strip(), tag_dir)
+        else:
+            reason = lines[-1].strip() if lines else f"exit code {returncode}"
+            log.warning("could not submit the eval job for %s: %s (log %s)", tag_dir, reason, log_file)
 
 
 def _log_window(engine, writer, loader, window: Window, state: TrainState, guard: NonFiniteGuard, scale: float,
