@@ -4,6 +4,7 @@ form runs end to end through the real trainer and eval job."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,6 @@ def test_quick_losses_study_end_to_end(tmp_path, fmnist_shards):
     siglip_run = next((tmp_path / "runs").glob("*siglip*"))
     assert "loss: siglip" in (siglip_run / "config.yaml").read_text()
     assert "| linear-focused-local3 | siglip |" in (out / "losses.md").read_text()
+    # the load average at the start and at the end, both measured
+    assert re.search(r"load average [0-9.]+ at start, [0-9.]+ at the end", (out / "losses.md").read_text())
+    assert isinstance(report["load_average_end"], float)

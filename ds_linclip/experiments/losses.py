@@ -24,7 +24,8 @@ from typing import Sequence
 
 from ds_linclip.experiments.launcher import (Launcher, failures_exit_code, parse_study_args, prepare_process, run_specs,
                                              run_study)
-from ds_linclip.experiments.report import aggregate, machine_sentence, markdown_table, run_meta, write_json
+from ds_linclip.experiments.report import (aggregate, load_average_1m, machine_sentence, markdown_table, run_meta,
+                                          write_json)
 from ds_linclip.experiments.runs import Budget, RunSpec, ensure_shards, log, parse_seeds, set_log_prefix
 from ds_linclip.experiments.variants import variant_argument
 
@@ -101,11 +102,12 @@ def _main(args, argv: list[str]) -> int:
     launcher = Launcher("subprocess", runs_dir, ensure_shards(args.data))
     log(f"{len(specs)} runs ({len(args.kinds)} variants x {len(args.losses)} losses x seeds {seeds}); runs in {runs_dir}")
     start = time.perf_counter()
+    meta = run_meta()  # the load average at the start; the end's is added below
     done: dict = {}
     failures = run_specs(specs, launcher, done, jobs=args.jobs, train=not args.no_train)
     rows = aggregate(specs, done)
     command = "python -m ds_linclip.experiments.losses " + shlex.join(argv)
-    meta = run_meta()
+    meta["load_average_end"] = load_average_1m()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "losses.md").write_text(report(rows, command, meta))
     write_json(args.out / "losses.json", {"command": command, **meta, "wall_seconds": time.perf_counter() - start,
