@@ -36,7 +36,7 @@ SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 # file, `file::test_name`, or the script CI runs), then why.
 EXPENSIVE: dict[str, str] = {
     # front page and demo
-    "bash scripts/demo.sh": "tests/test_demo.py: the real script end to end, 100 steps",
+    "bash scripts/demo.sh": "tests/test_demo.py: the real script end to end, 50 steps",
     "bash scripts/demo.sh model.image.attention=linear-affine model.image.local_kernel=0 "
     "model.text.attention=linear-affine train.run_name=demo_affine":
         "tests/test_demo.py: the same script; the overrides are ordinary config keys",
@@ -107,6 +107,10 @@ EXPENSIVE: dict[str, str] = {
         "tests/test_eval_job.py::test_submitit_local_executor_runs_the_eval_job",
     "python -m ds_linclip.eval --checkpoint R/checkpoints/step_00010000 --config configs/eval/imagenet1k.yaml":
         "tests/test_eval_reference.py: imagenet1k class names and templates against open_clip's",
+    # the trainer against open_clip_train at many tokens
+    "python bench/throughput.py --image-size 112 --patch-size 4 --batch-size 32 --steps 24 --skip-steps 4 "
+    "--repeats 2 --threads 2 --runs softmax linear-focused-local3 linear-focused-local3:pd0.5 softmax:pd0.5":
+        "tests/test_bench_throughput.py: the script through gpu_check.sh at tiny shapes (our runs; the open_clip baseline runs by hand, bench/results/throughput_cpu_*.json)",
     # the frontier study
     "python -m ds_linclip.data.writer fashion-mnist-canvas --out data/fmnist-canvas56 --canvas 56 --item-size 8":
         "tests/test_writer.py::test_fashion_mnist_canvas_draws_each_item_small_and_is_deterministic",
