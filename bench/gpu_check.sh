@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU check: the Triton linear-attention kernels, then the trainer end to end (< 9 min on one H100/H200).
+# One prepared GPU check: the Triton linear-attention kernels, then the trainer end to end (< 9 min on one
+# H100/H200: a deadline bounds it, see GPU_CHECK_BUDGET).
 #
 #   1. installs requirements.txt (skipped quickly when already satisfied; tolerated offline),
 #   2. runs the kernel tests with the *compiled* kernels on the GPU (TRITON_INTERPRET unset;
@@ -19,6 +20,9 @@
 #   TRAINER_SIZES ("224:32 448:16 896:8", px:batch), TRAINER_PRECISION (bf16), TRAINER_WORKERS (6
 #   data workers), TRAINER_THREADS (4) and TRAINER_TIMEOUT (120 s a size): the CPU test of its
 #   plumbing runs `PART=trainer TRAINER_DEVICE=cpu TRAINER_PRESET=tiny ...`.
+#   GPU_CHECK_BUDGET (530 s): the whole script's deadline. Each step's timeout is its own or what is
+#   left of the budget, whichever is less; a step with under 10 s left is skipped (and fails the
+#   script), so the script ends within the budget even when every step runs to its timeout.
 # Targets: gradients within bf16 tolerance of the float64 reference; fwd+bwd at least as
 # fast as SDPA at N=1025 and >= 4x faster at N=4097. Exit status: non-zero if a step failed.
 set -uo pipefail
@@ -32,6 +36,18 @@ unset TRITON_INTERPRET
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 step() { echo; echo "=== $* ($(date +%T))"; }
+GPU_CHECK_BUDGET="${GPU_CHECK_BUDGET:-530}"
+DEADLINE=$((SECONDS + GPU_CHECK_BUDGET))
+# within SECONDS_WANTED CMD...: run CMD under `timeout` of min(SECONDS_WANTED, what is left of the budget)
+within() {
+  local want=$1 left=$((DEADLINE - SECONDS)); shift
+  if [ "$left" -lt 10 ]; then
+    echo "SKIPPED: ${GPU_CHECK_BUDGET} s budget spent (${left} s left): $*"
+    return 124
+  fi
+  [ "$left" -lt "$want" ] && want=$left
+  timeout "$want" "$@"
+}
 
 PART="${PART:-all}"
 TRAINER_DEVICE="${TRAINER_DEVICE:-cuda}"
@@ -48,7 +64,7 @@ trainer_pass() {
   for size_batch in $TRAINER_SIZES; do
     size=${size_batch%%:*}; batch=${size_batch##*:}
     step "trainer: $TRAINER_PRESET at $size px, batch $batch, $TRAINER_PRECISION, ZeRO-2 ($TRAINER_RUNS)"
-    timeout "$TRAINER_TIMEOUT" $PYTHON bench/throughput.py --device "$TRAINER_DEVICE" --preset "$TRAINER_PRESET" --image-size "$size" \
+    within "$TRAINER_TIMEOUT" $PYTHON bench/throughput.py --device "$TRAINER_DEVICE" --preset "$TRAINER_PRESET" --image-size "$size" \
       --precision "$TRAINER_PRECISION" --zero-stage 2 --batch-size "$batch" --steps 16 --skip-steps 8 --log-every 4 \
       --workers "$TRAINER_WORKERS" --threads "$TRAINER_THREADS" --repeats 1 --baseline none --runs $TRAINER_RUNS \
       --timeout "$TRAINER_TIMEOUT" \
@@ -71,27 +87,27 @@ print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_
 EOF
 
 step "pip install -r requirements.txt"
-timeout 30 $PYTHON -m pip install --quiet --disable-pip-version-check -r requirements.txt \
+within 30 $PYTHON -m pip install --quiet --disable-pip-version-check -r requirements.txt \
   || echo "WARNING: pip install failed or timed out (offline?); continuing with the installed packages"
 
 step "kernel tests on the GPU (compiled Triton, no interpreter)"
-timeout 240 $PYTHON -m pytest -q -p no:cacheprovider --durations=5 \
+within 240 $PYTHON -m pytest -q -p no:cacheprovider --durations=5 \
   tests/test_kernels.py tests/test_kernels_triton.py || { echo "FAILED: kernel tests"; status=1; }
 
 step "launched kernels: shared memory, registers, spills (bf16, d=64)"
-timeout 40 $PYTHON bench/kernel_resources.py || { echo "FAILED: resource report"; status=1; }
+within 40 $PYTHON bench/kernel_resources.py || { echo "FAILED: resource report"; status=1; }
 
 step "benchmark: bf16, B=8, H=12, d=64, bidirectional"
-timeout 60 $PYTHON bench/attention.py --device cuda --dtype bf16 --batch 8 --heads 12 --head-dim 64 \
+within 60 $PYTHON bench/attention.py --device cuda --dtype bf16 --batch 8 --heads 12 --head-dim 64 \
   --reps 20 --min-time 1 --out-dir "$OUT_DIR" || { echo "FAILED: benchmark"; status=1; }
 
 step "benchmark: bf16, B=8, H=12, d=64, causal (text tower)"
-timeout 30 $PYTHON bench/attention.py --device cuda --dtype bf16 --batch 8 --heads 12 --head-dim 64 \
+within 30 $PYTHON bench/attention.py --device cuda --dtype bf16 --batch 8 --heads 12 --head-dim 64 \
   --tokens 77 197 1025 4097 --causal --reps 20 --min-time 1 --no-plot --out-dir "$OUT_DIR" \
   || { echo "FAILED: causal benchmark"; status=1; }
 
 step "benchmark: bf16, B=8, H=12, d=64, focused map (kernel normaliser), bidirectional"
-timeout 30 $PYTHON bench/attention.py --device cuda --dtype bf16 --batch 8 --heads 12 --head-dim 64 \
+within 30 $PYTHON bench/attention.py --device cuda --dtype bf16 --batch 8 --heads 12 --head-dim 64 \
   --tokens 197 1025 4097 --kind linear-focused --reps 20 --min-time 1 --no-plot --out-dir "$OUT_DIR" \
   || { echo "FAILED: focused benchmark"; status=1; }
 

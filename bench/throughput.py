@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -59,9 +60,18 @@ def open_clip_model_config(model, patch_dropout: float = 0.0) -> dict:
 
 
 def _run(cmd: list[str], env: dict, log_path: Path, timeout: float) -> str:
+    """One run, waited for; stopped at once (SIGKILL) if this script is stopped or the run times out:
+    a trainer's graceful SIGTERM path (finish the step, checkpoint) would hold the device into the next
+    measurement."""
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=timeout)
+        except BaseException:  # TimeoutExpired, KeyboardInterrupt, SystemExit from SIGTERM
+            proc.kill()
+            proc.wait()
+            raise
     text = log_path.read_text()
     if proc.returncode != 0:
         tail = "\n".join(text.splitlines()[-30:])
@@ -243,6 +253,8 @@ def results_table(results: list[dict], args) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (`timeout`, Slurm) leaves through SystemExit, so the running trainer is killed with the script
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     from ds_linclip.config import load_config
 

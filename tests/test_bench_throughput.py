@@ -47,3 +47,25 @@ def test_gpu_check_trainer_pass_runs_on_cpu(tmp_path):
         assert row["images_per_s"] > 0 and row["peak_mib"] > 0 and len(row["rounds_step_s"]) == 1
     table = (tmp_path / "gpu_check.log").read_text()
     assert "| ours softmax pd0.5 | 32 (65) |" in table  # tiny: 32 px / patch 4 -> 64 patches + CLS
+
+
+def test_gpu_check_deadline_bounds_the_script_and_leaves_no_process(tmp_path):
+    """GPU_CHECK_BUDGET: a step gets at most what is left of the budget; with under 10 s left the next
+    step is skipped and the script fails; `timeout` takes the step's trainer processes down with it."""
+    import time
+
+    env = dict(os.environ, PART="trainer", TRAINER_DEVICE="cpu", TRAINER_PRESET="tiny", TRAINER_SIZES="32:8 48:8",
+               TRAINER_PRECISION="fp32", TRAINER_WORKERS="1", TRAINER_THREADS="1", TRAINER_TIMEOUT="500",
+               GPU_CHECK_BUDGET="12", PYTHON=sys.executable)
+    started = time.monotonic()
+    result = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0 and elapsed < 30, (elapsed, result.stdout[-3000:])
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "FAILED: trainer pass at 32 px" in log  # cut at the budget: no trainer finishes in 12 s here
+    assert "SKIPPED: 12 s budget spent" in log and "FAILED: trainer pass at 48 px" in log
+    time.sleep(1)
+    # the trainer runs on the script's synthetic shards, in its temp folder: none may outlive the script
+    leftover = subprocess.run(["pgrep", "-af", "linclip_throughput_"], capture_output=True, text=True).stdout
+    assert not leftover.strip(), leftover
