@@ -7,10 +7,12 @@ tensors runs through Triton's interpreter (slow; for tests), whatever TRITON_INT
 share one keyword signature (`kernels.options`: `LinearOptions` + `@linear_backend`) and trust this
 function's check (`check_linear_args`).
 
-The variants without Triton kernels yet (`kernels.reference.is_variant`: the `pola` feature map, the
-`mala` normaliser) run on the PyTorch path (`variant_attention_torch`, oracle
-`variant_attention_reference`): `backend="triton"` refuses them, `backend="auto"` runs them there
-for CUDA tensors too.
+The variants (`kernels.reference.is_variant`: the `pola` feature map, the `mala` normaliser; oracle
+`variant_attention_reference`): pola with the `kernel` or `count` normaliser (`TRITON_VARIANTS`) runs like
+the other maps, on Triton for `backend="triton"` and for CUDA tensors under `"auto"`
+(`pola_attention_triton`: features materialised in torch, the sweeps in the kernels), else on the PyTorch
+path (`variant_attention_torch`). The `mala` normaliser (any map) has no Triton kernel yet:
+`backend="triton"` refuses it, `backend="auto"` runs it on the PyTorch path for CUDA tensors too.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from kernels.reference import check_variant_args, is_variant, variant_attention_
 from kernels.torch_path import linear_attention_torch, variant_attention_torch
 
 BACKENDS = ("auto", "torch", "triton")
+# the variants the Triton kernels run (pola on materialised features, `pola_attention_triton`); mala stays on torch
+TRITON_VARIANTS = (("pola", "kernel"), ("pola", "count"))
 
 
 def linear_attention(
@@ -45,13 +49,17 @@ def linear_attention(
 
     feature_map: affine | focused | elu | relu; denominator: count | kernel (see kernels/reference.py).
     scale: (heads, head_dim) positive tensor, the focused (and pola) map's s (required for it, else None).
-    Torch-path-only variants: feature_map pola (power: a (heads, head_dim) tensor p), denominator mala.
+    Variants: feature_map pola (power: a (heads, head_dim) tensor p; Triton with count and kernel),
+    denominator mala (PyTorch path only).
     """
     options = LinearOptions(feature_map, denominator, causal, scale, power, eps)._asdict()
     if is_variant(feature_map, denominator):
         check_variant_args(q, k, v, feature_map, denominator, scale, power)
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
+        on_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
+        if on_triton and (feature_map, denominator) in TRITON_VARIANTS:
+            return _triton_wrapper.pola_attention_triton(q, k, v, **options)
         if backend == "triton":
             raise ValueError(f"linear attention {feature_map}/{denominator} has no Triton kernel yet; "
                              "use backend='torch' (or 'auto', which runs it on the PyTorch path for any device)")
@@ -66,4 +74,4 @@ def linear_attention(
 
 __all__ = ["linear_attention", "linear_attention_reference", "linear_attention_torch", "LinearSpec", "LinearOptions",
            "variant_attention_reference", "variant_attention_torch",
-           "FEATURE_MAPS", "DENOMINATORS", "BACKENDS"]
+           "FEATURE_MAPS", "DENOMINATORS", "BACKENDS", "TRITON_VARIANTS"]

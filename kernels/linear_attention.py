@@ -30,7 +30,7 @@ from types import ModuleType
 import torch
 
 from kernels.options import LinearOptions, linear_backend
-from kernels.reference import FEATURE_MAPS, NORM_EPS
+from kernels.reference import FEATURE_MAPS, NORM_EPS, polarity_attention
 
 # the kernels' KIND constexpr: 0 affine, 1 focused, 2 elu, 3 relu (FEATURE_MAPS' order)
 FEATURE_CODES = {feature_map: code for code, feature_map in enumerate(FEATURE_MAPS)}
@@ -376,4 +376,32 @@ def linear_attention_triton(
                                        float(options.power), float(options.eps))
 
 
-__all__ = ["linear_attention_triton", "LinearAttentionTriton", "launch_config", "kernel_constexprs", "KERNELS"]
+# The pola map's features are non-negative, so the kernels above run it exactly on features materialised
+# in torch: the `relu` map (φ = max(x, 0), no scale, no power) is the identity on them, and the normaliser
+# (`kernel` or `count`, no affine "1 +") is the tower's. Autograd carries the gradients of q, k, the scale
+# and the raw power through `polarity_features`; the kernels' own backward gives those of the features and v.
+# relu's gradient (dx = dφ where x > 0, else 0; 0 at exactly 0) drops dφ only where a feature is exactly 0.
+# Where ±x/s <= 0 the feature's own derivative is 0 too (relu' = 0 there; torch's pow backward gives 0 at
+# base 0 for the base and for the exponent), so the result is unchanged. The only other zeros are y^p
+# underflowed for 0 < y = ±x/s < tiny^(1/p) (fp32: y < 1e-9 at p = 5, ~1e-45 as p -> 1), where torch would
+# pass p·y^(p-1)·dφ on: inputs that small are rounding noise around 0, not values attention depends on.
+PROXY_MAP = "relu"
+
+
+@linear_backend
+def pola_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: LinearOptions) -> torch.Tensor:
+    """The pola map (`kernels.reference.polarity_features`) with the `kernel` or `count` normaliser: two
+    sweeps of the Triton kernels on 2·head_dim-wide features, value dim E/2 each. q, k (B, H, N, D), v (B, H, N, E),
+    options.scale and options.power (H, D) tensors (both may require grad) -> (B, H, N, E)."""
+    _, denominator, causal, scale, power, eps = options
+
+    def sweep(phi_q: torch.Tensor, phi_k: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+        # features follow the scale's dtype when it differs from q's (type promotion); the kernels need one dtype
+        return linear_attention_triton(phi_q.to(half.dtype), phi_k.to(half.dtype), half, PROXY_MAP, denominator,
+                                       causal, eps=eps)
+
+    return polarity_attention(q, k, v, scale, power, sweep)
+
+
+__all__ = ["linear_attention_triton", "LinearAttentionTriton", "pola_attention_triton", "launch_config",
+           "kernel_constexprs", "KERNELS", "PROXY_MAP"]

@@ -186,6 +186,16 @@ def polarity_features(x: torch.Tensor, scale: torch.Tensor, power: torch.Tensor)
     return torch.cat([positive, negative], dim=-1), torch.cat([negative, positive], dim=-1)
 
 
+def polarity_attention(q, k, v, scale, power, attend) -> torch.Tensor:
+    """The pola map around one normaliser `attend(phi_q, phi_k, v_half) -> out_half` (a backend's sweep on
+    non-negative features): the first half of v's channels through (φ_same(q), φ(k)), the second through
+    (φ_opp(q), φ(k)). q, k (B, H, N, D), v (B, H, N, E), scale and power (H, D) -> (B, H, N, E)."""
+    same, opposite = polarity_features(q, scale, power)
+    phi_k = polarity_features(k, scale, power)[0]
+    first, second = v.chunk(2, dim=-1)
+    return torch.cat([attend(same, phi_k, first), attend(opposite, phi_k, second)], dim=-1)
+
+
 def variant_scores(phi_q: torch.Tensor, phi_k: torch.Tensor, denominator: str, causal: bool, head_dim: int,
                    eps: float = 1e-6) -> torch.Tensor:
     """The (B, H, N, N) score matrix A of one normaliser on given features (no affine "1 +"); out = A @ v."""

@@ -289,7 +289,7 @@ __all__ = ["linear_attention_torch", "CAUSAL_DENSE_MAX_TOKENS", "FUSE_ENV", "FUS
 # Written with autograd (no hand-written backward yet) and O(N·d²) like the forms above: bidirectional
 # through the d×d state, causal as the dense masked product up to CAUSAL_DENSE_MAX_TOKENS, chunked above.
 
-from kernels.reference import polarity_features  # noqa: E402
+from kernels.reference import polarity_attention  # noqa: E402
 
 __all__ += ["variant_attention_torch"]
 
@@ -331,11 +331,8 @@ def variant_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     feature_map, denominator, causal, scale, power, eps = options
     head_dim = q.shape[-1]
     if feature_map == "pola":
-        same, opposite = polarity_features(q, scale, power)
-        phi_k = polarity_features(k, scale, power)[0]
-        first, second = v.chunk(2, dim=-1)
-        return torch.cat([_on_features(same, phi_k, first, denominator, causal, head_dim, eps),
-                          _on_features(opposite, phi_k, second, denominator, causal, head_dim, eps)], dim=-1)
+        return polarity_attention(q, k, v, scale, power, lambda phi_q, phi_k, half: _on_features(
+            phi_q, phi_k, half, denominator, causal, head_dim, eps))
     if feature_map == "focused":
         phi_q, phi_k = _FocusedFeatures.apply(q, scale, power), _FocusedFeatures.apply(k, scale, power)
     else:

@@ -1,5 +1,6 @@
-"""The torch-path-only variants (pola map, mala normaliser) against the quadratic float64 oracle
-(`kernels.reference.variant_attention_reference`: the (N, N) score matrix built explicitly).
+"""The variants (pola map, mala normaliser) against the quadratic float64 oracle
+(`kernels.reference.variant_attention_reference`: the (N, N) score matrix built explicitly): the torch
+path for all of them, the Triton path (interpreted on CPU) for pola with the kernel and count normalisers.
 
 Every case compares outputs and the gradients of q, k, v and the variant's own inputs (the pola/focused
 scale s and pola's raw power w, p = 1 + 4·sigmoid(w)), bidirectional and causal, at N = 1, 7, 50, 197
@@ -113,16 +114,69 @@ def test_pola_gradcheck_scale_and_power(causal):
             (q, k, v, scale, raw))
 
 
+# pola on Triton (kernels.linear_attention.pola_attention_triton), interpreted on CPU (each call: two sweeps
+# of the kernels): N = 1, non-powers-of-two 7, 197 and 300 (several interpreted blocks of 64 rows, the last
+# partial), 1025 (causal: the chunk-parallel form, ranges of 256 tokens with prefix / suffix states)
+POLA_TRITON_TOKENS = [1, 7, 197, 300, pytest.param(1025, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("tokens", POLA_TRITON_TOKENS)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("denominator", ["kernel", "count"])
+def test_pola_triton_matches_quadratic_oracle(denominator, causal, tokens):
+    """Output and the gradients of q, k, v, the scale and the raw power, float64 (interpreted kernels)."""
+    q, k, v = random_qkv(2, 2, tokens, 8, dtype=torch.float64)
+    scale, raw = variant_inputs("pola", 2, 8)
+    kwargs = dict(feature_map="pola", denominator=denominator, causal=causal, scale=scale)
+    out = linear_attention(q, k, v, power=pola_power(raw), backend="triton", **kwargs)
+    expected = variant_attention_reference(q, k, v, power=pola_power(raw), **kwargs)
+    assert out.shape == v.shape
+    assert rel_err(out, expected) < 1e-12, f"output: rel err {rel_err(out, expected):.2e}"
+    inputs = [q, k, v, scale, raw]
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, inputs, upstream)
+    grads_expected = torch.autograd.grad(expected, inputs, upstream)
+    for name, got, want in zip(["q", "k", "v", "scale", "raw power"], grads, grads_expected):
+        assert torch.isfinite(got).all(), f"d/d{name} not finite"
+        assert tokens == 1 or want.abs().max() > 0, f"d/d{name} is all zero"
+        assert rel_err(got, want) < 1e-8, f"d/d{name}: rel err {rel_err(got, want):.2e}"
+
+
+def test_pola_triton_fp32_with_zero_inputs_and_padding():
+    """fp32 at the kernels' real widths (head dim 32: features 64 wide, value halves 16), inputs with exact
+    zeros (where relu's gradient is cut at 0), N = 77 (not a multiple of any block): against the float64 oracle."""
+    q, k, v = random_qkv(1, 2, 77, 32, dtype=torch.float64)
+    q.detach()[..., ::5] = 0.0
+    k.detach()[..., 1::7] = 0.0
+    scale, raw = variant_inputs("pola", 2, 32)
+    inputs64 = [q, k, v, scale, raw]
+    inputs32 = [t.detach().float().requires_grad_() for t in inputs64]
+    for causal in (False, True):
+        out = linear_attention(*inputs32[:3], "pola", "kernel", causal, inputs32[3], pola_power(inputs32[4]),
+                               backend="triton")
+        expected = variant_attention_reference(*inputs64[:3], "pola", "kernel", causal, scale, pola_power(raw))
+        assert out.dtype == torch.float32 and rel_err(out, expected) < 1e-5
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        grads = torch.autograd.grad(out, inputs32, upstream.float())
+        grads_expected = torch.autograd.grad(expected, inputs64, upstream)
+        for name, got, want in zip(["q", "k", "v", "scale", "raw power"], grads, grads_expected):
+            assert rel_err(got, want) < 1e-4, f"{'causal' if causal else 'bidirectional'} d/d{name}: {rel_err(got, want):.2e}"
+
+
 def test_variants_refuse_triton_and_bad_arguments():
     q, k, v = random_qkv(1, 2, 7, 8, dtype=torch.float64)
     scale, raw = variant_inputs("pola", 2, 8)
-    with pytest.raises(ValueError, match="no Triton kernel yet"):
-        linear_attention(q, k, v, "pola", "kernel", scale=scale, power=pola_power(raw), backend="triton")
-    with pytest.raises(ValueError, match="no Triton kernel yet"):
+    # the mala normaliser has no Triton kernel, with any map, pola included
+    with pytest.raises(ValueError, match="linear attention pola/mala has no Triton kernel yet"):
+        linear_attention(q, k, v, "pola", "mala", scale=scale, power=pola_power(raw), backend="triton")
+    with pytest.raises(ValueError, match="linear attention elu/mala has no Triton kernel yet"):
         linear_attention(q, k, v, "elu", "mala", backend="triton")
-    # auto on CPU (and on CUDA) runs them on the torch path
+    # auto on CPU runs every variant on the torch path (on CUDA: pola-kernel/-count on Triton, mala on torch)
     torch.testing.assert_close(linear_attention(q, k, v, "elu", "mala", backend="auto"),
-                               variant_attention_torch(q, k, v, "elu", "mala"))
+                               variant_attention_torch(q, k, v, "elu", "mala"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        linear_attention(q, k, v, "pola", "kernel", scale=scale, power=pola_power(raw), backend="auto"),
+        variant_attention_torch(q, k, v, "pola", "kernel", scale=scale, power=pola_power(raw)), rtol=0, atol=0)
     with pytest.raises(ValueError, match="affine L2-normalises"):
         linear_attention(q, k, v, "affine", "mala")
     with pytest.raises(ValueError, match="power of shape"):
