@@ -11,6 +11,7 @@ cache so reruns are fast; re-derived from the cached PTX if missing).
     python bench/kernel_compile.py                # the CI grid (tests/test_kernels_compile.py)
     python bench/kernel_compile.py --grid full    # every kernel × dtype × head dim × map × switches
     python bench/kernel_compile.py --grid worst   # the largest variant of every kernel × dtype × dim
+    python bench/kernel_compile.py --grid pola    # the kernels as the pola map launches them
     python bench/kernel_compile.py --jobs 2 --out bench/results/kernel_compile.md
 
 TRITON_CACHE_DIR defaults to /tmp/ds_linclip_triton_cache (shared by the test, parallel-safe:
@@ -58,11 +59,17 @@ class Case:
     feature_map: str
     rowsum_den: bool
     chunked: bool
+    value_dim: int | None = None  # v's channels when not head_dim (pola's sweeps: features 2d wide, values d/2)
+
+    @property
+    def values(self) -> int:
+        return self.value_dim or self.head_dim
 
     @property
     def id(self) -> str:
         switches = ("-rowsum" if self.rowsum_den else "") + ("-chunked" if self.chunked else "")
-        return f"{self.kernel.strip('_')}-sm{self.arch}-{self.dtype}-d{self.head_dim}-{self.feature_map}{switches}"
+        values = f"-e{self.value_dim}" if self.value_dim else ""
+        return f"{self.kernel.strip('_')}-sm{self.arch}-{self.dtype}-d{self.head_dim}{values}-{self.feature_map}{switches}"
 
 
 def _switches(kernel: str):
@@ -83,13 +90,18 @@ CI_EXTREMES = (
     ("_bidir_state_kernel", 90, "fp32", 32),  # fp32: exact FMA dots, a different code path
     ("_causal_fwd_kernel", 90, "fp32", 64),
 )
+# the pola map's launches (kernels.linear_attention.pola_attention_triton): model head dims d, each sweep on
+# 2d-wide features with d/2 value channels through the relu kernels; fp32 only at d = 32 (fp32 at width 128
+# takes 1-1.5 min per kernel)
+POLA_CASES = (("bf16", 32), ("bf16", 64), ("fp32", 32))
 
 
 def cases(grid: str = "ci") -> list[Case]:
     """The launchable cases of one grid.
 
     full: every kernel × sm_80/sm_90 × fp32/bf16/fp16 × head dim 32/64/80/96/128 × feature map ×
-    ROWSUM_DEN × CHUNKED (2280 compiles). worst: per kernel × arch × dtype × head dim only the
+    ROWSUM_DEN × CHUNKED (2280 compiles). pola: every kernel on sm_90 as the pola map launches it
+    (`POLA_CASES`: head dim 2d, value dim d/2, relu map) in its largest variant. worst: per kernel × arch × dtype × head dim only the
     variant with the most live tiles (focused map, ROWSUM_DEN, CHUNKED), bf16 d64 first. ci: every
     kernel × sm_80/sm_90 at the presets' case (bf16, head dim 64) in its largest variant, every
     switch of every kernel on sm_90, and `CI_EXTREMES` (the closest to the shared-memory limits).
@@ -105,6 +117,11 @@ def cases(grid: str = "ci") -> list[Case]:
         order = sorted(itertools.product(DTYPES, HEAD_DIMS), key=lambda p: p != ("bf16", 64))
         for (dtype, dim), kernel, arch in itertools.product(order, KERNELS, ARCHS):
             out.append(Case(kernel, arch, dtype, dim, "focused", *list(_switches(kernel))[-1]))
+    elif grid == "pola":
+        from kernels.linear_attention import PROXY_MAP
+
+        for (dtype, dim), kernel in itertools.product(POLA_CASES, KERNELS):
+            out.append(Case(kernel, 90, dtype, 2 * dim, PROXY_MAP, *list(_switches(kernel))[-1], value_dim=dim // 2))
     elif grid == "ci":
         for kernel, arch in itertools.product(KERNELS, ARCHS):
             switches = list(_switches(kernel))
@@ -114,7 +131,7 @@ def cases(grid: str = "ci") -> list[Case]:
         for kernel, arch, dtype, dim in CI_EXTREMES:
             out.append(Case(kernel, arch, dtype, dim, "focused", *list(_switches(kernel))[-1]))
     else:
-        raise ValueError(f"unknown grid '{grid}' (known: ci, worst, full)")
+        raise ValueError(f"unknown grid '{grid}' (known: ci, worst, full, pola)")
     return out
 
 
@@ -179,7 +196,7 @@ def compile_case(case: Case) -> dict:
     dtype = DTYPES[case.dtype]
     module = _kernel_module(False)
     fn = getattr(module, case.kernel)
-    constexprs, options = kernel_constexprs(case.kernel, dtype, case.head_dim, case.head_dim, case.feature_map,
+    constexprs, options = kernel_constexprs(case.kernel, dtype, case.head_dim, case.values, case.feature_map,
                                             case.rowsum_den, 3.0, case.chunked, case.arch)
     signature, attrs = _signature(fn, constexprs, case.dtype, "fp32")
     started = time.perf_counter()
@@ -259,7 +276,7 @@ def summary(results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grid", default="ci", choices=("ci", "worst", "full"))
+    parser.add_argument("--grid", default="ci", choices=("ci", "worst", "full", "pola"))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--kernel", default=None, help="only kernels whose name contains this")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables (markdown) and a .json here")

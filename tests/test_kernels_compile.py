@@ -10,7 +10,8 @@ The module fixture prints the per-kernel table (shared memory, registers, spills
 
 Grid: LINCLIP_COMPILE_GRID = ci (default, 31 compiles, ~2.5 min on 2 cores; the list is
 `bench.kernel_compile.cases`), worst (240), or full (2280 compiles; hours on 2 cores; also
-`python bench/kernel_compile.py --grid full`).
+`python bench/kernel_compile.py --grid full`). Separately (slow), the `pola` grid: every kernel as the
+pola map launches it (head dim 2d, value dim d/2, relu map; d = 32, 64 in bf16, d = 32 in fp32) on sm_90.
 Compiled kernels are cached in TRITON_CACHE_DIR (default /tmp/ds_linclip_triton_cache), so reruns
 take seconds; the cache is safe to share between parallel runs.
 """
@@ -26,6 +27,7 @@ kernel_compile = pytest.importorskip("bench.kernel_compile")
 
 GRID = os.environ.get("LINCLIP_COMPILE_GRID", "ci")
 CASES = kernel_compile.cases(GRID)
+POLA_CASES = kernel_compile.cases("pola")
 # bf16/fp16 at head dim <= 64 on H100/H200: every preset's case; a spill there costs every training
 # step. (sm_80 still spills a little in the causal backward, see kernels/README.md; reported, not failed.)
 NO_SPILL = {"archs": (90,), "dtypes": ("bf16", "fp16"), "max_head_dim": 64}
@@ -51,9 +53,55 @@ def compiled():
     return {r["id"]: r for r in results}
 
 
+@pytest.fixture(scope="module")
+def compiled_pola():
+    results = kernel_compile.compile_all(POLA_CASES, jobs=max(1, min(2, os.cpu_count() or 1)))
+    print(f"\n{kernel_compile.summary(results)}\n")
+    return {r["id"]: r for r in results}
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_kernel_compiles_and_fits(case, compiled):
-    result = compiled[case.id]
+    check_fits(case, compiled[case.id])
+
+
+@pytest.mark.slow  # ~30 s for the 24 compiles on a cold cache
+@pytest.mark.parametrize("case", POLA_CASES, ids=[c.id for c in POLA_CASES])
+def test_pola_kernels_compile_and_fit(case, compiled_pola):
+    """The launches of the pola map (2d-wide features, d/2 value channels, relu kernels) at model head dims
+    32 and 64: cubins for sm_90 that fit and, in bf16 and fp32 alike, do not spill (measured: none does)."""
+    result = compiled_pola[case.id]
+    check_fits(case, result)
+    assert result["spill_stores"] == 0 and result["spill_loads"] == 0, f"{case.id}: spills ({result['config']})"
+
+
+def test_pola_grid_is_what_the_pola_map_launches(monkeypatch):
+    """pola_attention_triton launches the relu kernels at head dim 2d, value dim d/2: the pola grid's cases."""
+    import sys
+
+    from kernels import linear_attention
+    from kernels.reference import pola_power
+
+    triton_wrapper = sys.modules["kernels.linear_attention"]  # the module (the package attribute is the function)
+
+    launched = []
+    original = triton_wrapper._Launch.__init__
+
+    def record(self, q, v, feature_map, *args):
+        launched.append((q.shape[-1], v.shape[-1], feature_map))
+        original(self, q, v, feature_map, *args)
+
+    monkeypatch.setattr(triton_wrapper._Launch, "__init__", record)
+    q = torch.randn(1, 2, 3, 32)
+    linear_attention(q, q, q, "pola", "kernel", scale=torch.ones(2, 32), power=pola_power(torch.zeros(2, 32)),
+                     backend="triton")
+    assert launched == [(64, 16, triton_wrapper.PROXY_MAP)] * 2
+    assert {(c.head_dim, c.values, c.feature_map) for c in POLA_CASES} == {
+        (2 * d, d // 2, triton_wrapper.PROXY_MAP) for _, d in kernel_compile.POLA_CASES}
+    assert {c.kernel for c in POLA_CASES if c.dtype == "bf16" and c.head_dim == 128} == set(triton_wrapper.KERNELS)
+
+
+def check_fits(case, result):
     assert result["cubin_bytes"] > 0, f"{case.id}: no cubin"
     assert result["shared"] <= result["shared_limit"], (
         f"{case.id}: asks for {result['shared'] / 1024:.1f} KiB of shared memory, the GPU has "
