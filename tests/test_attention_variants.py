@@ -88,10 +88,14 @@ def module_oracle(module: Attention, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-@pytest.mark.parametrize("name", ["linear-focused-mala", "linear-pola", "linear-pola-mala-gate", "linear-focused-gate",
-                                  "softmax-gate"])
-def test_variant_module_matches_oracle_with_every_parameter_gradient(name, causal):
+@pytest.mark.parametrize("name,backend", [
+    *((name, "torch") for name in ("linear-focused-mala", "linear-pola", "linear-pola-mala-gate", "linear-focused-gate",
+                                   "softmax-gate")),
+    ("linear-pola", "triton"), ("linear-pola-count-gate", "triton"),  # interpreted kernels on CPU
+], ids=lambda value: value)
+def test_variant_module_matches_oracle_with_every_parameter_gradient(name, backend, causal):
     module = variant_module(name, causal)
+    module.backend = backend
     x = torch.randn(2, 37, module.width, dtype=torch.float64, requires_grad=True)
     ours, expected = module(x), module_oracle(module, x)
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
@@ -107,8 +111,8 @@ def test_variant_module_matches_oracle_with_every_parameter_gradient(name, causa
 
 
 def test_triton_backend_refuses_the_torch_only_variants_by_name():
-    module = Attention(32, 2, spec="linear-pola", backend="triton")
-    with pytest.raises(ValueError, match="pola/kernel has no Triton kernel yet"):
+    module = Attention(32, 2, spec="linear-pola-mala", backend="triton")
+    with pytest.raises(ValueError, match="pola/mala has no Triton kernel yet"):
         module(torch.randn(1, 5, 32))
 
 

@@ -226,10 +226,12 @@ def test_build_model_loads_config_pretrained(tmp_path):
     assert not torch.equal(untouched.text.text_projection, reference.text_projection)
 
 
-@pytest.mark.parametrize("image,text", [("linear-focused-local3", "linear-focused"), ("linear-affine-local5", "linear-affine")])
+@pytest.mark.parametrize("image,text", [("linear-focused-local3", "linear-focused"), ("linear-affine-local5", "linear-affine"),
+                                        ("linear-pola-local3", "linear-pola")])
 def test_softmax_checkpoint_loads_into_every_variant_with_sensible_new_parameters(image, text):
     """Parameters the variant adds start at 0: the local branch adds nothing, so the converted model
-    equals the same variant without its local branch; the focused scale starts at softplus(0)."""
+    equals the same variant without its local branch; the focused (and pola) scale starts at softplus(0),
+    pola's power at 1 + 4·sigmoid(0) = 3."""
     from ds_linclip.models.attention import parse_attention_name
 
     reference = tiny_open_clip()
@@ -240,6 +242,11 @@ def test_softmax_checkpoint_loads_into_every_variant_with_sensible_new_parameter
     assert any("linear-variant parameters not in the file start at 0" in note for note in notes)
     assert all(b.attn.local_conv.weight.abs().max() == 0 and b.attn.local_conv.bias.abs().max() == 0
                for b in variant.visual.blocks)
+    added = [p for b in [*variant.visual.blocks, *variant.text.blocks] for p in (b.attn.focus_scale, b.attn.pola_power)
+             if p is not None]
+    per_block = {"affine": 0, "focused": 1, "pola": 2}[image.split("-")[1]]  # focus_scale, pola_power
+    assert len(added) == per_block * (len(variant.visual.blocks) + len(variant.text.blocks))
+    assert all(p.abs().max() == 0 for p in added)
     without_local = build_model(model_config("tiny", {k[len("model."):]: v for k, v in overrides.items()}
                                              | {"image.local_kernel": 0}))
     load_pretrained(without_local, reference.state_dict())
