@@ -128,7 +128,8 @@ def linear_attention_reference(
 
 
 # ---------------------------------------------------------------------------------------------
-# Variants without Triton kernels yet (torch path only): the polarity map and the MALA normaliser.
+# Variants: the polarity map (Triton with the kernel/count normalisers on materialised features, see
+# kernels.linear_attention.pola_attention_triton; else the torch path) and the MALA normaliser (torch path only).
 # Their oracle below is quadratic on purpose: it builds the (N, N) score matrix A explicitly, so
 # out = A @ v can be checked row by row (rows of `kernel` and `mala` scores sum to one).
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ POLA_POWER_RANGE = 4.0
 
 
 def is_variant(feature_map: str, denominator: str) -> bool:
-    """Whether (feature_map, denominator) is one of the torch-path-only variants above."""
+    """Whether (feature_map, denominator) is one of the variants above (checked by `check_variant_args`)."""
     return feature_map in VARIANT_FEATURE_MAPS or denominator in VARIANT_DENOMINATORS
 
 
@@ -158,7 +159,7 @@ def pola_power(raw: torch.Tensor) -> torch.Tensor:
 
 
 def check_variant_args(q, k, v, feature_map: str, denominator: str, scale, power) -> None:
-    """The argument check of the torch-path-only variants (`is_variant`); the entry point calls it."""
+    """The argument check of the variants (`is_variant`); the entry point calls it."""
     if feature_map not in ALL_FEATURE_MAPS:
         raise ValueError(f"unknown feature map '{feature_map}' (known: {', '.join(ALL_FEATURE_MAPS)})")
     if denominator not in ALL_DENOMINATORS:
@@ -234,7 +235,7 @@ def variant_score_matrices(q, k, feature_map: str, denominator: str, causal: boo
 
 def variant_attention_reference(q, k, v, feature_map: str = "pola", denominator: str = "kernel", causal: bool = False,
                                 scale=None, power=3.0, eps: float = 1e-6) -> torch.Tensor:
-    """Quadratic oracle of the torch-path-only variants: out = A @ v per score matrix (pola: per half of v)."""
+    """Quadratic oracle of the variants: out = A @ v per score matrix (pola: per half of v)."""
     scores = variant_score_matrices(q, k, feature_map, denominator, causal, scale, power, eps)
     halves = v.chunk(len(scores), dim=-1)
     return torch.cat([a @ part for a, part in zip(scores, halves)], dim=-1)

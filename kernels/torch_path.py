@@ -285,7 +285,8 @@ def linear_attention_torch(
 __all__ = ["linear_attention_torch", "CAUSAL_DENSE_MAX_TOKENS", "FUSE_ENV", "FUSE_MIN_ELEMENTS", "fuse_mode"]
 
 
-# ---- torch-path-only variants (kernels.reference: VARIANT_FEATURE_MAPS, VARIANT_DENOMINATORS)
+# ---- the variants (kernels.reference: VARIANT_FEATURE_MAPS, VARIANT_DENOMINATORS) on the torch path: mala
+# always, pola where it does not run on Triton (CPU tensors, backend torch)
 # Written with autograd (no hand-written backward yet) and O(N·d²) like the forms above: bidirectional
 # through the d×d state, causal as the dense masked product up to CAUSAL_DENSE_MAX_TOKENS, chunked above.
 
@@ -325,7 +326,7 @@ def _on_features(phi_q, phi_k, v, denominator: str, causal: bool, head_dim: int,
 
 @linear_backend
 def variant_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: LinearOptions) -> torch.Tensor:
-    """The torch-path-only variants (pola map, mala normaliser), O(N·d²); same maths as
+    """The variants (pola map, mala normaliser) on the torch path, O(N·d²); same maths as
     `kernels.reference.variant_attention_reference`. q, k: (B, H, N, D); v: (B, H, N, E) -> (B, H, N, E).
     options.power: the focused map's float, or pola's (H, D) tensor p."""
     feature_map, denominator, causal, scale, power, eps = options

@@ -27,7 +27,7 @@ SHORTHANDS: dict[str, tuple[str, str]] = {
     "linear-focused": ("focused", "kernel"),  # FLatten's focused map
     "linear-elu": ("elu", "kernel"),
     "linear-relu": ("relu", "kernel"),
-    "linear-pola": ("pola", "kernel"),  # PolaFormer's polarity map (torch path only)
+    "linear-pola": ("pola", "kernel"),  # PolaFormer's polarity map
 }
 ATTENTION_KINDS = ("softmax", "linear", *SHORTHANDS)
 DEFAULT_DENOMINATOR = {feature_map: denominator for feature_map, denominator in SHORTHANDS.values()}
