@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import kernels
-from kernels.linear_attention import linear_attention_triton
+from kernels.linear_attention import linear_attention_triton, pola_attention_triton
 from kernels.options import LinearOptions, linear_backend
 from kernels.reference import linear_attention_reference
-from kernels.torch_path import linear_attention_torch
+from kernels.torch_path import linear_attention_torch, variant_attention_torch
 
 BACKEND_FUNCTIONS = (linear_attention_reference, linear_attention_torch, linear_attention_triton)
 
@@ -24,6 +24,8 @@ def test_backends_share_the_signature_of_the_public_entry_point_less_backend():
         got = [(name, p.default) for name, p in inspect.signature(fn).parameters.items()]
         assert got == expected, fn.__qualname__
         assert fn.__doc__ and fn.__name__.startswith("linear_attention_")
+    for fn in (variant_attention_torch, pola_attention_triton):  # the variants' backends
+        assert [(name, p.default) for name, p in inspect.signature(fn).parameters.items()] == expected, fn.__qualname__
 
 
 @pytest.mark.parametrize("backend", [linear_attention_reference, linear_attention_torch], ids=["reference", "torch"])
