@@ -1,6 +1,7 @@
 """train.loss=siglip with train.accum_freq=2 through the `deepspeed` launcher on 2 CPU ranks.
 
-One run of 12 steps (ZeRO-2, fp32, a 2-layer tiny model, Fashion-MNIST shards): the sigmoid loss
+One run of 12 steps (ZeRO-2, fp32, a 2-layer tiny model with linear-pola attention in both towers,
+Fashion-MNIST shards): the sigmoid loss
 goes down, the logit bias is logged, trained, in the DeepSpeed checkpoint and in the fp32 export;
 each step consumes 2 micro-batches per rank. A second run resumed from its step-6 checkpoint
 repeats steps 7-12 exactly: the same losses and the same samples (the saved data position counts
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.slow
 def overrides(shards: Path, output_dir: Path, run_name: str, resume: str = "auto") -> list[str]:
     return [
         "model.preset=tiny", "model.image.layers=2", "model.text.layers=2",
+        # the polarity map in both towers: its scale and power train, are checkpointed and resume like any weight
+        "model.image.attention=linear-pola", "model.text.attention=linear-pola",
         f"data.train_shards={shards}/train/shard-{{000000..000011}}.tar", "data.workers=1",
         f"train.output_dir={output_dir}", f"train.run_name={run_name}", f"train.steps={STEPS}",
         f"train.micro_batch_size={MICRO}", f"train.accum_freq={ACCUM}", "train.loss=siglip",
@@ -83,6 +86,12 @@ def test_siglip_loss_goes_down_and_the_bias_trains_and_is_saved(runs):
     assert float(checkpointed["logit_bias"]) == pytest.approx(bias[STEPS], abs=1e-6)
     exported = load_file(run / "final" / "model.safetensors")
     assert exported["logit_bias"].shape == () and float(exported["logit_bias"]) == pytest.approx(bias[STEPS], abs=1e-6)
+    # the polarity map's own parameters trained (init 0) and are saved alike in the checkpoint and the export
+    pola_keys = [key for key in exported if key.endswith((".pola_power", ".focus_scale"))]
+    assert len(pola_keys) == 2 * 2 * 2  # two per layer, two layers per tower, two towers
+    for key in pola_keys:
+        assert exported[key].abs().max() > 0, key
+        torch.testing.assert_close(exported[key], checkpointed[key], rtol=0, atol=0)
     cfg = load_config([run / "final" / "config.yaml"])
     assert (cfg.train.loss, cfg.model.init_logit_bias) == ("siglip", -10.0)
     model = build_model(cfg.model)
