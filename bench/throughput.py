@@ -60,16 +60,18 @@ def open_clip_model_config(model, patch_dropout: float = 0.0) -> dict:
 
 
 def _run(cmd: list[str], env: dict, log_path: Path, timeout: float) -> str:
-    """One run, waited for; stopped at once (SIGKILL) if this script is stopped or the run times out:
-    a trainer's graceful SIGTERM path (finish the step, checkpoint) would hold the device into the next
-    measurement."""
+    """One run, waited for; stopped at once (SIGKILL to its process group) if this script is stopped or the
+    run times out: a trainer's graceful SIGTERM path (finish the step, checkpoint) would hold the device
+    into the next measurement."""
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        # its own process group: the trainer and its data-loader workers go down together, and only
+        # through this script (a signal to the script's group does not reach them first)
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=timeout)
         except BaseException:  # TimeoutExpired, KeyboardInterrupt, SystemExit from SIGTERM
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
     text = log_path.read_text()

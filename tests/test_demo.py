@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_demo_script_short_form(tmp_path):
     # the eager focused map: TorchInductor's compile of the fused one costs ~30 s per process and
-    # shape on 2 cores (both ranks, then the eval job again), more than 100 short steps gain from it;
+    # shape on 2 cores (both ranks, then the eval job again), more than 50 short steps gain from it;
     # the fused map is checked against the oracle in tests/test_kernels.py
     env = dict(os.environ, PYTHONPATH=str(REPO), MASTER_PORT="29541", DS_LINCLIP_FUSE_FOCUSED="off")
     steps = 50

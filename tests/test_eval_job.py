@@ -414,7 +414,11 @@ def test_eval_submissions_run_beside_training_and_failures_are_logged_not_fatal(
     caplog.set_level(logging.INFO, logger="ds_linclip.train")
     failing = EvalSubmissions()
     failing.submit(tag)
-    failing.close()
+    assert len(failing.running) == 1 and not caplog.records  # nothing waited for, nothing reported yet
+    failing.running[0][2].wait(timeout=120)
+    failing.poll()  # what the next checkpoint's submit does first: report the finished ones
+    assert not failing.running
+    failing.close()  # nothing left: no second report
     log_file = tmp_path / "run" / "eval" / "submit" / "step_00000004.log"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "could not submit the eval job" in warnings[0] and str(log_file) in warnings[0]

@@ -463,7 +463,8 @@ def train(cfg: DictConfig, stop: StopRequest | None = None) -> int:
         if writer is not None:
             writer.close()
         if submissions is not None:
-            submissions.close()
+            # stopping for a requeue: the scheduler's grace period is short, so a submission gets 30 s
+            submissions.close(30.0 if stop.requested else None)
 
 
 class EvalSubmissions:
@@ -508,12 +509,14 @@ class EvalSubmissions:
                 self._report(tag_dir, log_file, process.returncode)
         self.running = still
 
-    def close(self) -> None:
-        """Wait for the submissions still running (`wait_s` in all), report them; stop the ones left."""
+    def close(self, wait_s: float | None = None) -> None:
+        """Wait for the submissions still running (`wait_s`, default the instance's, in all), report them;
+        stop the ones left."""
         import subprocess
         import time
 
-        deadline = time.monotonic() + self.wait_s
+        wait_s = self.wait_s if wait_s is None else wait_s
+        deadline = time.monotonic() + wait_s
         for tag_dir, log_file, process in self.running:
             try:
                 process.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -521,14 +524,17 @@ class EvalSubmissions:
                 process.kill()
                 process.wait()
                 log.warning("could not submit the eval job for %s: no answer after %g s (log %s)",
-                            tag_dir, self.wait_s, log_file)
+                            tag_dir, wait_s, log_file)
                 continue
             self._report(tag_dir, log_file, process.returncode)
         self.running = []
 
     @staticmethod
     def _report(tag_dir: Path, log_file: Path, returncode: int) -> None:
-        lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+        try:
+            lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+        except OSError:  # the log is gone or unreadable: the exit code still says what happened
+            lines = []
         if returncode == 0:  # its last line: "submitted eval job ID; logs: FOLDER"
             log.info("%s (checkpoint %s)", (lines or ["eval job submitted"])[-1].strip(), tag_dir)
         else:
