@@ -146,3 +146,21 @@ def test_plan_prints_every_run_with_its_flops_before_any_run(tmp_path, capsys):
     assert "(3 from the probe)" in rows["softmax"]  # the probe's full-size runs are the softmax points
     assert "| 622 x 50 + 155 x 197 |" in rows["softmax-lowres0.8"] and "| 653 x 99 |" in rows["softmax-pd0.5"]
     assert "estimated total" in table
+
+
+def test_configs_take_any_attention_name_and_refuse_others_by_name(tmp_path, capsys):
+    """--configs linear-pola: a plain configuration of that attention, at the budget's FLOPs (pola's steps
+    differ from linear-focused-local3's, since its token mixing costs more); a name that is neither refused."""
+    from ds_linclip.experiments.frontier import main
+
+    args = ["--plan", "--part", "frontier", "--budget-steps", "300", "--runs-dir", str(tmp_path / "runs"),
+            "--data", str(tmp_path / "none")]
+    assert main([*args, "--configs", "linear-pola", "linear-focused-local3"]) == 0
+    rows = {line.split("|")[2].strip(): line.split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| frontier")}
+    assert set(rows) == {"linear-pola", "linear-focused-local3"}
+    pola_steps, local_steps = (int(rows[n][4].split(" x ")[0]) for n in ("linear-pola", "linear-focused-local3"))
+    assert pola_steps < local_steps and local_steps == 402
+    assert float(rows["linear-pola"][5]) == pytest.approx(7.269, rel=0.01)  # the same budget
+    assert main([*args, "--configs", "linear-nope"]) == 2
+    assert "--configs linear-nope: neither a configuration" in capsys.readouterr().err

@@ -549,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", action="store_true", help="print the grid with FLOPs and CPU-minutes; train nothing")
     parser.add_argument("--configs", nargs="+", default=None, metavar="NAME",
                         help="frontier configurations (default: all of softmax, softmax-pd0.5, "
-                             f"{LINEAR}, linear-pd0.5, softmax-lowres0.8, linear-lowres0.8)")
+                             f"{LINEAR}, linear-pd0.5, softmax-lowres0.8, linear-lowres0.8), or any attention name "
+                             "(e.g. linear-pola), trained plain: full size, no dropout")
     parser.add_argument("--low-size", type=int, default=28, help="the low input resolution, px")
     parser.add_argument("--full-size", type=int, default=56, help="the full input resolution (the canvas), px")
     parser.add_argument("--probe-steps", type=int, default=300, help="steps of every probe run")
@@ -596,10 +597,17 @@ def study(args: argparse.Namespace, argv: list[str]) -> int:
     jobs = 1 if launcher_mode == "inprocess" else args.jobs  # in-process runs share one DeepSpeed process
     known = {c.name: c for c in default_configs(args.low_size)}
     names = args.configs or list(known)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        print(f"error: --configs {' '.join(unknown)}: unknown (known: {' '.join(known)})", file=sys.stderr)
-        return 2
+    from ds_linclip.models.attention import AttentionSpecError, parse_attention_name
+
+    for name in names:  # besides the named configurations: any attention name, plain (full size, no dropout)
+        if name not in known:
+            try:
+                parse_attention_name(name)
+            except AttentionSpecError:
+                print(f"error: --configs {name}: neither a configuration ({' '.join(known)}) nor an attention "
+                      "name (docs/attention_variants.md)", file=sys.stderr)
+                return 2
+            known[name] = Config(name, name)
     for size in (args.low_size, args.full_size):
         if size % 4:
             print(f"error: image size {size} is not a multiple of the patch size 4", file=sys.stderr)
