@@ -92,7 +92,7 @@ def _one_step(overrides: list[str], batches: list[tuple[torch.Tensor, torch.Tens
     assert engine.is_gradient_accumulation_boundary() == (cfg.train.accum_freq == 1)
     unit.backward_and_step(loss)
     if measure is not None and isinstance(unit, FeatureCachedStep):
-        measure["piece_losses"] = unit.piece_losses
+        measure["piece_losses"] = [float(piece) for piece in unit.piece_losses]
     assert engine.global_steps == 1, "one optimizer step"
     after = _full_params(engine)
     engine.destroy()

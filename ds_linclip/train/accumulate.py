@@ -78,7 +78,8 @@ class FeatureCachedStep:
         self.generators: list[torch.Generator] = []  # _generators(), found once per unit by loss()
         self.cached: list[list[torch.Tensor]] = []  # per tower: N tensors (B, E), no autograd graph
         self.random_states: list[list[torch.Tensor]] = []  # per micro-batch: generator states before it
-        self.piece_losses: list[float] = []  # the last backward_and_step's N loss values (all = the loss)
+        # the last backward_and_step's N loss values (all = the loss), detached: no device sync per micro-step
+        self.piece_losses: list[torch.Tensor] = []
 
     def loss(self, batches: Sequence[Sequence]) -> torch.Tensor:
         """The loss over all micro-batches' features (no autograd graph); caches the features."""
@@ -110,7 +111,7 @@ class FeatureCachedStep:
             piece = self.loss_fn(*features, *(_gradient_share(s, parts) for s in scalars))
             self.engine.backward(piece, scale_wrt_gas=False)
             self.engine.step()
-            self.piece_losses.append(float(piece.detach()))
+            self.piece_losses.append(piece.detach())
         for generator, state in zip(generators, after_caching):
             generator.set_state(state)
         self.batches, self.cached, self.random_states, self.generators = [], [], [], []
