@@ -15,8 +15,9 @@ A study is one thin module (`compare`, `linearize`, `frontier`, ...) with a CLI 
               scored, reads the numbers back); RunResult (.final_loss, .loss_curve [(step, loss)], .loss_at(step),
               .loss_vs_compute(), .flops_per_step, .train_flops, .top1/.top5, ...); read_scalars(tensorboard_dir)
               -> {tag: [(step, value)]}, read_curve(run_dir, tag="train/loss"), window_mean_loss, tail_mean_loss,
-              median_window_rate; model_cost_of(spec), train_flops_per_step(spec) (one phase; frontier's
-              train_flops / steps_for_flops count train.phases);
+              median_window_rate; model_cost_of(spec); the FLOPs of a run as the trainer plans it:
+              phase_flops(spec) [(steps, FLOPs per step)] per train.phases entry (image size, patch dropout),
+              train_flops(spec) their sum, train_flops_per_step(spec) for a one-phase run;
               parse_seeds, ensure_shards(data_dir), log / set_log_prefix, ExperimentError, MissingRun
     launcher  Launcher(mode "subprocess"|"inprocess", runs_dir, data_dir, reuse_any_finished=False) (.train(spec),
               .evaluate(spec)); run_specs(specs, launcher, done, jobs=1, train=True, bar=None, evaluate=True) fills
@@ -57,8 +58,8 @@ What a study module writes:
    Intermediate losses come from RunResult.loss_curve / loss_at(step) / loss_vs_compute(), or any other
    TensorBoard tag through read_curve(runs_dir / spec.name, tag).
 The CLI: `main(argv)` = `set_log_prefix(name)`, `prepare_process(threads)`, `return run_study(lambda: ...)`.
-`frontier` adds phase-aware FLOPs (`train_flops(spec)`, `steps_for_flops(spec, flops)` over train.phases and
-patch dropout), `pareto_frontier(points)` and `compute_to_reach_accuracy(curve, target)` /
+`frontier` adds `steps_for_flops(spec, flops)` (over train.phases and patch dropout), `pareto_frontier(points)`
+and `compute_to_reach_accuracy(curve, target)` /
 `compute_ratio_at_accuracy` (linear's compute over softmax's: < 1 means linear needs less). `fits` has the
 loss-side pair: `compute_to_reach_loss(frontier, target)` on a measured envelope and `fit_compute_multiplier`
 (reference's compute over the other's, from two fitted laws: > 1 means the other needs less).

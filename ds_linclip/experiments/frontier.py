@@ -19,8 +19,6 @@ Two parts, one report (docs/results/frontier.md/.json + frontier.png):
 from __future__ import annotations
 
 import argparse
-import copy
-import functools
 import math
 import shlex
 import statistics
@@ -34,7 +32,8 @@ from ds_linclip.experiments.fits import lower_envelope
 from ds_linclip.experiments.launcher import Launcher, failures_exit_code, parse_study_args, prepare_process, run_specs, run_study
 from ds_linclip.experiments.report import (fmt, load_average_1m, machine_sentence, markdown_table,
                                            mean_std, run_meta, write_json)
-from ds_linclip.experiments.runs import Budget, RunResult, RunSpec, log, parse_seeds, set_log_prefix
+from ds_linclip.experiments.runs import (Budget, RunResult, RunSpec, log, parse_seeds, phase_flops, planned_phases,
+                                        resolved_run, set_log_prefix, train_flops)
 
 # ----------------------------------------------------------------------------- configurations
 
@@ -106,45 +105,6 @@ def default_configs(low_size: int) -> list[Config]:
 
 
 # ----------------------------------------------------------------------------- FLOPs and steps
-
-
-@functools.lru_cache(maxsize=None)
-def _resolved(spec: RunSpec) -> tuple[Any, tuple[float, ...]]:
-    """(the run's resolved config, training FLOPs per step of each train.phases entry); cached, as
-    resolving a config is the slow part and a budget search asks about the same spec many times."""
-    from ds_linclip.config import load_config
-    from ds_linclip.models.flops import model_cost
-    from ds_linclip.train.phases import plan_phases
-
-    cfg = load_config([], spec.train_overrides(Path("data"), Path("runs")))
-    per_step = []
-    for phase in plan_phases(cfg):
-        cost = model_cost(cfg.model, phase.image_size, phase.patch_dropout)
-        per_step.append(3.0 * (cost.image.flops + cost.text.flops) * spec.budget.batch_size)
-    return cfg, tuple(per_step)
-
-
-def _phases(spec: RunSpec) -> list[Any]:
-    """The trainer's phase plan (train.phases -> plan_phases) for the spec's step count."""
-    from ds_linclip.train.phases import plan_phases
-
-    cfg, _ = _resolved(spec.with_steps(1000))
-    cfg = copy.deepcopy(cfg)
-    cfg.train.steps = spec.budget.steps
-    return plan_phases(cfg)
-
-
-def phase_flops(spec: RunSpec) -> list[tuple[int, float]]:
-    """[(steps, training FLOPs per step)] per phase of `spec`, as the trainer plans them (train.phases ->
-    plan_phases): 3 x forward FLOPs of one image + one caption (models.flops at the phase's image size
-    and patch dropout) x batch."""
-    _, per_step = _resolved(spec.with_steps(1000))
-    return [(phase.steps, per_step[phase.index]) for phase in _phases(spec)]
-
-
-def train_flops(spec: RunSpec) -> float:
-    """Training FLOPs of the whole run (every phase)."""
-    return sum(steps * per_step for steps, per_step in phase_flops(spec))
 
 
 def steps_for_flops(spec: RunSpec, flops: float) -> int:
@@ -241,9 +201,9 @@ def phase_cell(spec: RunSpec) -> str:
     """'steps x tokens/img' per phase: '240 x 50 + 60 x 197'."""
     from ds_linclip.models.flops import model_cost
 
-    cfg, _ = _resolved(spec.with_steps(1000))
+    cfg, _ = resolved_run(spec.with_steps(1000))
     return " + ".join(f"{p.steps} x {model_cost(cfg.model, p.image_size, p.patch_dropout).image.tokens}"
-                      for p in _phases(spec))
+                      for p in planned_phases(spec))
 
 
 def plan_text(grid: Grid, part: str, gflops_per_s: float, overhead_s: float, reusable: set[RunSpec]) -> str:

@@ -10,7 +10,9 @@ retrained, so a later run of the same command fills only what is missing.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import functools
 import hashlib
 import json
 import shutil
@@ -327,10 +329,51 @@ def model_cost_of(spec: RunSpec) -> Any:
     return model_cost(load_config([], spec.model_overrides()).model)
 
 
+@functools.lru_cache(maxsize=None)
+def resolved_run(spec: RunSpec) -> tuple[Any, tuple[float, ...]]:
+    """(the run's resolved config, training FLOPs per step of each train.phases entry); cached, as
+    resolving a config is the slow part and a budget search asks about the same spec many times."""
+    from ds_linclip.config import load_config
+    from ds_linclip.models.flops import model_cost
+    from ds_linclip.train.phases import plan_phases
+
+    cfg = load_config([], spec.train_overrides(Path("data"), Path("runs")))
+    per_step = []
+    for phase in plan_phases(cfg):
+        cost = model_cost(cfg.model, phase.image_size, phase.patch_dropout)
+        per_step.append(3.0 * (cost.image.flops + cost.text.flops) * spec.budget.batch_size)
+    return cfg, tuple(per_step)
+
+
+def planned_phases(spec: RunSpec) -> list[Any]:
+    """The trainer's phase plan (train.phases -> plan_phases) for the spec's step count."""
+    from ds_linclip.train.phases import plan_phases
+
+    cfg, _ = resolved_run(spec.with_steps(1000))
+    cfg = copy.deepcopy(cfg)
+    cfg.train.steps = spec.budget.steps
+    return plan_phases(cfg)
+
+
+def phase_flops(spec: RunSpec) -> list[tuple[int, float]]:
+    """[(steps, training FLOPs per step)] per phase of `spec`, as the trainer plans them (train.phases ->
+    plan_phases): 3 x forward FLOPs of one image + one caption (models.flops at the phase's image size
+    and patch dropout) x batch."""
+    _, per_step = resolved_run(spec.with_steps(1000))
+    return [(phase.steps, per_step[phase.index]) for phase in planned_phases(spec)]
+
+
+def train_flops(spec: RunSpec) -> float:
+    """Training FLOPs of the whole run (every phase)."""
+    return sum(steps * per_step for steps, per_step in phase_flops(spec))
+
+
 def train_flops_per_step(spec: RunSpec) -> float:
-    """Analytic training FLOPs of one step: 3 x forward (one image + one caption) x batch."""
-    cost = model_cost_of(spec)
-    return 3.0 * (cost.image.flops + cost.text.flops) * spec.budget.batch_size
+    """Analytic training FLOPs of one step of a run without train.phases (one phase; see `phase_flops`)."""
+    per_step = resolved_run(spec.with_steps(1000))[1]
+    if len(per_step) != 1:
+        raise ValueError(f"{spec.name} trains in {len(per_step)} phases; its FLOPs per step are phase_flops(spec)")
+    return per_step[0]
 
 
 def run_one(spec: RunSpec, launcher: Launcher, train: bool = True, evaluate: bool = True) -> RunResult:
@@ -377,7 +420,7 @@ def run_one(spec: RunSpec, launcher: Launcher, train: bool = True, evaluate: boo
         steps=spec.budget.steps, seed=spec.budget.seed, batch_size=spec.budget.batch_size, params=cost.params,
         attention_flops_per_image=cost.image.attention_flops, image_flops_per_image=cost.image.flops,
         forward_flops_per_sample=forward,
-        train_flops=3.0 * forward * spec.budget.steps * spec.budget.batch_size,
+        train_flops=train_flops(spec),  # every phase, at its image size and patch dropout
         final_loss=tail_mean_loss(loss_curve, spec.budget.steps), loss_curve=loss_curve,
         trainer_images_per_s=median_window_rate(scalars.get("perf/images_per_s", [])),
         peak_memory_mib=(max(v for _, v in peak) if peak else None) if launcher.mode == "subprocess" else None,
