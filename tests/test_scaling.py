@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -161,6 +162,23 @@ def test_plan_prints_the_grid_and_its_cost(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_large_lrs_cut_the_sweep_at_the_large_size_only(tmp_path, capsys):
+    args = PLAN_ARGS[:PLAN_ARGS.index("--large-widths") + 1] + ["64", "--large-lrs", "2e-3"] \
+        + PLAN_ARGS[PLAN_ARGS.index("--large-widths") + 1:]
+    grid = scaling.build_grid(scaling.build_parser().parse_args(args))
+    large = scaling.Size(64, 2, 56)
+    assert grid.lrs_for(large) == (2e-3,) and grid.lrs_for(scaling.Size(64, 2, 28)) == (1e-3, 2e-3)
+    sweep = grid.sweep()
+    assert {s.budget.lr for s in sweep if s.image_size == 56} == {2e-3}
+    assert len(sweep) == 2 * 2 * 2 + 2  # 2 sizes at 28 px x 2 kinds x 2 lrs, + 1 size at 56 px x 2 kinds x 1 lr
+    # the best lr at 56 px is the one swept there, whatever the 28 px sweep found
+    done = {s: SimpleNamespace(final_loss=3.0 if s.budget.lr == 1e-3 else 3.5) for s in sweep}
+    best = scaling.best_learning_rates(grid, done)
+    assert best[("softmax", large)] == 2e-3 and best[("softmax", scaling.Size(64, 2, 28))] == 1e-3
+    assert scaling.main(args + ["--plan", "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert "| softmax | w64 L2 56px | 2 | 3.387 | 100 | 2 |" in capsys.readouterr().out  # 1 lr + seed 1
+
+
 def test_a_grid_above_the_budget_is_refused_before_anything_runs(tmp_path, capsys):
     code = scaling.main(PLAN_ARGS + ["--max-cpu-minutes", "1", "--runs-dir", str(tmp_path / "runs"),
                                      "--data", str(tmp_path / "data")])
@@ -174,6 +192,7 @@ def test_a_grid_above_the_budget_is_refused_before_anything_runs(tmp_path, capsy
     (["--steps", "10", "20"], "--steps gives 2 values"),
     (["--kinds", "linear-affine"], "--kinds must include softmax"),
     (["--large-widths", "40"], "--large-widths [40] are not in --widths"),
+    (["--lrs", "1e-3", "2e-3", "--large-widths", "32", "--large-lrs", "5e-4"], "--large-lrs [0.0005] are not in --lrs"),
 ])
 def test_options_that_do_not_fit_together_are_refused(args, message, capsys):
     assert scaling.main(args + ["--plan", "--rate-gflops", "10"]) == 1

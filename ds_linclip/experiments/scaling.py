@@ -27,7 +27,7 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -73,6 +73,11 @@ class Grid:
     seeds: tuple[int, ...]
     steps: dict[int, int]  # width -> steps
     budget: Budget
+    lrs_at: dict[int, tuple[float, ...]] = field(default_factory=dict)  # image size -> its lrs, where not `lrs`
+
+    def lrs_for(self, size: Size) -> tuple[float, ...]:
+        """The learning rates swept at this size's image size (a subset of `lrs`, in their order)."""
+        return self.lrs_at.get(size.image_size, self.lrs)
 
     def spec(self, kind: str, size: Size, lr: float, seed: int) -> RunSpec:
         budget = replace(self.budget, layers=size.layers, lr=lr, steps=self.steps[size.width], seed=seed)
@@ -81,7 +86,8 @@ class Grid:
     def sweep(self) -> list[RunSpec]:
         """The first seed at every learning rate: lr-major in the order given, smallest sizes first, so a study
         stopped early has every size at the first learning rates (give the likeliest best first)."""
-        return [self.spec(kind, size, lr, self.seeds[0]) for lr in self.lrs for size in self.sizes for kind in self.kinds]
+        return [self.spec(kind, size, lr, self.seeds[0]) for lr in self.lrs for size in self.sizes for kind in self.kinds
+                if lr in self.lrs_for(size)]
 
     def at_best(self, best: dict[tuple[str, Size], float]) -> list[RunSpec]:
         """Every seed at each (kind, size)'s best lr (the first seed's run is a sweep run, reused); seed-major."""
@@ -94,7 +100,7 @@ def best_learning_rates(grid: Grid, done: dict[RunSpec, RunResult]) -> dict[tupl
     best = {}
     for size in grid.sizes:
         for kind in grid.kinds:
-            finished = [(done[s].final_loss, lr) for lr in grid.lrs
+            finished = [(done[s].final_loss, lr) for lr in grid.lrs_for(size)
                         if (s := grid.spec(kind, size, lr, grid.seeds[0])) in done]
             if finished:
                 best[(kind, size)] = min(finished)[1]
@@ -146,8 +152,9 @@ def plan_rows(grid: Grid, cost: CostModel, finished: set[str]) -> tuple[list[lis
     rows, total, todo = [], 0.0, 0.0
     for size in grid.sizes:
         for kind in grid.kinds:
-            specs = [(grid.spec(kind, size, lr, grid.seeds[0]), lr == grid.lrs[0]) for lr in grid.lrs]
-            specs += [(grid.spec(kind, size, grid.lrs[0], seed), True) for seed in grid.seeds[1:]]
+            lrs = grid.lrs_for(size)
+            specs = [(grid.spec(kind, size, lr, grid.seeds[0]), lr == lrs[0]) for lr in lrs]
+            specs += [(grid.spec(kind, size, lrs[0], seed), True) for seed in grid.seeds[1:]]
             minutes = [cost.seconds(s, scored) / 60 for s, scored in specs]
             left = sum(m for (s, _), m in zip(specs, minutes) if s.name not in finished)
             total, todo = total + sum(minutes), todo + left
@@ -391,7 +398,9 @@ def write_report(out: Path, command: str, grid: Grid, done: dict[RunSpec, RunRes
         f"row's variant ({VARIANT_GRAMMAR}).",
         f"- Training: our trainer (one process, DeepSpeed ZeRO-0, fp32, CPU), batch {b.batch_size}, steps per width "
         f"{steps_text}; AdamW, weight decay {b.weight_decay:g}, warm-up 10% of the steps then cosine to 0; peak lr "
-        f"{', '.join(f'{x:g}' for x in grid.lrs)} on seed {grid.seeds[0]}, seeds "
+        f"{', '.join(f'{x:g}' for x in grid.lrs)} on seed {grid.seeds[0]}"
+        + "".join(f" ({', '.join(f'{x:g}' for x in lrs)} only at {px} px)" for px, lrs in grid.lrs_at.items())
+        + ", seeds "
         f"{', '.join(map(str, grid.seeds[1:])) or '(none)'} at each size's best lr (lowest final loss: the mean of the "
         "logged losses over the last 10% of the steps).",
         "- Compute: analytic training FLOPs (`ds_linclip.models.flops`: 3 x forward of one image and one caption, "
@@ -419,6 +428,7 @@ def write_report(out: Path, command: str, grid: Grid, done: dict[RunSpec, RunRes
     payload = {
         "command": command, **meta, "budget": asdict(b), "grid": {
             "sizes": [asdict(s) for s in grid.sizes], "kinds": list(grid.kinds), "lrs": list(grid.lrs),
+            "lrs_at": {str(px): list(lrs) for px, lrs in grid.lrs_at.items()},
             "seeds": list(grid.seeds), "steps": grid.steps}, "plan": plan,
         "best_lr": [{"kind": k, **asdict(s), "lr": lr} for (k, s), lr in best.items()],
         "analyses": [{k: v for k, v in a.items() if k != "curves"} for a in analyses],
@@ -468,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the widths also trained at --large-size (default %(default)s; none = skip it)")
     parser.add_argument("--lrs", nargs="+", type=float, default=list(DEFAULT_LRS),
                         help="peak learning rates swept on the first seed (default %(default)s)")
+    parser.add_argument("--large-lrs", nargs="+", type=float, default=None,
+                        help="the learning rates swept at --large-size, a subset of --lrs (default: all of --lrs); "
+                             "the way to cut the costly size's sweep to the lrs that made the small size's envelope")
     parser.add_argument("--seeds", nargs="+", type=int, default=[2], metavar="S",
                         help="--seeds N: 0..N-1; --seeds A B ...: those (default: 2). Seeds after the first train at "
                              "the best lr of the first")
@@ -516,14 +529,18 @@ def build_grid(args: argparse.Namespace) -> Grid:
     for size in [args.image_size] + ([args.large_size] if args.large_widths else []):
         if size % 4:
             raise ExperimentError(f"image size {size} is not a multiple of the patch size 4")
+    large_lrs = args.large_lrs if args.large_widths else None
+    if large_lrs is not None and (stray := [x for x in large_lrs if x not in args.lrs]):
+        raise ExperimentError(f"--large-lrs {stray} are not in --lrs {args.lrs}")
     layers = dict(zip(args.widths, args.layers))
     sizes = [Size(w, layers[w], args.image_size) for w in args.widths]
     sizes += [Size(w, layers[w], args.large_size) for w in args.widths if w in args.large_widths]
     budget = Budget(batch_size=args.batch_size, eval_samples=args.eval_samples, eval_templates=args.eval_templates,
                     eval_batch_size=args.eval_batch_size)
     steps = dict(zip(args.widths, args.steps * len(args.widths) if len(args.steps) == 1 else args.steps))
+    lrs_at = {} if large_lrs is None else {args.large_size: tuple(x for x in args.lrs if x in large_lrs)}
     return Grid(tuple(sizes), tuple(dict.fromkeys(args.kinds)), tuple(args.lrs), tuple(parse_seeds(args.seeds)), steps,
-                budget)
+                budget, lrs_at)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
