@@ -48,6 +48,7 @@ def _kill_when(launch: DeepSpeedLaunch, run: Path, checkpoint: str, step: int) -
                       f"{checkpoint} and step {step}")
     launch.kill()
     assert not (run / "DONE").exists()
+    assert not launch.shm_buffers(), "a killed run left DeepSpeed's shm buffers in /dev/shm"
     return _latest(run)
 
 
@@ -72,6 +73,7 @@ def test_kill9_across_a_phase_boundary_resumes_into_the_phase(fmnist_shards, tmp
     # 3: resumes into phase 1 at step 8 and finishes
     third = _launch(fmnist_shards, tmp_path, "killed", "killed_3")
     assert third.wait() == 0, third.tail()
+    assert not third.shm_buffers() and not reference.shm_buffers()  # nothing left in RAM by finished runs
     assert killed_at[0] == "step_00000004", "the run got past the step-8 checkpoint before the kill"
     second_log, third_log = second.text(), third.text()
     assert f"resumed from {run / 'checkpoints' / 'step_00000004'} at step 4" in second_log

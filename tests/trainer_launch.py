@@ -40,15 +40,19 @@ class DeepSpeedLaunch:
     """`deepspeed --num_gpus WORLD --module ds_linclip.train ARGS` in its own process group, output in `log`."""
 
     def __init__(self, args: list[str], log: Path, timeout: float, world: int = 2):
-        self.log, self.timeout = log, timeout
+        self.log, self.timeout, self.port = log, timeout, free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world), "--master_port",
-             str(free_port()), "--module", "ds_linclip.train", *args],
+             str(self.port), "--module", "ds_linclip.train", *args],
             env=cpu_env(), cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def shm_buffers(self) -> list[Path]:
+        """DeepSpeed's shared-memory allreduce buffers still named in /dev/shm for this launch's port."""
+        return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{self.port}_*"))
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.text().splitlines()[-lines:])

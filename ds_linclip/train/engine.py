@@ -174,6 +174,32 @@ def init_distributed(env: DistEnv, timeout_minutes: float = 10) -> None:
             "run on this machine?); give the launcher a free port (deepspeed --master_port N, torchrun --master-port N, "
             "MASTER_PORT=N)"
         ) from None
+    if accel.device_name() == "cpu":
+        release_shm_buffer_name(env)
+
+
+# DeepSpeed's CPU accelerator reduces through POSIX shared memory when all ranks are on one machine
+# (deepspeed/ops/csrc/cpu/comm/shm.cpp): each rank creates /dev/shm/<prefix>_<uid>_<addr>_<port>_<rank>
+# (~66 MB), maps every peer's, and never unlinks it, so every multi-rank CPU run, finished or killed,
+# left its buffers in /dev/shm (RAM) until reboot: ~130 MB per 2-rank run, on a fresh port each time.
+SHM_BUFFER_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def shm_buffer_path(env: DistEnv, rank: int | None = None) -> Path:
+    """Where DeepSpeed's shared-memory allreduce buffer of `rank` (default: this rank) lives."""
+    rank = env.rank if rank is None else rank
+    return Path("/dev/shm") / f"{SHM_BUFFER_PREFIX}_{os.getuid()}_{env.master_addr}_{env.master_port}_{rank}"
+
+
+def release_shm_buffer_name(env: DistEnv) -> None:
+    """Unlink this rank's buffer name once every rank has mapped every peer's buffer (the barrier:
+    init returns only after the peers' buffers are open). The mappings stay valid until the process
+    ends, and then the kernel frees the memory, whether the process exited or was killed."""
+    import torch.distributed as dist
+
+    if env.world_size > 1:  # every rank, so that a stale name of an earlier run cannot split the ranks
+        dist.barrier()
+    shm_buffer_path(env).unlink(missing_ok=True)  # absent without the shm op (ranks on several machines)
 
 
 def deep_merge(base: dict, override: Mapping) -> dict:
