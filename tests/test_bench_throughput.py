@@ -49,6 +49,7 @@ def test_gpu_check_trainer_pass_runs_on_cpu(tmp_path):
     assert "| ours softmax pd0.5 | 32 (65) |" in table  # tiny: 32 px / patch 4 -> 64 patches + CLS
 
 
+@pytest.mark.slow  # ~17 s: a trainer must be running when the 15 s budget runs out
 def test_gpu_check_deadline_bounds_the_script_and_leaves_no_process(tmp_path):
     """GPU_CHECK_BUDGET: a step gets at most what is left of the budget; with under 10 s left the next
     step is skipped and the script fails. The trainer runs in its own session, so `timeout`'s SIGTERM

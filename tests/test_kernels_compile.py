@@ -8,10 +8,12 @@ Asserted: a cubin exists, the dynamic shared memory fits the target (A100 163 Ki
 227 KiB), and on sm_90 the half-precision kernels at the presets' head dim (64) do not spill.
 The module fixture prints the per-kernel table (shared memory, registers, spills; `pytest -s`).
 
-Grid: LINCLIP_COMPILE_GRID = ci (default, 31 compiles, ~2.5 min on 2 cores; the list is
-`bench.kernel_compile.cases`), worst (240), or full (2280 compiles; hours on 2 cores; also
-`python bench/kernel_compile.py --grid full`). Separately (slow), the `pola` grid: every kernel as the
-pola map launches it (head dim 2d, value dim d/2, relu map; d = 32, 64 in bf16, d = 32 in fp32) on sm_90.
+Grid: LINCLIP_COMPILE_GRID = ci (default, 31 compiles, ~35 s on 2 idle cores with a cold cache; the list
+is `bench.kernel_compile.cases`), worst (240), or full (2280 compiles; hours on 2 cores; also
+`python bench/kernel_compile.py --grid full`). Separately, every kernel as the pola map launches it at the
+presets' head dim (bf16, d = 64: head dim 128, value dim 32, relu map) on sm_90; the whole `pola` grid
+(d = 32 too, and fp32) is `python bench/kernel_compile.py --grid pola`. All of it is slow: a compile is
+a test of a kernel edit, not of the inner loop.
 Compiled kernels are cached in TRITON_CACHE_DIR (default /tmp/ds_linclip_triton_cache), so reruns
 take seconds; the cache is safe to share between parallel runs.
 """
@@ -27,7 +29,8 @@ kernel_compile = pytest.importorskip("bench.kernel_compile")
 
 GRID = os.environ.get("LINCLIP_COMPILE_GRID", "ci")
 CASES = kernel_compile.cases(GRID)
-POLA_CASES = kernel_compile.cases("pola")
+# the pola grid's cases at the presets' head dim (d = 64 -> 2d = 128), the one a ViT-B/L trains with
+POLA_CASES = [c for c in kernel_compile.cases("pola") if c.dtype == "bf16" and c.head_dim == 128]
 # bf16/fp16 at head dim <= 64 on H100/H200: every preset's case; a spill there costs every training
 # step. (sm_80 still spills a little in the causal backward, see kernels/README.md; reported, not failed.)
 NO_SPILL = {"archs": (90,), "dtypes": ("bf16", "fp16"), "max_head_dim": 64}
@@ -60,16 +63,17 @@ def compiled_pola():
     return {r["id"]: r for r in results}
 
 
+@pytest.mark.slow  # ~35 s for the 31 compiles on a cold cache
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_kernel_compiles_and_fits(case, compiled):
     check_fits(case, compiled[case.id])
 
 
-@pytest.mark.slow  # ~30 s for the 24 compiles on a cold cache
+@pytest.mark.slow  # ~10 s for the 8 compiles on a cold cache
 @pytest.mark.parametrize("case", POLA_CASES, ids=[c.id for c in POLA_CASES])
 def test_pola_kernels_compile_and_fit(case, compiled_pola):
-    """The launches of the pola map (2d-wide features, d/2 value channels, relu kernels) at model head dims
-    32 and 64: cubins for sm_90 that fit and, in bf16 and fp32 alike, do not spill (measured: none does)."""
+    """The launches of the pola map (2d-wide features, d/2 value channels, relu kernels) at model head dim
+    64: cubins for sm_90 that fit and do not spill (measured over the whole pola grid, fp32 too: none does)."""
     result = compiled_pola[case.id]
     check_fits(case, result)
     assert result["spill_stores"] == 0 and result["spill_loads"] == 0, f"{case.id}: spills ({result['config']})"
@@ -96,9 +100,10 @@ def test_pola_grid_is_what_the_pola_map_launches(monkeypatch):
     linear_attention(q, q, q, "pola", "kernel", scale=torch.ones(2, 32), power=pola_power(torch.zeros(2, 32)),
                      backend="triton")
     assert launched == [(64, 16, triton_wrapper.PROXY_MAP)] * 2
-    assert {(c.head_dim, c.values, c.feature_map) for c in POLA_CASES} == {
+    pola_grid = kernel_compile.cases("pola")
+    assert {(c.head_dim, c.values, c.feature_map) for c in pola_grid} == {
         (2 * d, d // 2, triton_wrapper.PROXY_MAP) for _, d in kernel_compile.POLA_CASES}
-    assert {c.kernel for c in POLA_CASES if c.dtype == "bf16" and c.head_dim == 128} == set(triton_wrapper.KERNELS)
+    assert {c.kernel for c in POLA_CASES} == set(triton_wrapper.KERNELS) and len(POLA_CASES) == len(triton_wrapper.KERNELS)
 
 
 def check_fits(case, result):

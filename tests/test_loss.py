@@ -47,32 +47,44 @@ def _loss_and_grads(loss_fn, image_encoder, text_encoder, images, texts, logit_s
     return loss.detach(), [g.detach() for g in grads]
 
 
-def _rank_main(rank: int, port: int, local_loss: bool, out_path: str):
+LOCAL_LOSS = (True, False)
+
+
+def _rank_main(rank: int, port: int, out_path: str):
+    """Both local_loss settings in one process group (one spawn of the ranks for the two checks)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        image_encoder, text_encoder, images, texts, logit_scale = _encoders_and_data()
-        rows = slice(rank * BATCH, (rank + 1) * BATCH)
-        loss, grads = _loss_and_grads(
-            ClipLoss(local_loss=local_loss, gather_with_grad=True),
-            image_encoder, text_encoder, images[rows], texts[rows], logit_scale,
-        )
-        # what data parallelism does with them: average loss (for logging) and gradients
-        dist.all_reduce(loss)
-        for g in grads:
-            dist.all_reduce(g)
+        results = {}
+        for local_loss in LOCAL_LOSS:
+            image_encoder, text_encoder, images, texts, logit_scale = _encoders_and_data()
+            rows = slice(rank * BATCH, (rank + 1) * BATCH)
+            loss, grads = _loss_and_grads(
+                ClipLoss(local_loss=local_loss, gather_with_grad=True),
+                image_encoder, text_encoder, images[rows], texts[rows], logit_scale,
+            )
+            # what data parallelism does with them: average loss (for logging) and gradients
+            dist.all_reduce(loss)
+            for g in grads:
+                dist.all_reduce(g)
+            results[local_loss] = (loss / WORLD, [g / WORLD for g in grads])
         if rank == 0:
-            torch.save((loss / WORLD, [g / WORLD for g in grads]), out_path)
+            torch.save(results, out_path)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("local_loss", [True, False])
-def test_distributed_loss_and_grads_match_single_process(local_loss, tmp_path):
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory):
+    out_path = str(tmp_path_factory.mktemp("loss") / "rank0.pt")
+    mp.start_processes(_rank_main, args=(_free_port(), out_path), nprocs=WORLD, start_method="spawn")
+    return torch.load(out_path)
+
+
+@pytest.mark.parametrize("local_loss", LOCAL_LOSS)
+def test_distributed_loss_and_grads_match_single_process(local_loss, distributed_results):
     reference_loss, reference_grads = _loss_and_grads(ClipLoss(), *_encoders_and_data())
-    out_path = str(tmp_path / "rank0.pt")
-    mp.start_processes(_rank_main, args=(_free_port(), local_loss, out_path), nprocs=WORLD, start_method="spawn")
-    loss, grads = torch.load(out_path)
+    loss, grads = distributed_results[local_loss]
     assert torch.allclose(loss, reference_loss, atol=1e-5), (loss, reference_loss)
     assert len(grads) == len(reference_grads)
     for g, ref in zip(grads, reference_grads):
