@@ -162,6 +162,16 @@ def test_plan_prints_the_grid_and_its_cost(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_verdict_says_when_the_fit_and_the_measured_frontier_disagree():
+    agree = scaling.verdict("linear-x", 1.0, (0.6, 1.3), {"largest": {"fit": 1.5, "frontier": 2.0}})
+    assert "1.50x at the largest size" in agree and "frontier says" not in agree
+    disagree = scaling.verdict("linear-x", 0.8, (0.6, 1.3), {"smallest": {"fit": 0.72, "frontier": 0.96},
+                                                            "largest": {"fit": 0.43, "frontier": 15.8}})
+    assert "1.39x MORE compute at the smallest size, " in disagree  # both below 1: no remark
+    assert ("2.33x MORE compute at the largest size (but the measured frontier says 15.80x: the fitted law does not "
+            "describe this size)") in disagree
+
+
 def test_large_lrs_cut_the_sweep_at_the_large_size_only(tmp_path, capsys):
     args = PLAN_ARGS[:PLAN_ARGS.index("--large-widths") + 1] + ["64", "--large-lrs", "2e-3"] \
         + PLAN_ARGS[PLAN_ARGS.index("--large-widths") + 1:]

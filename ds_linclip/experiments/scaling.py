@@ -219,11 +219,16 @@ def verdict(kind: str, ratio: float, interval: tuple[float, float] | None, multi
         judged = (f"shows no measurable difference in scaling from softmax: α ratio {ratio:.2f}, 95% interval "
                   f"[{interval[0]:.2f}, {interval[1]:.2f}] contains 1"
                   + (" (an interval this wide is weak evidence either way)" if width > 0.5 else ""))
+    def said(m: float) -> str:
+        return f"{m:.2f}x" if m >= 1 else f"{1 / m:.2f}x MORE compute"
+
     parts = []
     for where in ("smallest", "largest"):
-        m = multipliers.get(where, {}).get("fit")
+        m, measured = multipliers.get(where, {}).get("fit"), multipliers.get(where, {}).get("frontier")
         if m is not None:
-            parts.append(f"{m:.2f}x at the {where} size" if m >= 1 else f"{1 / m:.2f}x MORE compute at the {where} size")
+            parts.append(f"{said(m)} at the {where} size"
+                         + (f" (but the measured frontier says {said(measured)}: the fitted law does not describe "
+                            "this size)" if measured is not None and (m >= 1) != (measured >= 1) else ""))
     need = ("; compute multiplier (softmax's compute / the compute it needs for softmax's loss, >1 = it needs less): "
             + ", ".join(parts)) if parts else ""
     return f"**{kind}** {judged}{need}."
