@@ -202,3 +202,22 @@ def test_fashion_mnist_canvas_draws_each_item_small_and_is_deterministic(tmp_pat
         assert fits, f"test sample {index}: the shrunk item is not on the canvas"
         corners.add(fits[0])
     assert len(corners) > 10  # placed at random, not at one spot
+
+
+def test_writer_and_prompt_lists_load_without_torch_or_the_open_clip_package():
+    """open_clip's templates and class names come from its zero_shot_metadata file, the lists equal to the
+    package's, without its __init__ (torch, transformers, every model: ~5 s a writer run does not need)."""
+    code = ("import sys\n"
+            "from ds_linclip.data.writer import caption_templates\n"
+            "from ds_linclip.data.prompts import load_classnames, load_templates\n"
+            "assert len(caption_templates()) == len(load_templates('openai')) == 80\n"
+            "assert len(load_classnames('imagenet1k')) == 1000 and len(load_templates('simple')) == 7\n"
+            "print(sorted(m for m in ('torch', 'open_clip', 'transformers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    import open_clip.zero_shot_metadata as metadata
+
+    from ds_linclip.data.prompts import load_classnames, load_templates
+
+    assert load_classnames("imagenet1k") == list(metadata.IMAGENET_CLASSNAMES)
+    assert [t("cat") for t in load_templates("openai")] == [t("cat") for t in metadata.OPENAI_IMAGENET_TEMPLATES]

@@ -6,7 +6,7 @@ The public names are imported lazily so that `python -m ds_linclip.data.writer` 
 
 _PUBLIC = {
     "build_train_loader": "pipeline", "build_eval_loader": "pipeline", "tokenize": "pipeline",
-    "TrainLoader": "pipeline", "merge_rank_states": "pipeline", "EvalLoader": "pipeline", "DataError": "pipeline",
+    "TrainLoader": "pipeline", "merge_rank_states": "pipeline", "EvalLoader": "pipeline", "DataError": "shards",
     "ShardSpecError": "shards", "expand_urls": "shards", "parse_spec": "shards",
 }
 __all__ = sorted(_PUBLIC)

@@ -41,7 +41,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ds_linclip.data import shards as shardlib
-from ds_linclip.data.shards import ShardSpecError
+from ds_linclip.data.shards import DataError, ShardSpecError  # noqa: F401 - DataError: re-exported
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,6 @@ REPEATED = "repeated_to_fill"
 # consecutive undecodable images after which a worker gives up (the data is not images); at a
 # 1% failure rate 200 in a row has probability 1e-400, so this never fires on real data
 MAX_CONSECUTIVE_DECODE_ERRORS = 200
-
-
-class DataError(RuntimeError):
-    """The data cannot produce batches at all (nothing usable), with the spec in the message."""
 
 
 # ----------------------------------------------------------------------------------------- tokens

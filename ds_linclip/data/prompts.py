@@ -6,31 +6,50 @@ config gives exist before a run starts. Problems are DataError naming the file (
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 from pathlib import Path
 from typing import Callable, Union
 
-from ds_linclip.data.pipeline import DataError
+from ds_linclip.data.shards import DataError
 
 Template = Union[str, Callable[[str], str]]
 
+OPEN_CLIP_METADATA = "open_clip.zero_shot_metadata"
 # built-in lists by name -> (module, attribute) that holds them, imported on first use
 _CLASSNAME_SOURCES = {
-    "imagenet1k": ("open_clip.zero_shot_metadata", "IMAGENET_CLASSNAMES"),
+    "imagenet1k": (OPEN_CLIP_METADATA, "IMAGENET_CLASSNAMES"),
     # the names the shard writer put into the training captions (and into DIR/classnames.txt)
     "fashion_mnist": ("ds_linclip.data.writer", "FASHION_MNIST_CLASSNAMES"),
 }
 _TEMPLATE_SOURCES = {
-    "openai": ("open_clip.zero_shot_metadata", "OPENAI_IMAGENET_TEMPLATES"),  # 80
-    "simple": ("open_clip.zero_shot_metadata", "SIMPLE_IMAGENET_TEMPLATES"),  # 7
+    "openai": (OPEN_CLIP_METADATA, "OPENAI_IMAGENET_TEMPLATES"),  # 80
+    "simple": (OPEN_CLIP_METADATA, "SIMPLE_IMAGENET_TEMPLATES"),  # 7
 }
 BUILTIN_CLASSNAMES = tuple(_CLASSNAME_SOURCES)
 BUILTIN_TEMPLATES = tuple(_TEMPLATE_SOURCES)
 
 
+@functools.lru_cache(maxsize=None)
+def open_clip_metadata():
+    """open_clip's zero_shot_metadata (lists of class names and templates, no imports of its own), executed
+    from its file without importing the open_clip package: the package's __init__ imports torch,
+    transformers and every model, ~5 s that the shard writer and a prompt check do not need."""
+    package = importlib.util.find_spec("open_clip")
+    if package is None or not package.submodule_search_locations:
+        return importlib.import_module(OPEN_CLIP_METADATA)  # raises the usual ModuleNotFoundError
+    path = Path(next(iter(package.submodule_search_locations))) / "zero_shot_metadata.py"
+    spec = importlib.util.spec_from_file_location("ds_linclip_open_clip_zero_shot_metadata", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _builtin(sources: dict[str, tuple[str, str]], name: str) -> list:
     module, attribute = sources[name]
-    return list(getattr(importlib.import_module(module), attribute))
+    return list(getattr(open_clip_metadata() if module == OPEN_CLIP_METADATA else importlib.import_module(module),
+                        attribute))
 
 
 def _read_lines(path: Path, what: str, key: str) -> list[tuple[int, str]]:

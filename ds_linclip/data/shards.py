@@ -39,6 +39,11 @@ class ShardSpecError(ValueError):
     """A shard spec that cannot be used (matches nothing, too few shards, bad weights)."""
 
 
+class DataError(RuntimeError):
+    """The data cannot produce batches at all (nothing usable), with the spec in the message. Defined here,
+    below the torch-using pipeline, so that the writer and the prompt lists raise it without importing torch."""
+
+
 @dataclass(frozen=True)
 class Source:
     """One `::`-separated part of a spec: its shard URLs and sampling weight."""

@@ -175,9 +175,9 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 
 def caption_templates():
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+    from ds_linclip.data.prompts import open_clip_metadata
 
-    return OPENAI_IMAGENET_TEMPLATES
+    return open_clip_metadata().OPENAI_IMAGENET_TEMPLATES
 
 
 def fashion_mnist_samples(images: Iterable[np.ndarray], labels: np.ndarray, split: str, seed: int) -> Iterator[dict]:
