@@ -143,6 +143,16 @@ def test_every_shipped_top_level_config_resolves_and_the_recipes_pair_up():
                 a["model"][tower].pop(key, None), b["model"][tower].pop(key, None)
         a["train"].pop("run_name"), b["train"].pop("run_name")
         assert a == b, size
+    for size in ("b16", "l16"):  # the accuracy pick's twins: only the attention and the run name differ
+        paper = OmegaConf.to_container(load_config([REPO / f"configs/vit_{size}_laion400m.yaml"]))
+        pola = load_config([REPO / f"configs/vit_{size}_laion400m_pola.yaml"])
+        assert resolve_attention(pola.model.image).name == "linear-pola"
+        assert resolve_attention(pola.model.text, causal=True).name == "linear-pola"
+        b = OmegaConf.to_container(pola)
+        for tower in ("image", "text"):
+            paper["model"][tower].pop("attention"), b["model"][tower].pop("attention")
+        paper["train"].pop("run_name"), b["train"].pop("run_name")
+        assert paper == b, size
 
 
 def test_loss_keys_and_siglip_initialisation():
