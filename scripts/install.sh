@@ -31,4 +31,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$PYTHON" -c "import ds_lin
   "$PYTHON" -m pip install -q --no-deps -e .
   echo "$want" > "$stamp"
 fi
+# DeepSpeed's CPU accelerator JIT-builds its shared-memory allreduce op (C++, ~30 s on 2 cores) the first time
+# ranks start on one machine; build it here, once per machine, not in the middle of the first training run.
+ext_dir=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}
+# (torch puts it in $TORCH_EXTENSIONS_DIR/<op>/, or by default in ~/.cache/torch_extensions/<python_cuda>/<op>/)
+if ! compgen -G "$ext_dir/deepspeed_shm_comm/deepspeed_shm_comm*.so" >/dev/null \
+    && ! compgen -G "$ext_dir/*/deepspeed_shm_comm/deepspeed_shm_comm*.so" >/dev/null; then
+  echo "[install] building DeepSpeed's CPU communication op (once per machine)"
+  DS_ACCELERATOR=cpu "$PYTHON" -c 'from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)' >/dev/null 2>&1 \
+    || echo "[install] warning: DeepSpeed's CPU communication op did not build; it will be built at first use"
+fi
 echo "[install] ok"
