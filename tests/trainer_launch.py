@@ -52,7 +52,9 @@ class DeepSpeedLaunch:
 
     def shm_buffers(self) -> list[Path]:
         """DeepSpeed's shared-memory allreduce buffers still named in /dev/shm for this launch's port."""
-        return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{self.port}_*"))
+        from ds_linclip.train.engine import SHM_BUFFER_PREFIX
+
+        return sorted(Path("/dev/shm").glob(f"{SHM_BUFFER_PREFIX}_*_{self.port}_*"))
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.text().splitlines()[-lines:])

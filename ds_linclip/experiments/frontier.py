@@ -201,7 +201,7 @@ def phase_cell(spec: RunSpec) -> str:
     """'steps x tokens/img' per phase: '240 x 50 + 60 x 197'."""
     from ds_linclip.models.flops import model_cost
 
-    cfg, _ = resolved_run(spec.with_steps(1000))
+    cfg, _ = resolved_run(spec)
     return " + ".join(f"{p.steps} x {model_cost(cfg.model, p.image_size, p.patch_dropout).image.tokens}"
                       for p in planned_phases(spec))
 

@@ -329,10 +329,16 @@ def model_cost_of(spec: RunSpec) -> Any:
     return model_cost(load_config([], spec.model_overrides()).model)
 
 
-@functools.lru_cache(maxsize=None)
 def resolved_run(spec: RunSpec) -> tuple[Any, tuple[float, ...]]:
-    """(the run's resolved config, training FLOPs per step of each train.phases entry); cached, as
-    resolving a config is the slow part and a budget search asks about the same spec many times."""
+    """(the run's resolved config, training FLOPs per step of each train.phases entry). Neither depends on the
+    step count, so every step count of a spec shares one cached resolution (its config's train.steps is a
+    placeholder: `planned_phases` plans the real one); resolving a config is the slow part, and a budget
+    search asks about the same spec at many step counts."""
+    return _resolved(spec.with_steps(1000))
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved(spec: RunSpec) -> tuple[Any, tuple[float, ...]]:
     from ds_linclip.config import load_config
     from ds_linclip.models.flops import model_cost
     from ds_linclip.train.phases import plan_phases
@@ -349,7 +355,7 @@ def planned_phases(spec: RunSpec) -> list[Any]:
     """The trainer's phase plan (train.phases -> plan_phases) for the spec's step count."""
     from ds_linclip.train.phases import plan_phases
 
-    cfg, _ = resolved_run(spec.with_steps(1000))
+    cfg, _ = resolved_run(spec)
     cfg = copy.deepcopy(cfg)
     cfg.train.steps = spec.budget.steps
     return plan_phases(cfg)
@@ -359,7 +365,7 @@ def phase_flops(spec: RunSpec) -> list[tuple[int, float]]:
     """[(steps, training FLOPs per step)] per phase of `spec`, as the trainer plans them (train.phases ->
     plan_phases): 3 x forward FLOPs of one image + one caption (models.flops at the phase's image size
     and patch dropout) x batch."""
-    _, per_step = resolved_run(spec.with_steps(1000))
+    _, per_step = resolved_run(spec)
     return [(phase.steps, per_step[phase.index]) for phase in planned_phases(spec)]
 
 
@@ -370,7 +376,7 @@ def train_flops(spec: RunSpec) -> float:
 
 def train_flops_per_step(spec: RunSpec) -> float:
     """Analytic training FLOPs of one step of a run without train.phases (one phase; see `phase_flops`)."""
-    per_step = resolved_run(spec.with_steps(1000))[1]
+    per_step = resolved_run(spec)[1]
     if len(per_step) != 1:
         raise ValueError(f"{spec.name} trains in {len(per_step)} phases; its FLOPs per step are phase_flops(spec)")
     return per_step[0]

@@ -185,10 +185,9 @@ def init_distributed(env: DistEnv, timeout_minutes: float = 10) -> None:
 SHM_BUFFER_PREFIX = "deepspeed_allreduce_buffer"
 
 
-def shm_buffer_path(env: DistEnv, rank: int | None = None) -> Path:
-    """Where DeepSpeed's shared-memory allreduce buffer of `rank` (default: this rank) lives."""
-    rank = env.rank if rank is None else rank
-    return Path("/dev/shm") / f"{SHM_BUFFER_PREFIX}_{os.getuid()}_{env.master_addr}_{env.master_port}_{rank}"
+def shm_buffer_path(env: DistEnv) -> Path:
+    """Where DeepSpeed's shared-memory allreduce buffer of this rank lives."""
+    return Path("/dev/shm") / f"{SHM_BUFFER_PREFIX}_{os.getuid()}_{env.master_addr}_{env.master_port}_{env.rank}"
 
 
 def release_shm_buffer_name(env: DistEnv) -> None:
