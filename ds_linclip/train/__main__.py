@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             print("# --check: nothing was started")
             print(plan.summary(), flush=True)
         return 0
-    from ds_linclip.train.engine import PortInUseError
+    from ds_linclip.train.engine import PortInUseError, shutdown_distributed
     from ds_linclip.train.loop import train
 
     try:
@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     except PortInUseError as err:  # only the rank that listens (0) finds out; it says so
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

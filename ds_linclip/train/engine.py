@@ -178,6 +178,19 @@ def init_distributed(env: DistEnv, timeout_minutes: float = 10) -> None:
         release_shm_buffer_name(env)
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group, if one was started, while the interpreter is still whole. Without
+    it a gloo rank that exits right after a collective (a stop signal during start-up) can abort in
+    interpreter finalization: gloo's worker thread still holds the finished work and its tensors, and
+    freeing them then ends in "terminate called without an active exception" (SIGABRT), which the
+    launcher reports as the run's failure. Local to this rank: no collective, so it is safe on every
+    exit path, an exception's included."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 # DeepSpeed's CPU accelerator reduces through POSIX shared memory when all ranks are on one machine
 # (deepspeed/ops/csrc/cpu/comm/shm.cpp): each rank creates /dev/shm/<prefix>_<uid>_<addr>_<port>_<rank>
 # (~66 MB), maps every peer's, and never unlinks it, so every multi-rank CPU run, finished or killed,
