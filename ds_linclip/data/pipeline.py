@@ -72,9 +72,9 @@ _TOKENIZERS: dict[int, Any] = {}
 
 def _tokenizer(context_length: int):
     if context_length not in _TOKENIZERS:
-        from open_clip.tokenizer import SimpleTokenizer
+        from ds_linclip.data.prompts import open_clip_module
 
-        _TOKENIZERS[context_length] = SimpleTokenizer(context_length=context_length)
+        _TOKENIZERS[context_length] = open_clip_module("tokenizer").SimpleTokenizer(context_length=context_length)
     return _TOKENIZERS[context_length]
 
 

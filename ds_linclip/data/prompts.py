@@ -32,23 +32,30 @@ BUILTIN_TEMPLATES = tuple(_TEMPLATE_SOURCES)
 
 
 @functools.lru_cache(maxsize=None)
-def open_clip_metadata():
-    """open_clip's zero_shot_metadata (lists of class names and templates, no imports of its own), executed
-    from its file without importing the open_clip package: the package's __init__ imports torch,
-    transformers and every model, ~5 s that the shard writer and a prompt check do not need."""
+def open_clip_module(name: str):
+    """open_clip's module `name` (`zero_shot_metadata`, `tokenizer`: no relative imports at module
+    level), executed from its file without importing the open_clip package, whose __init__ imports
+    every model and transformers: ~3 s per process (the shard writer, the eval job, each data-loader
+    worker that tokenizes captions) against ~0.1 s for the file alone. Once per process and name."""
     package = importlib.util.find_spec("open_clip")
     if package is None or not package.submodule_search_locations:
-        return importlib.import_module(OPEN_CLIP_METADATA)  # raises the usual ModuleNotFoundError
-    path = Path(next(iter(package.submodule_search_locations))) / "zero_shot_metadata.py"
-    spec = importlib.util.spec_from_file_location("ds_linclip_open_clip_zero_shot_metadata", path)
+        return importlib.import_module(f"open_clip.{name}")  # raises the usual ModuleNotFoundError
+    path = Path(next(iter(package.submodule_search_locations))) / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"ds_linclip_open_clip_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def open_clip_metadata():
+    """open_clip's zero_shot_metadata: its class-name and template lists."""
+    return open_clip_module("zero_shot_metadata")
+
+
 def _builtin(sources: dict[str, tuple[str, str]], name: str) -> list:
     module, attribute = sources[name]
-    return list(getattr(open_clip_metadata() if module == OPEN_CLIP_METADATA else importlib.import_module(module),
+    package, _, submodule = module.partition(".")
+    return list(getattr(open_clip_module(submodule) if package == "open_clip" else importlib.import_module(module),
                         attribute))
 
 
