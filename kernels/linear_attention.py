@@ -356,7 +356,13 @@ class LinearAttentionTriton(torch.autograd.Function):
 
 # TorchDynamo must not trace into the launchers (host-side Python around triton.jit kernels, the
 # interpreter on CPU): under torch.compile this call stays opaque, a graph break around the kernels.
-@torch.compiler.disable
+# torch.compiler.disable imports TorchDynamo where it decorates (~1.3 s), in every process that imports
+# the kernels: each CLI start (--help, --check), each eval job. torch's own lazy form of it (what torch
+# uses inside torch; Dynamo treats it as a graph break) imports Dynamo at the first call instead.
+_disable_dynamo = getattr(torch, "_disable_dynamo", torch.compiler.disable)
+
+
+@_disable_dynamo
 @linear_backend
 def linear_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: LinearOptions
