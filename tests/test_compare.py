@@ -56,7 +56,9 @@ def _assert_png(path: Path, min_size=(400, 300)) -> None:
         assert high - low > 100, f"{path} looks blank"
 
 
-QUICK_KINDS = ["softmax", "linear-affine-kernel", "linear-focused-local3"]
+# softmax and the paper's kernel (the recommended variant goes end to end in the quick scaling,
+# losses and frontier studies; pick_best among several linear kinds has its own test)
+QUICK_KINDS = ["softmax", "linear-affine-kernel"]
 LONG_STEPS = 6
 
 
@@ -129,9 +131,10 @@ def test_quick_comparison_end_to_end(tmp_path, fmnist_shards):
     assert ": training " not in again.stdout
     rows_again = parse_markdown_table((out / "compare.md").read_text())
     assert {r["seeds"] for r in rows_again} == {"0,1 (2 of 3)"}
-    assert [r["zero-shot top-1 %"] for r in rows_again[:6]] == [r["zero-shot top-1 %"] for r in rows[:6]]
+    base = len(QUICK_KINDS) * len(sizes)  # the rows at the base step count
+    assert [r["zero-shot top-1 %"] for r in rows_again[:base]] == [r["zero-shot top-1 %"] for r in rows[:base]]
     # the timing pass and the sweep were taken from the first report, not measured again
-    assert [r["img/s interleaved"] for r in rows_again[:6]] == [r["img/s interleaved"] for r in rows[:6]]
+    assert [r["img/s interleaved"] for r in rows_again[:base]] == [r["img/s interleaved"] for r in rows[:base]]
     assert json.loads((out / "compare.json").read_text())["sweep"] == sweep
 
 
