@@ -56,7 +56,6 @@ def test_triton_path_breaks_only_around_its_kernels():
     assert explanation.graph_break_count <= 4 * 2 * LAYERS, reasons
 
 
-
 def test_importing_the_kernels_does_not_import_dynamo():
     """Every CLI start (--help, --check) and eval job imports the kernels; TorchDynamo (~1.3 s) is not
     imported with them, only where something compiles or calls the Triton launcher."""
@@ -66,6 +65,7 @@ def test_importing_the_kernels_does_not_import_dynamo():
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False", result.stdout
+
 
 def _train(tmp_path: Path, shards: Path, name: str, *extra: str) -> dict[int, tuple[float, float]]:
     """One rank, 4 steps; step -> (loss, grad norm) from TensorBoard."""

@@ -46,7 +46,6 @@ def test_tokenize_is_open_clip_and_eot_is_argmax():
     assert tokenize(["word " * 100], 16)[0, -1].item() == eot  # truncated captions still end in EOT
 
 
-
 def test_tokenizing_does_not_import_the_open_clip_package():
     """Each data-loader worker and eval process tokenizes: open_clip's tokenizer is loaded from its file,
     not through the package (whose __init__ imports every model and transformers, ~3 s per process)."""
@@ -59,6 +58,7 @@ def test_tokenizing_does_not_import_the_open_clip_package():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("[]"), result.stdout
     assert result.stdout.startswith("[[49406, 320, 2595, 49407, 0, 0, 0, 0]]"), result.stdout
+
 
 def test_epoch_every_sample_exactly_once_2_ranks_x_2_workers(eight_shards):
     directory, all_keys = eight_shards

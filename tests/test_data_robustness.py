@@ -143,19 +143,24 @@ def test_a_failing_pipe_command_is_an_unreadable_shard(tmp_path):
     assert loader.skipped == {"unreadable_shard": 1}
 
 
-def _new_live_children(before: set[int]) -> list[int]:
+def _live_children() -> set[int]:
+    """pids of this process's descendants that still run (exited or reaped ones are skipped)."""
     import psutil
 
-    return [c.pid for c in psutil.Process().children(recursive=True)
-            if c.pid not in before and c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    live = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                live.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return live
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_nothing_usable_is_an_error_not_a_hang(tmp_path, workers):
     """A DataError, and the loader's workers are gone when it arrives (not ~20 s later, at garbage collection)."""
-    import psutil
-
-    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    before = _live_children()
     bad = [{"__key__": f"b{i}", "png": b"junk", "txt": "x"} for i in range(4)]
     bad += [{"__key__": f"c{i}", "txt": "no image"} for i in range(4)]
     for shard in range(2):
@@ -163,7 +168,7 @@ def test_nothing_usable_is_an_error_not_a_hang(tmp_path, workers):
     cfg = data_config(tmp_path / "bad-{0..1}.tar", f"data.workers={workers}", "data.train_num_samples=64")
     with pytest.raises(Exception, match="failed to decode|no usable sample"):
         list(build_train_loader(cfg, 0, 1))
-    assert not _new_live_children(before)
+    assert not _live_children() - before
     no_images = [{"__key__": f"c{i}", "txt": "no image"} for i in range(4)]
     write_tar(tmp_path / "none-0.tar", no_images)
     write_tar(tmp_path / "none-1.tar", no_images)
@@ -171,10 +176,10 @@ def test_nothing_usable_is_an_error_not_a_hang(tmp_path, workers):
                       "data.mode=resampled")
     with pytest.raises(Exception, match="no usable sample"):
         list(build_train_loader(cfg, 0, 1))
-    assert not _new_live_children(before)
+    assert not _live_children() - before
     with pytest.raises(DataError, match="no usable sample"):
         list(build_eval_loader(str(tmp_path / "none-{0..1}.tar"), 32, 8, workers, kind="retrieval"))
-    assert not _new_live_children(before)
+    assert not _live_children() - before
 
 
 def test_eval_loader_skips_and_counts(tmp_path):

@@ -103,7 +103,6 @@ def test_the_cuda_toolkit_note_is_filtered_where_it_is_printed():
         assert ("No CUDA runtime" in result.stdout) is expect_note, (prelude, result.stdout[-2000:])
 
 
-
 _STOP_AT_START_UP = """
 import sys
 import torch.distributed as dist
